@@ -217,13 +217,18 @@ void sqnorm_row(const void* a, DType dt, double* acc, int64_t n) {
 inline double log_pos(double x) {
   uint64_t b;
   std::memcpy(&b, &x, 8);
-  int32_t e = int32_t(uint32_t(b >> 52)) - 1023;
-  uint64_t mb = (b & 0x000fffffffffffffull) | 0x3ff0000000000000ull;
+  // Exponent field as a double without int->double conversion (AVX2 has none for int64):
+  // the bits 2^52 + k read as a double are exactly 2^52 + k.
+  const uint64_t eb = (b >> 52) | 0x4330000000000000ull;
+  double e0;
+  std::memcpy(&e0, &eb, 8);
+  e0 -= 4503599627370496.0 + 1023.0;
+  const uint64_t mb = (b & 0x000fffffffffffffull) | 0x3ff0000000000000ull;
   double m;
   std::memcpy(&m, &mb, 8);
-  const bool big = m > 1.4142135623730951;
-  m = big ? m * 0.5 : m;
-  e += big ? 1 : 0;
+  const double big = m > 1.4142135623730951 ? 1.0 : 0.0;  // a select, no branch
+  m = m * (1.0 - 0.5 * big);
+  const double e = e0 + big;
   const double s = (m - 1.0) / (m + 1.0);
   const double s2 = s * s;
   double p = 1.0 / 23;
@@ -239,94 +244,116 @@ inline double log_pos(double x) {
   p = p * s2 + 1.0 / 3;
   p = p * s2 + 1.0;
   const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
-  const double de = double(e);
-  return de * ln2_hi + (2.0 * s * p + de * ln2_lo);
+  return e * ln2_hi + (2.0 * s * p + e * ln2_lo);
 }
 
-// Sort n non-negative float bit patterns ascending (uint32 order == float order for
-// x >= 0). Insertion sort for short columns, LSD radix (8-bit digits, trivial passes
-// skipped) otherwise; `tmp` holds n entries.
-void sort_keys(uint32_t* k, uint32_t* tmp, int64_t n) {
-  if (n <= 48) {
-    for (int64_t i = 1; i < n; ++i) {
-      uint32_t v = k[i];
-      int64_t j = i - 1;
-      while (j >= 0 && k[j] > v) {
-        k[j + 1] = k[j];
-        --j;
+constexpr int L = int(kSpecTile);
+
+// Compare-exchange of rows i and j of a (rows, L) tile: one min and one max per lane.
+inline void cmpx_rows(float* __restrict a, float* __restrict b) {
+#if defined(__AVX512F__)
+  static_assert(L == 16, "one AVX-512 register per tile row");
+  const __m512 x = _mm512_loadu_ps(a), y = _mm512_loadu_ps(b);
+  _mm512_storeu_ps(a, _mm512_min_ps(x, y));
+  _mm512_storeu_ps(b, _mm512_max_ps(x, y));
+  return;
+#elif defined(__AVX2__)
+  static_assert(L == 16, "two AVX2 registers per tile row");
+  const __m256 x0 = _mm256_loadu_ps(a), y0 = _mm256_loadu_ps(b);
+  const __m256 x1 = _mm256_loadu_ps(a + 8), y1 = _mm256_loadu_ps(b + 8);
+  _mm256_storeu_ps(a, _mm256_min_ps(x0, y0));
+  _mm256_storeu_ps(b, _mm256_max_ps(x0, y0));
+  _mm256_storeu_ps(a + 8, _mm256_min_ps(x1, y1));
+  _mm256_storeu_ps(b + 8, _mm256_max_ps(x1, y1));
+  return;
+#endif
+  float lo[L], hi[L];
+  for (int l = 0; l < L; ++l) {
+    const float x = a[l], y = b[l];
+    lo[l] = x < y ? x : y;
+    hi[l] = x < y ? y : x;
+  }
+  for (int l = 0; l < L; ++l) {
+    a[l] = lo[l];
+    b[l] = hi[l];
+  }
+}
+
+inline void cmpx(float* t, int64_t i, int64_t j) { cmpx_rows(t + i * L, t + j * L); }
+
+// Sorts each of the L columns of a (n, L) tile ascending with Batcher's merge-exchange
+// network (Knuth 5.2.2 M), which works for any n: the same comparisons for every column,
+// so each comparator is one vector min and max across L neurons. ~n log^2 n / 4
+// comparators, no data-dependent branches.
+void sort_columns(float* __restrict t, int64_t n) {
+  if (n < 2) return;
+  int tbits = 0;
+  while ((int64_t(1) << tbits) < n) ++tbits;
+  for (int64_t p = int64_t(1) << (tbits - 1); p > 0; p >>= 1) {
+    int64_t q = int64_t(1) << (tbits - 1), r = 0, d = p;
+    for (;;) {
+      // The i with (i & p) == r, r in {0, p}: runs of p starting at r, every 2p.
+      for (int64_t base = r; base + d < n; base += 2 * p) {
+        const int64_t end = base + p < n - d ? base + p : n - d;
+        for (int64_t i = base; i < end; ++i) cmpx(t, i, i + d);
       }
-      k[j + 1] = v;
+      if (q == p) break;
+      d = q - p;
+      q >>= 1;
+      r = p;
     }
-    return;
   }
-  uint32_t hist[4][256];
-  std::memset(hist, 0, sizeof(hist));
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t v = k[i];
-    hist[0][v & 255]++;
-    hist[1][(v >> 8) & 255]++;
-    hist[2][(v >> 16) & 255]++;
-    hist[3][v >> 24]++;
-  }
-  uint32_t* src = k;
-  uint32_t* dst = tmp;
-  for (int d = 0; d < 4; ++d) {
-    const int shift = 8 * d;
-    if (hist[d][(src[0] >> shift) & 255] == uint32_t(n)) continue;  // all share this digit
-    uint32_t off[256];
-    uint32_t run = 0;
-    for (int b = 0; b < 256; ++b) {
-      off[b] = run;
-      run += hist[d][b];
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t v = src[i];
-      dst[off[(v >> shift) & 255]++] = v;
-    }
-    uint32_t* t = src;
-    src = dst;
-    dst = t;
-  }
-  if (src != k) std::memcpy(k, src, size_t(n) * 4);
 }
 
-// Statistics of neurons [n0, n0 + w), w <= kSpecTile, over C categories.
-// keys: kSpecTile * C scratch, tmp: C scratch.
-void spec_tile(const float* mass, int64_t C, int64_t ld, int64_t n0, int64_t w,
-               const SpecializationArgs& o, uint32_t* keys, uint32_t* tmp) {
-  double tot[kSpecTile], h[kSpecTile], inv[kSpecTile];
-  float mx[kSpecTile];
-  int64_t arg[kSpecTile];
-  int32_t bad[kSpecTile];
-  for (int64_t l = 0; l < kSpecTile; ++l) {
-    tot[l] = 0.0;
-    h[l] = 0.0;
+// Statistics of neurons [n0, n0 + w), w <= L, over C categories. `buf` is (C, L) scratch.
+// Lanes past w are zero-padded and their results dropped.
+void spec_tile(const float* mass, int64_t C, int64_t ld, int64_t n0, int64_t w, const SpecializationArgs& o,
+               float* __restrict buf) {
+  double tot[L], h[L], inv[L], num[L];
+  float mx[L];
+  int32_t arg[L], bad[L];
+  for (int l = 0; l < L; ++l) {
+    tot[l] = h[l] = num[l] = 0.0;
     mx[l] = -INFINITY;
     arg[l] = -1;
     bad[l] = 0;
   }
-  // Pass 1: totals, first maximum, validity, and the transposed copy used for sorting.
+  // Pass 1: copy into the tile; totals, first maximum, validity.
   for (int64_t c = 0; c < C; ++c) {
     const float* row = mass + c * ld + n0;
-    for (int64_t l = 0; l < w; ++l) {
-      const float x = row[l];
+    float* __restrict b = buf + c * L;
+    if (w == L) {
+      for (int l = 0; l < L; ++l) b[l] = row[l];
+    } else {
+      for (int l = 0; l < L; ++l) b[l] = l < w ? row[l] : 0.f;
+    }
+    const int32_t ci = int32_t(c);
+    for (int l = 0; l < L; ++l) {
+      const float x = b[l];
       tot[l] += double(x);
-      bad[l] |= !(x >= 0.f && x <= 3.4028234663852886e38f);  // negative, NaN or inf
+      bad[l] |= int32_t(x < 0.f) | int32_t(!(x == x)) | int32_t(x > 3.4028234663852886e38f);
       const bool gt = x > mx[l];
       mx[l] = gt ? x : mx[l];
-      arg[l] = gt ? c : arg[l];
+      arg[l] = gt ? ci : arg[l];
     }
-    for (int64_t l = 0; l < w; ++l) keys[l * C + c] = f32_to_bits(row[l]);
   }
-  for (int64_t l = 0; l < w; ++l) inv[l] = tot[l] > 0.0 ? 1.0 / tot[l] : 0.0;
+  for (int l = 0; l < L; ++l) inv[l] = tot[l] > 0.0 ? 1.0 / tot[l] : 0.0;
   // Pass 2: entropy -sum p ln p with p = x / total, in double; 0 ln 0 = 0.
   for (int64_t c = 0; c < C; ++c) {
-    const float* row = mass + c * ld + n0;
-    for (int64_t l = 0; l < w; ++l) {
-      const double p = double(row[l]) * inv[l];
-      const double lp = log_pos(p > 0.0 ? p : 1.0);
-      h[l] -= p > 0.0 ? p * lp : 0.0;
+    const float* __restrict b = buf + c * L;
+#pragma omp simd
+    for (int l = 0; l < L; ++l) {
+      const double p = double(b[l]) * inv[l];
+      const double pos = p > 0.0 ? 1.0 : 0.0;
+      h[l] -= pos * p * log_pos(p + (1.0 - pos));  // p = 0 -> log(1) = 0
     }
+  }
+  // Pass 3: Gini = sum_i (2i - C - 1) x_(i) / (C * total), i = 1..C over ascending masses.
+  sort_columns(buf, C);
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict b = buf + c * L;
+    const double coef = double(2 * (c + 1) - C - 1);
+    for (int l = 0; l < L; ++l) num[l] += coef * double(b[l]);
   }
   const double lnC = std::log(double(C));
   for (int64_t l = 0; l < w; ++l) {
@@ -342,12 +369,7 @@ void spec_tile(const float* mass, int64_t C, int64_t ld, int64_t n0, int64_t w,
     o.norm_entropy[n] = C > 1 ? float(H / lnC) : 0.f;
     o.top_category[n] = arg[l];
     o.top_share[n] = float(double(mx[l]) * inv[l]);
-    uint32_t* k = keys + l * C;
-    sort_keys(k, tmp, C);
-    // Gini = sum_i (2i - C - 1) x_(i) / (C * total), i = 1..C over ascending masses.
-    double num = 0.0;
-    for (int64_t i = 0; i < C; ++i) num += double(2 * (i + 1) - C - 1) * double(bits_to_f32(k[i]));
-    o.gini[n] = float(num / (double(C) * tot[l]));
+    o.gini[n] = float(num[l] / (double(C) * tot[l]));
   }
 }
 

@@ -14,8 +14,9 @@ struct IsaTable {
   const char* name;
   void (*accum_row)(const void* a, DType dt, float* s, int64_t n, float w, Stat st);
   void (*sqnorm_row)(const void* a, DType dt, double* acc, int64_t n);
+  // buf: (C, kSpecTile) float scratch.
   void (*spec_tile)(const float* mass, int64_t C, int64_t ld, int64_t n0, int64_t w,
-                    const SpecializationArgs& o, uint32_t* keys, uint32_t* tmp);
+                    const SpecializationArgs& o, float* buf);
 };
 
 extern const IsaTable kIsaScalar;

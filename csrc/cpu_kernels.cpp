@@ -170,11 +170,11 @@ void neuron_specialization_cpu(const SpecializationArgs& a) {
   const int64_t ntiles = (a.N + kSpecTile - 1) / kSpecTile;
 #pragma omp parallel
   {
-    std::vector<uint32_t> keys(size_t(kSpecTile * a.C)), tmp(size_t(a.C));
+    std::vector<float> buf(static_cast<size_t>(kSpecTile * a.C));
 #pragma omp for schedule(dynamic, 16)
     for (int64_t tile = 0; tile < ntiles; ++tile) {
       const int64_t n0 = tile * kSpecTile;
-      k.spec_tile(a.mass, a.C, a.mass_stride0, n0, std::min(kSpecTile, a.N - n0), a, keys.data(), tmp.data());
+      k.spec_tile(a.mass, a.C, a.mass_stride0, n0, std::min(kSpecTile, a.N - n0), a, buf.data());
     }
   }
 }

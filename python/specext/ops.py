@@ -148,13 +148,18 @@ if torch is not None:
 
     @torch.library.custom_op("specext::value_vector_norms", mutates_args=())
     def _value_vector_norms_op(weight: Tensor) -> Tensor:
-        out = weight.new_empty((weight.shape[1],), dtype=torch.float32)
+        out = _empty_norms_torch(weight)
         _native_value_vector_norms(weight, out)
         return out
 
     @_value_vector_norms_op.register_fake
     def _(weight):
-        return weight.new_empty((weight.shape[1],), dtype=torch.float32)
+        return _empty_norms_torch(weight)
+
+
+def _empty_norms_torch(weight):
+    # A non-2-D weight gets a placeholder; the binding then names the wrong rank.
+    return weight.new_empty((weight.shape[1] if weight.dim() == 2 else 0,), dtype=torch.float32)
 
 
 def _empty_stats_torch(mass):

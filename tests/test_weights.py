@@ -488,3 +488,19 @@ def test_quantised_dtype_rejected(tmp_path):
     d = _write(tmp_path / "m", t)
     with pytest.raises(ValueError, match="I8"):
         down_proj_shapes(d)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_iter_value_vector_norms_match_reference(tmp_path, family):
+    from specext import reference
+
+    tensors, names, transposed, config = _families()[family]
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    got = list(W.iter_value_vector_norms(tmp_path))
+    assert [layer for layer, _ in got] == list(range(N_LAYERS))
+    for (layer, norms), name in zip(got, names):
+        stored = tensors[name].to(torch.bfloat16)
+        w = stored.T if transposed else stored
+        assert norms.dtype == torch.float32 and norms.shape == (D_FF,)
+        torch.testing.assert_close(norms.double(), reference.value_vector_norms(w), rtol=1e-6, atol=0)

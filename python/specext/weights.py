@@ -480,3 +480,18 @@ def _load(h: Any, e: _Entry, dtype: Optional[torch.dtype], device: torch.device)
         e.layer, e.name, e.file.name, tuple(t.shape), t.dtype, " (transposed view)" if e.transposed else "",
     )
     return DownProj(layer=e.layer, name=e.name, file=str(e.file), weight=t, transposed=e.transposed)
+
+
+def iter_value_vector_norms(
+    model_dir: PathLike, *, device: Union[str, torch.device] = "cpu"
+) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield ``(layer, norms)`` with the L2 norm of every value vector of each layer.
+
+    Streams :func:`iter_down_proj` (one layer in memory at a time, in its stored
+    dtype) through :func:`specext.ops.value_vector_norms`, so the norms of a 70B
+    model need about one layer of memory. ``norms`` is ``(d_ff,)`` float32 on ``device``.
+    """
+    from .ops import value_vector_norms
+
+    for dp in iter_down_proj(model_dir, device=device):
+        yield dp.layer, value_vector_norms(dp.weight)

@@ -79,10 +79,12 @@ __global__ void counts_kernel(const void* labels, bool i32, int64_t T, int64_t s
 }
 
 // ------------------------------------------------------------------ category_accumulate
-// Grid: x over column groups (kVec columns a thread), y over token chunks. Each thread
-// keeps running sums in registers while consecutive tokens share a label and adds them to
-// `sums` with one atomic per run: tokens of one prompt share a category, so runs are long
-// in real use. Labels and weights of the chunk are staged in shared memory.
+// Grid: x over column groups of kThreads * kVec columns, y over token chunks (grid-strided
+// past 65535 chunks). Thread x of a block owns columns base + v * kThreads + x, so every
+// load and every atomic of a warp covers adjacent columns. Each thread keeps running sums
+// in registers while consecutive tokens share a label and adds them to `sums` with one
+// atomic per run: tokens of one prompt share a category, so runs are long in real use.
+// Labels and weights of the chunk are staged in shared memory.
 constexpr int kThreads = 128;
 constexpr int kChunk = 256;
 constexpr int kVec = 4;
@@ -91,48 +93,57 @@ template <DType D, Stat S>
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateArgs a, bool i32) {
   __shared__ int64_t s_lab[kChunk];
   __shared__ float s_w[kChunk];
-  const int64_t t0 = int64_t(blockIdx.y) * kChunk;
-  const int64_t tn = imin(kChunk, a.T - t0);
-  for (int i = threadIdx.x; i < tn; i += blockDim.x) {
-    s_lab[i] = load_label(a.labels, i32, t0 + i, a.labels_stride);
-    s_w[i] = a.weights ? a.weights[(t0 + i) * a.weights_stride] : 1.0f;
-  }
-  __syncthreads();
-  const int64_t n0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kVec;
-  if (n0 >= a.N) return;
-  const int nv = int(imin(kVec, a.N - n0));
-  float acc[kVec] = {0.f, 0.f, 0.f, 0.f};
-  int64_t cur = -1;
-  for (int64_t i = 0; i < tn; ++i) {
-    const int64_t lab = s_lab[i];
-    if (lab < 0) continue;
-    if (lab != cur) {
-      if (cur >= 0) {
-        float* dst = a.sums + cur * a.sums_stride0 + n0;
-        for (int v = 0; v < nv; ++v) atomicAdd(dst + v, acc[v]);
-      }
-      cur = lab;
-      for (int v = 0; v < kVec; ++v) acc[v] = 0.f;
+  const int64_t base = int64_t(blockIdx.x) * kThreads * kVec + threadIdx.x;
+  const int64_t nchunks = (a.T + kChunk - 1) / kChunk;
+  for (int64_t chunk = blockIdx.y; chunk < nchunks; chunk += gridDim.y) {
+    const int64_t t0 = chunk * kChunk;
+    const int64_t tn = imin(kChunk, a.T - t0);
+    __syncthreads();  // the previous chunk's readers are done with s_lab / s_w
+    for (int i = threadIdx.x; i < tn; i += blockDim.x) {
+      s_lab[i] = load_label(a.labels, i32, t0 + i, a.labels_stride);
+      s_w[i] = a.weights ? a.weights[(t0 + i) * a.weights_stride] : 1.0f;
     }
-    const float w = s_w[i];
-    const int64_t row = (t0 + i) * a.acts_stride0 + n0;
+    __syncthreads();
+    float acc[kVec];
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      if (v < nv) {
-        const float x = stat_f<S>(load_f<D>(a.acts, row + v));
-        acc[v] = __fadd_rn(acc[v], __fmul_rn(w, x));
+    for (int v = 0; v < kVec; ++v) acc[v] = 0.f;
+    int64_t cur = -1;
+    for (int64_t i = 0; i < tn; ++i) {
+      const int64_t lab = s_lab[i];
+      if (lab < 0) continue;
+      if (lab != cur) {  // uniform across the block: every thread sees the same labels
+        if (cur >= 0) {
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) {
+            const int64_t n = base + int64_t(v) * kThreads;
+            if (n < a.N) atomicAdd(a.sums + cur * a.sums_stride0 + n, acc[v]);
+            acc[v] = 0.f;
+          }
+        }
+        cur = lab;
+      }
+      const float w = s_w[i];
+      const int64_t row = (t0 + i) * a.acts_stride0;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const int64_t n = base + int64_t(v) * kThreads;
+        if (n < a.N) acc[v] = __fadd_rn(acc[v], __fmul_rn(w, stat_f<S>(load_f<D>(a.acts, row + n))));
       }
     }
-  }
-  if (cur >= 0) {
-    float* dst = a.sums + cur * a.sums_stride0 + n0;
-    for (int v = 0; v < nv; ++v) atomicAdd(dst + v, acc[v]);
+    if (cur >= 0) {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const int64_t n = base + int64_t(v) * kThreads;
+        if (n < a.N) atomicAdd(a.sums + cur * a.sums_stride0 + n, acc[v]);
+      }
+    }
   }
 }
 
 template <DType D>
 void launch_accumulate(const AccumulateArgs& a, bool i32, cudaStream_t st) {
-  dim3 grid(unsigned((a.N + kThreads * kVec - 1) / (kThreads * kVec)), unsigned((a.T + kChunk - 1) / kChunk));
+  const int64_t nchunks = (a.T + kChunk - 1) / kChunk;
+  dim3 grid(unsigned((a.N + kThreads * kVec - 1) / (kThreads * kVec)), unsigned(imin(nchunks, 65535)));
   switch (a.stat) {
     case Stat::Abs: accumulate_kernel<D, Stat::Abs><<<grid, kThreads, 0, st>>>(a, i32); break;
     case Stat::Square: accumulate_kernel<D, Stat::Square><<<grid, kThreads, 0, st>>>(a, i32); break;

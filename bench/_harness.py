@@ -20,6 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, List, Mapping, Optional, Sequence
 
+# torch's OpenMP threads spin-wait by default, which on virtual machines costs ~8 ms per
+# parallel region (see docs/DESIGN-NOTES.md) and would slow the torch baselines unfairly.
+# Read once when libgomp loads, so set before torch is imported; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 

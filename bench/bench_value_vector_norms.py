@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _harness as h  # noqa: E402  (first: sets the OpenMP wait policy before torch loads)
 import torch  # noqa: E402
 
-import _harness as h  # noqa: E402
 from specext import ops, reference  # noqa: E402
 
 BENCH = "value_vector_norms"

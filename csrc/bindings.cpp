@@ -8,13 +8,11 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "common.h"
 #include "dlpack.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 using namespace specext;
@@ -308,14 +306,6 @@ void py_value_vector_norms(py::handle weight_c, py::handle out_c, uintptr_t stre
   }
 }
 
-int omp_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 py::dict build_info() {
   py::dict d;
 #ifdef SPECEXT_WITH_CUDA
@@ -327,12 +317,7 @@ py::dict build_info() {
   d["cuda_archs"] = std::string();
   d["cuda_devices"] = 0;
 #endif
-#ifdef _OPENMP
-  d["openmp"] = true;
-#else
-  d["openmp"] = false;
-#endif
-  d["omp_threads"] = omp_threads();
+  d["threads"] = specext::num_threads();
   d["simd"] = simd_level();
   d["simd_available"] = simd_levels_available();
   d["compiler"] = std::string(
@@ -372,13 +357,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("simd_level", &simd_level);
   m.def("simd_levels_available", &simd_levels_available);
   m.def("set_simd_level", &set_simd_level, py::arg("level"));
-  m.def("num_threads", &omp_threads);
-  m.def("set_num_threads", [](int n) {
-    SPECEXT_CHECK(n >= 1, ValueError, "num_threads must be >= 1, got " << n);
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#endif
-  });
+  m.def("num_threads", &specext::num_threads);
+  m.def("set_num_threads", &specext::set_num_threads, py::arg("n"));
   m.def("cuda_device_count", []() {
 #ifdef SPECEXT_WITH_CUDA
     return cuda_device_count();

@@ -341,7 +341,6 @@ void spec_tile(const float* mass, int64_t C, int64_t ld, int64_t n0, int64_t w, 
   // Pass 2: entropy -sum p ln p with p = x / total, in double; 0 ln 0 = 0.
   for (int64_t c = 0; c < C; ++c) {
     const float* __restrict b = buf + c * L;
-#pragma omp simd
     for (int l = 0; l < L; ++l) {
       const double p = double(b[l]) * inv[l];
       const double pos = p > 0.0 ? 1.0 : 0.0;

@@ -1,4 +1,4 @@
-// CPU drivers: validation of data, OpenMP work split, SIMD level selection. The inner
+// CPU drivers: validation of data, thread-pool work split, SIMD level selection. The inner
 // loops live in cpu_isa.h, compiled once per instruction set.
 #include <algorithm>
 #include <atomic>
@@ -7,14 +7,12 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "common.h"
 #include "convert.h"
 #include "cpu_isa_table.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace specext {
 
@@ -76,13 +74,7 @@ inline void for_labels(const void* labels, DType dt, int64_t T, int64_t stride, 
   }
 }
 
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
+int max_threads() { return num_threads(); }
 
 // Width of a column tile: the tile of `rows` float rows stays in L2 (~512 KiB), there are
 // enough tiles for every thread (4 per thread for balance), and widths are multiples of 64
@@ -150,8 +142,7 @@ void category_accumulate_cpu(const AccumulateArgs& a) {
   const int64_t tw = tile_width(a.N, a.C, 4);
   const int64_t ntiles = (a.N + tw - 1) / tw;
   const char* acts = static_cast<const char*>(a.acts);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t tile = 0; tile < ntiles; ++tile) {
+  parallel_for(ntiles, [&](int64_t tile) {
     const int64_t n0 = tile * tw;
     const int64_t w = std::min(tw, a.N - n0);
     for_labels(a.labels, a.labels_dtype, a.T, a.labels_stride, [&](int64_t t, int64_t lab) {
@@ -160,7 +151,7 @@ void category_accumulate_cpu(const AccumulateArgs& a) {
       k.accum_row(acts + (t * a.acts_stride0 + n0) * esz, a.acts_dtype, a.sums + lab * a.sums_stride0 + n0, w,
                   wt, a.stat);
     });
-  }
+  });
 }
 
 void neuron_specialization_cpu(const SpecializationArgs& a) {
@@ -168,15 +159,15 @@ void neuron_specialization_cpu(const SpecializationArgs& a) {
   SPECEXT_CHECK(a.C > 0, ValueError, "mass must have at least one category (row), got 0");
   const IsaTable& k = isa();
   const int64_t ntiles = (a.N + kSpecTile - 1) / kSpecTile;
-#pragma omp parallel
-  {
+  const int64_t per_task = 16;  // tiles per task: a few hundred KB of work, scratch reused
+  parallel_for((ntiles + per_task - 1) / per_task, [&](int64_t task) {
     std::vector<float> buf(static_cast<size_t>(kSpecTile * a.C));
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t tile = 0; tile < ntiles; ++tile) {
+    const int64_t t1 = std::min(ntiles, (task + 1) * per_task);
+    for (int64_t tile = task * per_task; tile < t1; ++tile) {
       const int64_t n0 = tile * kSpecTile;
       k.spec_tile(a.mass, a.C, a.mass_stride0, n0, std::min(kSpecTile, a.N - n0), a, buf.data());
     }
-  }
+  });
 }
 
 void value_vector_norms_cpu(const NormsArgs& a) {
@@ -188,47 +179,47 @@ void value_vector_norms_cpu(const NormsArgs& a) {
     // Row-major (d_model, d_ff): a thread owns a column tile and walks all rows.
     const int64_t tw = tile_width(a.K, 1, 8);
     const int64_t ntiles = (a.K + tw - 1) / tw;
-#pragma omp parallel
-    {
-      std::vector<double> acc(static_cast<size_t>(tw));
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t tile = 0; tile < ntiles; ++tile) {
-        const int64_t j0 = tile * tw;
-        const int64_t w = std::min(tw, a.K - j0);
-        std::fill(acc.begin(), acc.begin() + w, 0.0);
-        for (int64_t r = 0; r < a.R; ++r) k.sqnorm_row(base + (r * a.stride0 + j0) * esz, a.dtype, acc.data(), w);
-        for (int64_t j = 0; j < w; ++j) a.out[j0 + j] = float(std::sqrt(acc[j]));
-      }
-    }
+    parallel_for(ntiles, [&](int64_t tile) {
+      std::vector<double> acc(static_cast<size_t>(tw), 0.0);
+      const int64_t j0 = tile * tw;
+      const int64_t w = std::min(tw, a.K - j0);
+      for (int64_t r = 0; r < a.R; ++r) k.sqnorm_row(base + (r * a.stride0 + j0) * esz, a.dtype, acc.data(), w);
+      for (int64_t j = 0; j < w; ++j) a.out[j0 + j] = float(std::sqrt(acc[j]));
+    });
     return;
   }
   if (a.stride0 == 1 || a.R == 1) {
     // Column-major (a transposed view, as GPT-2's Conv1D gives): each column is
     // contiguous; fold it 64 wide into a small accumulator, then sum that in order.
-#pragma omp parallel for schedule(dynamic, 64)
-    for (int64_t j = 0; j < a.K; ++j) {
-      double acc[64] = {0};
-      const char* col = base + j * a.stride1 * esz;
-      int64_t r = 0;
-      for (; r + 64 <= a.R; r += 64) k.sqnorm_row(col + r * esz, a.dtype, acc, 64);
-      k.sqnorm_row(col + r * esz, a.dtype, acc, a.R - r);
-      double s = 0.0;
-      for (double v : acc) s += v;
-      a.out[j] = float(std::sqrt(s));
-    }
+    const int64_t per_task = 64;
+    parallel_for((a.K + per_task - 1) / per_task, [&](int64_t task) {
+      const int64_t j1 = std::min(a.K, (task + 1) * per_task);
+      for (int64_t j = task * per_task; j < j1; ++j) {
+        double acc[64] = {0};
+        const char* col = base + j * a.stride1 * esz;
+        int64_t r = 0;
+        for (; r + 64 <= a.R; r += 64) k.sqnorm_row(col + r * esz, a.dtype, acc, 64);
+        k.sqnorm_row(col + r * esz, a.dtype, acc, a.R - r);
+        double s = 0.0;
+        for (double v : acc) s += v;
+        a.out[j] = float(std::sqrt(s));
+      }
+    });
     return;
   }
   // Any other strides: plain loops, one element at a time.
-#pragma omp parallel for schedule(dynamic, 64)
-  for (int64_t j = 0; j < a.K; ++j) {
-    double s = 0.0;
-    for (int64_t r = 0; r < a.R; ++r) {
-      double x = 0.0;
-      k.sqnorm_row(base + (r * a.stride0 + j * a.stride1) * esz, a.dtype, &x, 1);
-      s += x;
+  parallel_for((a.K + 63) / 64, [&](int64_t task) {
+    const int64_t j1 = std::min(a.K, (task + 1) * 64);
+    for (int64_t j = task * 64; j < j1; ++j) {
+      double s = 0.0;
+      for (int64_t r = 0; r < a.R; ++r) {
+        double x = 0.0;
+        k.sqnorm_row(base + (r * a.stride0 + j * a.stride1) * esz, a.dtype, &x, 1);
+        s += x;
+      }
+      a.out[j] = float(std::sqrt(s));
     }
-    a.out[j] = float(std::sqrt(s));
-  }
+  });
 }
 
 }  // namespace specext

@@ -44,7 +44,7 @@ struct NormsArgs {
   float* out = nullptr;  // (K,) contiguous
 };
 
-// ---- CPU (OpenMP, runtime SIMD dispatch) ----
+// ---- CPU (thread pool, runtime SIMD dispatch) ----
 void category_accumulate_cpu(const AccumulateArgs& a);
 void neuron_specialization_cpu(const SpecializationArgs& a);
 void value_vector_norms_cpu(const NormsArgs& a);

@@ -29,7 +29,7 @@ def build_info() -> dict:
     """What the extension was built with and what it uses now.
 
     Keys: ``cuda`` (bool), ``cuda_archs`` (e.g. ``"80,86,89,90"``), ``cuda_devices`` (visible
-    now), ``openmp`` (bool), ``omp_threads``, ``simd`` (the level in use), ``simd_available``,
+    now), ``threads`` (CPU thread-pool size), ``simd`` (the level in use), ``simd_available``,
     ``compiler``, ``version``.
     """
     info = dict(_ext().build_info())
@@ -38,7 +38,8 @@ def build_info() -> dict:
 
 
 def set_num_threads(n: int) -> None:
-    """Number of OpenMP threads the CPU kernels use."""
+    """Number of threads the CPU kernels use (default: ``SPECEXT_NUM_THREADS``, else
+    ``OMP_NUM_THREADS``, else the CPUs this process may run on)."""
     _ext().set_num_threads(int(n))
 
 

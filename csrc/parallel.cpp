@@ -1,0 +1,186 @@
+#include "parallel.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#include <unistd.h>
+#endif
+
+#include "common.h"
+
+namespace specext {
+namespace {
+
+int default_threads() {
+  for (const char* var : {"SPECEXT_NUM_THREADS", "OMP_NUM_THREADS"}) {
+    if (const char* s = std::getenv(var)) {
+      const int n = std::atoi(s);
+      if (n > 0) return n;
+    }
+  }
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+#endif
+  const unsigned h = std::thread::hardware_concurrency();
+  return h > 0 ? int(h) : 1;
+}
+
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: workers may outlive static teardown
+    return *pool;
+  }
+
+  int threads() {
+    std::lock_guard<std::mutex> g(cfg_);
+    return threads_;
+  }
+
+  void resize(int n) {
+    std::lock_guard<std::mutex> run(run_);
+    std::lock_guard<std::mutex> g(cfg_);
+    stop_workers();
+    threads_ = n;
+  }
+
+  void run(int64_t n, const std::function<void(int64_t)>& fn) {
+    std::unique_lock<std::mutex> run(run_, std::try_to_lock);
+    const int t = threads();
+    if (n <= 1 || t <= 1 || !run.owns_lock()) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    ensure_workers(t - 1);
+    {
+      std::lock_guard<std::mutex> g(m_);
+      job_ = &fn;
+      n_ = n;
+      next_.store(0);
+      pending_ = int(workers_.size());
+      error_ = nullptr;
+      ++generation_;
+    }
+    cv_work_.notify_all();
+    work(fn);
+    std::unique_lock<std::mutex> g(m_);
+    cv_done_.wait(g, [&] { return pending_ == 0; });
+    job_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  Pool() : threads_(default_threads()) {}
+
+  void work(const std::function<void(int64_t)>& fn) {
+    for (;;) {
+      const int64_t i = next_.fetch_add(1);
+      if (i >= n_) return;
+      try {
+        fn(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> g(m_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
+  }
+
+  void worker_loop(uint64_t seen) {
+    for (;;) {
+      const std::function<void(int64_t)>* job;
+      {
+        std::unique_lock<std::mutex> g(m_);
+        cv_work_.wait(g, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        job = job_;
+      }
+      work(*job);
+      {
+        std::lock_guard<std::mutex> g(m_);
+        if (--pending_ == 0) cv_done_.notify_one();
+      }
+    }
+  }
+
+  void ensure_workers(int want) {
+#if defined(__linux__)
+    // After fork() the child has none of the parent's threads: start afresh (the old
+    // thread objects are leaked on purpose; destroying them would abort).
+    if (pid_ != getpid()) {
+      workers_.release_all();
+      pid_ = getpid();
+      stop_ = false;
+    }
+#endif
+    if (int(workers_.size()) == want) return;
+    stop_workers();
+    std::lock_guard<std::mutex> g(m_);
+    stop_ = false;
+    for (int i = 0; i < want; ++i) workers_.add(new std::thread(&Pool::worker_loop, this, generation_));
+  }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> g(m_);
+      stop_ = true;
+    }
+    cv_work_.notify_all();
+    workers_.join_all();
+  }
+
+  struct Workers {
+    std::vector<std::thread*> v;
+    size_t size() const { return v.size(); }
+    void add(std::thread* t) { v.push_back(t); }
+    void join_all() {
+      for (auto* t : v) {
+        if (t->joinable()) t->join();
+        delete t;
+      }
+      v.clear();
+    }
+    void release_all() { v.clear(); }
+  };
+
+  std::mutex run_;  // one parallel_for at a time; others run serially
+  std::mutex cfg_;
+  int threads_;
+  std::mutex m_;
+  std::condition_variable cv_work_, cv_done_;
+  Workers workers_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  std::atomic<int64_t> next_{0};
+  int64_t n_ = 0;
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+#if defined(__linux__)
+  pid_t pid_ = getpid();
+#endif
+};
+
+}  // namespace
+
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) { Pool::get().run(n, fn); }
+
+int num_threads() { return Pool::get().threads(); }
+
+void set_num_threads(int n) {
+  SPECEXT_CHECK(n >= 1, ValueError, "num_threads must be >= 1, got " << n);
+  Pool::get().resize(n);
+}
+
+}  // namespace specext

@@ -210,6 +210,64 @@ void sqnorm_row(const void* a, DType dt, double* acc, int64_t n) {
   }
 }
 
+// Sum of squares of n contiguous elements, in double, with independent partial sums so
+// the adds pipeline (the order is fixed per path, so each SIMD level is deterministic).
+template <DType D>
+double sqsum_t(const void* a, int64_t n) {
+  int64_t i = 0;
+  double total = 0.0;
+#if defined(__AVX512F__)
+  if constexpr (D != DType::F64) {
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    for (; i + 16 <= n; i += 16) {
+      vf x = vload<D>(a, i);
+      __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+      __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+      s0 = _mm512_add_pd(s0, _mm512_mul_pd(lo, lo));
+      s1 = _mm512_add_pd(s1, _mm512_mul_pd(hi, hi));
+    }
+    double tmp[8];
+    _mm512_storeu_pd(tmp, _mm512_add_pd(s0, s1));
+    for (double v : tmp) total += v;
+  }
+#elif defined(__AVX2__)
+  if constexpr (D != DType::F64) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    for (; i + 8 <= n; i += 8) {
+      vf x = vload<D>(a, i);
+      __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+      __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+      s0 = _mm256_add_pd(s0, _mm256_mul_pd(lo, lo));
+      s1 = _mm256_add_pd(s1, _mm256_mul_pd(hi, hi));
+    }
+    double tmp[4];
+    _mm256_storeu_pd(tmp, _mm256_add_pd(s0, s1));
+    for (double v : tmp) total += v;
+  }
+#endif
+  double p[4] = {0.0, 0.0, 0.0, 0.0};
+  for (; i + 4 <= n; i += 4)
+    for (int k = 0; k < 4; ++k) {
+      const double x = load_scalar_f64<D>(a, i + k);
+      p[k] += x * x;
+    }
+  for (; i < n; ++i) {
+    const double x = load_scalar_f64<D>(a, i);
+    p[0] += x * x;
+  }
+  return total + ((p[0] + p[1]) + (p[2] + p[3]));
+}
+
+double sqsum(const void* a, DType dt, int64_t n) {
+  switch (dt) {
+    case DType::F32: return sqsum_t<DType::F32>(a, n);
+    case DType::F16: return sqsum_t<DType::F16>(a, n);
+    case DType::BF16: return sqsum_t<DType::BF16>(a, n);
+    case DType::F64: return sqsum_t<DType::F64>(a, n);
+    default: return 0.0;
+  }
+}
+
 // ---------------------------------------------------------------- neuron_specialization tile
 // Natural log in double, branch-free so the loops below vectorise: x = 2^e * m with
 // m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m-1)/(m+1), |s| <= 0.1716; the
@@ -375,6 +433,6 @@ void spec_tile(const float* mass, int64_t C, int64_t ld, int64_t n0, int64_t w, 
 }  // namespace
 
 extern const IsaTable SPECEXT_ISA_TABLE;
-const IsaTable SPECEXT_ISA_TABLE = {SPECEXT_ISA_NAME, accum_row, sqnorm_row, spec_tile};
+const IsaTable SPECEXT_ISA_TABLE = {SPECEXT_ISA_NAME, accum_row, sqnorm_row, sqsum, spec_tile};
 
 }  // namespace specext

@@ -14,6 +14,7 @@ struct IsaTable {
   const char* name;
   void (*accum_row)(const void* a, DType dt, float* s, int64_t n, float w, Stat st);
   void (*sqnorm_row)(const void* a, DType dt, double* acc, int64_t n);
+  double (*sqsum)(const void* a, DType dt, int64_t n);  // sum of squares of n contiguous
   // buf: (C, kSpecTile) float scratch.
   void (*spec_tile)(const float* mass, int64_t C, int64_t ld, int64_t n0, int64_t w,
                     const SpecializationArgs& o, float* buf);

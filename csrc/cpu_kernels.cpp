@@ -189,21 +189,12 @@ void value_vector_norms_cpu(const NormsArgs& a) {
     return;
   }
   if (a.stride0 == 1 || a.R == 1) {
-    // Column-major (a transposed view, as GPT-2's Conv1D gives): each column is
-    // contiguous; fold it 64 wide into a small accumulator, then sum that in order.
+    // Column-major (a transposed view, as GPT-2's Conv1D gives): each column is contiguous.
     const int64_t per_task = 64;
     parallel_for((a.K + per_task - 1) / per_task, [&](int64_t task) {
       const int64_t j1 = std::min(a.K, (task + 1) * per_task);
-      for (int64_t j = task * per_task; j < j1; ++j) {
-        double acc[64] = {0};
-        const char* col = base + j * a.stride1 * esz;
-        int64_t r = 0;
-        for (; r + 64 <= a.R; r += 64) k.sqnorm_row(col + r * esz, a.dtype, acc, 64);
-        k.sqnorm_row(col + r * esz, a.dtype, acc, a.R - r);
-        double s = 0.0;
-        for (double v : acc) s += v;
-        a.out[j] = float(std::sqrt(s));
-      }
+      for (int64_t j = task * per_task; j < j1; ++j)
+        a.out[j] = float(std::sqrt(k.sqsum(base + j * a.stride1 * esz, a.dtype, a.R)));
     });
     return;
   }

@@ -1,3 +1,9 @@
+import os
+
+# torch's OpenMP spin-waits cost ~8 ms per parallel region on virtual machines; must be set
+# before torch loads (see docs/DESIGN-NOTES.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

@@ -1,0 +1,418 @@
+"""``python -m specext.analyze MODEL_DIR``: probe accuracy and per-neuron specialisation.
+
+One pass over a knowledge probe gives the model's multiple-choice and open-ended
+accuracy and, from the same forward passes, the category entropy and Gini of every MLP
+neuron. Everything the CLI does is :func:`run_analysis` for notebook use.
+
+Run directory (DESIGN.md §4): ``config.json``, ``summary.json``, ``neurons.safetensors``
+(``gini``, ``entropy``, ``norm_entropy``, ``top_category``, ``top_share``, ``total``,
+``value_norms``, each ``(L, d_ff)``), ``mass.safetensors`` (concept sums and counts,
+category mass), ``concepts.csv``, ``questions.jsonl``, ``report.html`` with PNG plots.
+Every file is written atomically; a killed run restarted with ``--resume`` continues
+from its last finished chunk and ends with the same results.
+"""
+
+from __future__ import annotations
+
+import os
+
+# torch's OpenMP threads spin-wait by default; on virtual machines with pause-loop exiting
+# that costs ~8 ms per parallel region (a tiny model's forward pass becomes 50x slower).
+# The policy is read once when libgomp loads, so it must be set before torch is imported;
+# a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import csv
+import io
+import json
+import logging
+import platform
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from . import __version__, build_info
+from . import runio
+from .models import LoadedModel, load_model
+from .probes import ProbeSet, load_probe
+from .scoring import POSITIONS, PromptStats, Scorer
+from .specialization import ConceptMass, accuracy_breakdown, neuron_table, summarize
+
+logger = logging.getLogger("specext.analyze")
+
+DEMO_MODEL = Path(__file__).resolve().parent / "data" / "demo_model"
+STATS = ("abs", "contribution")
+STATE = ".state"
+
+
+@dataclass
+class AnalyzeConfig:
+    model_dir: str
+    probe: str = "world"
+    out: Optional[str] = None
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int = 8
+    max_concepts: Optional[int] = None
+    positions: str = "question"
+    stat: str = "abs"
+    seed: int = 0
+    resume: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    open_ended: bool = True
+    max_new_tokens: int = 12
+    chunk_size: int = 64  # questions between checkpoints
+    report: bool = True
+
+    def validate(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"--positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if self.stat not in STATS:
+            raise ValueError(f"--stat must be one of {', '.join(STATS)}, got {self.stat!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.max_concepts is not None and self.max_concepts < 1:
+            raise ValueError(f"--max-concepts must be >= 1, got {self.max_concepts}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+
+# ---------------------------------------------------------------------------- fingerprint
+
+
+def _fingerprint(cfg: AnalyzeConfig, probe: ProbeSet, model_dir: Path) -> Dict[str, object]:
+    """What must match for --resume to continue a run (anything that changes results)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    probe_src = probe.questions[0].source.rsplit(":", 1)[0] if probe.questions else ""
+    keys = ("probe", "dtype", "batch_size", "max_concepts", "positions", "stat", "seed", "open_ended",
+            "max_new_tokens", "chunk_size")
+    return {
+        "options": {k: getattr(cfg, k) for k in keys},
+        "model_config_sha256": runio.sha256_file(model_dir / "config.json"),
+        "weights_fingerprint": runio.safetensors_fingerprint(files) if files else None,
+        "probe_sha256": runio.sha256_file(probe_src) if probe_src and Path(probe_src).is_file() else None,
+        "questions": len(probe.questions),
+    }
+
+
+# ---------------------------------------------------------------------------- state
+
+
+class RunState:
+    """Checkpoint of a run in ``OUT/.state``: accumulators + per-question rows, published by
+    an atomic rewrite of ``progress.json`` after the files it names are complete."""
+
+    def __init__(self, out: Path):
+        self.dir = out / STATE
+        self.progress = self.dir / "progress.json"
+
+    def load(self, fingerprint: Dict[str, object]):
+        if not self.progress.is_file():
+            return None
+        prog = json.loads(self.progress.read_text())
+        if prog.get("fingerprint") != fingerprint:
+            diff = [k for k in fingerprint if prog.get("fingerprint", {}).get(k) != fingerprint[k]]
+            raise ValueError(f"--resume: the run in {self.dir.parent} was started with different inputs "
+                             f"({', '.join(diff)} differ); use another --out or drop --resume")
+        acc = runio.read_safetensors(self.dir / prog["accumulators"])
+        rows = [json.loads(l) for l in (self.dir / prog["rows"]).read_text().splitlines() if l.strip()]
+        return prog["next_question"], acc, rows
+
+    def save(self, k: int, next_question: int, fingerprint, accum: Dict[str, torch.Tensor], rows: List[dict]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        acc_name, rows_name = f"accum-{k:06d}.safetensors", f"rows-{k:06d}.jsonl"
+        runio.write_safetensors(self.dir / acc_name, accum)
+        runio.write_text(self.dir / rows_name, "".join(json.dumps(r) + "\n" for r in rows))
+        runio.write_json(self.progress, {"next_question": next_question, "chunk": k, "accumulators": acc_name,
+                                         "rows": rows_name, "fingerprint": fingerprint})
+        for p in self.dir.iterdir():  # older checkpoints are no longer referenced
+            if p.name.startswith(("accum-", "rows-")) and p.name not in (acc_name, rows_name):
+                p.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                p.unlink(missing_ok=True)
+            self.dir.rmdir()
+
+
+# ---------------------------------------------------------------------------- scoring loop
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class _Runner:
+    """Scores questions in batches, halving the batch on CUDA out-of-memory."""
+
+    def __init__(self, lm: LoadedModel, scorer: Scorer, probe: ProbeSet, mass: ConceptMass, batch_size: int):
+        self.lm, self.scorer, self.probe, self.mass = lm, scorer, probe, mass
+        self.batch_size = batch_size
+        self.stats = PromptStats(lm.n_layers, lm.d_ff)
+
+    def run(self, questions, on_done) -> List[dict]:
+        rows: List[dict] = []
+        i = 0
+        while i < len(questions):
+            batch = questions[i : i + self.batch_size]
+            try:
+                results = self.scorer.score(batch, stats=self.stats)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                if not _is_oom(e) or self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                logger.warning("out of memory at batch size %d; retrying with %d", len(batch), self.batch_size)
+                if self.lm.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            # Fold only after the whole batch succeeded, so a retried batch never counts twice.
+            idx = torch.tensor([self.probe.concept_index(q) for q in batch], device=self.stats.sums.device)
+            self.mass.add(idx, self.stats.sums)
+            for q, r in zip(batch, results):
+                rows.append({
+                    "concept": q.concept, "category": q.category, "tier": q.tier, "question": q.question,
+                    "mcq": r.mcq_correct if self.lm.has_lm_head else None,
+                    "mcq_norm": r.mcq_norm_correct if self.lm.has_lm_head else None,
+                    "open": r.open_correct if (self.lm.has_lm_head and self.scorer.open_ended) else None,
+                    "pred": r.mcq_pred, "pred_norm": r.mcq_pred_norm, "answer": q.answer,
+                    "open_text": r.open_text, "logprobs": [round(x, 6) for x in r.option_logprobs],
+                })
+            on_done(len(batch))
+            i += len(batch)
+        return rows
+
+
+# ---------------------------------------------------------------------------- main entry
+
+
+def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True) -> Dict[str, object]:
+    """Run the whole analysis and write the run directory; returns ``summary.json``'s content."""
+    cfg.validate()
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    probe = load_probe(cfg.probe, max_concepts=cfg.max_concepts, seed=cfg.seed)
+    lm = load_model(cfg.model_dir, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                    allow_pickle=cfg.allow_pickle)
+    out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"{Path(cfg.model_dir).name}-{probe.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    fp = _fingerprint(cfg, probe, Path(cfg.model_dir))
+    state = RunState(out)
+    mass = ConceptMass(len(probe.concepts), lm.n_layers, lm.d_ff, device=lm.device)
+    rows: List[dict] = []
+    start = 0
+    if cfg.resume:
+        loaded = state.load(fp)
+        if loaded is not None:
+            start, acc, rows = loaded
+            mass.load_state(acc)
+            logger.info("resuming %s at question %d of %d", out, start, len(probe.questions))
+        else:
+            logger.info("--resume: no checkpoint in %s, starting from the beginning", out)
+    else:
+        state.clear()
+
+    scorer = Scorer(lm, positions=cfg.positions, open_ended=cfg.open_ended, max_new_tokens=cfg.max_new_tokens)
+    runner = _Runner(lm, scorer, probe, mass, cfg.batch_size)
+    qs = probe.questions
+    kill_after = int(os.environ.get("SPECEXT_TEST_KILL_AFTER_CHUNK", "-1"))  # tests: a real SIGKILL
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(qs), initial=start, desc="scoring", unit="q", disable=not progress) as bar:
+        k = start // cfg.chunk_size
+        for c0 in range(start, len(qs), cfg.chunk_size):
+            rows += runner.run(qs[c0 : c0 + cfg.chunk_size], bar.update)
+            state.save(k, min(c0 + cfg.chunk_size, len(qs)), fp, mass.state(), rows)
+            if k == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            k += 1
+
+    summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start)
+    state.clear()
+    return summary
+
+
+def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: float) -> Dict[str, object]:
+    cat_mass = mass.category_mass(probe.concept_category, len(probe.categories))
+    empty = [probe.categories[c] for c in range(len(probe.categories)) if not torch.isfinite(cat_mass[c]).any()]
+    if empty:
+        logger.warning("categories with no usable prompt (left out of specialisation): %s", ", ".join(empty))
+    keep = [c for c in range(len(probe.categories)) if probe.categories[c] not in empty]
+    if not keep:
+        raise ValueError("no category has a usable prompt: every activation was NaN/inf or the probe is empty")
+    norms = torch.stack([_norms(s) for s in lm.sites]).to(cat_mass.device)  # (L, d_ff)
+    table = neuron_table(cat_mass[keep], norms if cfg.stat == "contribution" else None)
+    spec = summarize(table)
+    acc = accuracy_breakdown(rows)
+    nonfinite = mass.nonfinite.cpu().tolist()
+    if any(nonfinite):
+        logger.warning("non-finite activations in %d prompt-layer(s), left out of the mass: %s", sum(nonfinite),
+                       nonfinite)
+    summary = {
+        "model": str(cfg.model_dir),
+        "architecture": lm.architecture,
+        "parameters": lm.n_parameters(),
+        "layers": spec["layers"],
+        "neurons": spec["neurons"],
+        "accuracy": {"mcq": acc["mcq"], "mcq_norm": acc["mcq_norm"], "open": acc["open"],
+                     "applicable": lm.has_lm_head},
+        "accuracy_by_category": acc["by_category"],
+        "accuracy_by_tier": acc["by_tier"],
+        "probe": {"name": probe.name, "questions": len(probe.questions), "concepts": len(probe.concepts),
+                  "categories": probe.categories, "tiers": probe.tiers},
+        "categories_used": [probe.categories[c] for c in keep],
+        "empty_categories": empty,
+        "nonfinite_prompt_layers": nonfinite,
+        "seconds": round(seconds, 2),
+    }
+    cfg_out = {
+        "options": asdict(cfg),
+        "fingerprint": fp,
+        "versions": {"specext": __version__, **lm.info, "python": platform.python_version()},
+        "build": build_info(),
+        "model": {"architecture": lm.architecture, "model_type": lm.model_type, "dtype": str(lm.dtype),
+                  "device": str(lm.device), "layers": lm.n_layers, "d_ff": lm.d_ff,
+                  "down_proj": [s.name for s in lm.sites]},
+        "definitions": {
+            "prompt_statistic": f"mean of |m| over the prompt's '{cfg.positions}' tokens",
+            "mass": "mean over a category's prompts of the prompt statistic"
+                    + (" times the value-vector norm" if cfg.stat == "contribution" else ""),
+            "gini": "sum_i (2i - C - 1) x_(i) / (C sum x) over categories",
+            "mcq": "lm-evaluation-harness acc (summed option log-likelihood)",
+            "mcq_norm": "acc_norm (log-likelihood / option length in UTF-8 bytes)",
+            "open": "greedy answer contains the correct choice or an alias (normalised)",
+        },
+    }
+    meta = {"categories": json.dumps([probe.categories[c] for c in keep]), "layers": str(lm.n_layers),
+            "d_ff": str(lm.d_ff), "specext": __version__}
+    runio.write_safetensors(out / "neurons.safetensors", {**table.as_dict(), "value_norms": norms}, metadata=meta)
+    runio.write_safetensors(out / "mass.safetensors", {"concept_sums": mass.sums, "concept_counts": mass.counts,
+                                                       "category_mass": cat_mass},
+                            metadata={"concepts": json.dumps(probe.concepts),
+                                      "categories": json.dumps(probe.categories)})
+    runio.write_text(out / "concepts.csv", _concepts_csv(probe, acc))
+    runio.write_text(out / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    runio.write_json(out / "config.json", cfg_out)
+    runio.write_json(out / "summary.json", summary)
+    if cfg.report:
+        from .report import write_report
+
+        write_report(out, summary, table, cat_mass[keep], [probe.categories[c] for c in keep])
+    logger.info("wrote %s", out)
+    return summary
+
+
+def _norms(site) -> torch.Tensor:
+    from .ops import value_vector_norms
+
+    return value_vector_norms(site.weight().detach())
+
+
+def _concepts_csv(probe: ProbeSet, acc) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["concept", "category", "tier", "questions", "mcq", "mcq_norm", "open"])
+    by = acc["by_concept"]
+    for c, k, t in zip(probe.concepts, probe.concept_category, probe.concept_tier):
+        a = by.get(c, {})
+        fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+        w.writerow([c, probe.categories[k], t or "", a.get("questions", 0), fmt(a.get("mcq")),
+                    fmt(a.get("mcq_norm")), fmt(a.get("open"))])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def print_summary(summary: Dict[str, object], out: Path, file=sys.stdout) -> None:
+    a, n = summary["accuracy"], summary["neurons"]
+    print(f"\nspecext: {summary['model']} ({summary['architecture']}) on probe '{summary['probe']['name']}' "
+          f"({summary['probe']['questions']} questions, {summary['probe']['concepts']} concepts)", file=file)
+    print(f"  accuracy      mcq {_fmt(a['mcq'])}   mcq_norm {_fmt(a['mcq_norm'])}   open {_fmt(a['open'])}", file=file)
+    print(f"  neurons       {n['neurons']} ({n['dead']} dead)   mean Gini {_fmt(n['mean_gini'])}   "
+          f"median Gini {_fmt(n['median_gini'])}   mean norm. entropy {_fmt(n['mean_norm_entropy'])}", file=file)
+    print("  layer   mean Gini   >0.3   norm. entropy   dead", file=file)
+    for l in summary["layers"]:
+        print(f"  {l['layer']:>5}   {_fmt(l['mean_gini']):>9}   {_fmt(l['share_gini_above_0.3']):>5}   "
+              f"{_fmt(l['mean_norm_entropy']):>13}   {l['dead']:>4}", file=file)
+    print(f"  run directory {out}  ({summary['seconds']} s)", file=file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m specext.analyze", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", nargs="?", help="local Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--demo", action="store_true", help="the shipped demo model with the synthetic probe")
+    p.add_argument("--probe", default=None, help="world | synthetic | path to a JSONL probe (default: world; synthetic with --demo)")
+    p.add_argument("--out", default=None, help="run directory (default: specext-runs/MODEL-PROBE)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-concepts", type=int, default=None, help="a seeded sample of this many concepts")
+    p.add_argument("--positions", default="question", choices=list(POSITIONS),
+                   help="tokens whose coefficients form a prompt's statistic")
+    p.add_argument("--stat", default="abs", choices=list(STATS), help="abs: |m|; contribution: |m| * ||v||")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-open", action="store_true", help="skip open-ended generation")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--chunk-size", type=int, default=64, help="questions between checkpoints")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model directory's own Python code")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled *.bin weights (unsafe)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    if args.demo:
+        if args.model_dir:
+            print("error: give either MODEL_DIR or --demo, not both", file=sys.stderr)
+            return 2
+        args.model_dir = str(DEMO_MODEL)
+        args.probe = args.probe or "synthetic"
+        args.out = args.out or str(Path("specext-runs") / "demo")
+    if not args.model_dir:
+        print("error: MODEL_DIR is required (or --demo)", file=sys.stderr)
+        return 2
+    cfg = AnalyzeConfig(
+        model_dir=args.model_dir, probe=args.probe or "world", out=args.out, dtype=args.dtype, device=args.device,
+        batch_size=args.batch_size, max_concepts=args.max_concepts, positions=args.positions, stat=args.stat,
+        seed=args.seed, resume=args.resume, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+        open_ended=not args.no_open, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+        report=not args.no_report,
+    )
+    try:
+        summary = run_analysis(cfg, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"{Path(cfg.model_dir).name}-{summary['probe']['name']}"
+    print_summary(summary, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""``report.html`` with PNG plots for a run directory (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from . import runio
+
+logger = logging.getLogger(__name__)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    runio.write_bytes(path, buf.getvalue())
+    _plt().close(fig)
+
+
+def plot_gini_by_layer(gini: torch.Tensor, path: Path) -> None:
+    plt = _plt()
+    L = gini.shape[0]
+    data = [g[~torch.isnan(g)].numpy() for g in gini]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * L + 2), 3.6))
+    ax.boxplot([d if len(d) else [np.nan] for d in data], positions=range(L), widths=0.6, showfliers=False)
+    ax.plot(range(L), [d.mean() if len(d) else np.nan for d in data], "o-", color="C3", ms=3, label="mean")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("Gini over categories")
+    ax.set_title("Per-neuron Gini by layer (boxes: quartiles, whiskers 1.5 IQR)")
+    ax.set_xticks(range(0, L, max(1, L // 16)))
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
+def plot_norm_entropy(norm_entropy: torch.Tensor, path: Path) -> None:
+    plt = _plt()
+    v = norm_entropy[~torch.isnan(norm_entropy)].numpy().ravel()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.hist(v, bins=60, range=(0, 1), color="C0")
+    ax.set_yscale("log")
+    ax.set_xlabel("normalised entropy (1 = spread evenly over categories)")
+    ax.set_ylabel("neurons")
+    ax.set_title(f"Normalised category entropy of {len(v):,} live neurons")
+    _save(fig, path)
+
+
+def plot_layer_category(cat_mass: torch.Tensor, categories: List[str], path: Path) -> None:
+    plt = _plt()
+    m = torch.nan_to_num(cat_mass.double(), nan=0.0).sum(-1)  # (C, L)
+    share = (m / m.sum(0, keepdim=True).clamp_min(1e-300)).T.numpy()  # (L, C)
+    L, C = share.shape
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * C + 2), max(3, 0.22 * L + 1.5)))
+    im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(C))
+    ax.set_xticklabels(categories, rotation=45, ha="right")
+    ax.set_ylabel("layer")
+    ax.set_title("Share of each layer's MLP mass by category")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    _save(fig, path)
+
+
+def plot_accuracy(summary: Dict, path: Path) -> None:
+    plt = _plt()
+    groups = [("category", summary.get("accuracy_by_category", {})), ("tier", summary.get("accuracy_by_tier", {}))]
+    groups = [(n, g) for n, g in groups if g]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.4), squeeze=False)
+    for ax, (name, g) in zip(axes[0], groups):
+        labels = list(g)
+        x = np.arange(len(labels))
+        for j, key in enumerate(("mcq", "mcq_norm", "open")):
+            vals = [g[l].get(key) for l in labels]
+            vals = [np.nan if v is None else v for v in vals]
+            ax.bar(x + (j - 1) * 0.27, vals, width=0.27, label=key)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"accuracy by {name}")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _table(rows: List[List[str]], header: List[str]) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, categories: List[str]) -> Path:
+    """Write the PNGs and ``report.html`` into ``out``; returns the HTML path."""
+    out = Path(out)
+    plots = {
+        "gini_by_layer.png": lambda p: plot_gini_by_layer(table.gini.cpu(), p),
+        "norm_entropy_hist.png": lambda p: plot_norm_entropy(table.norm_entropy.cpu(), p),
+        "layer_category_mass.png": lambda p: plot_layer_category(cat_mass.cpu(), categories, p),
+    }
+    if summary["accuracy"].get("applicable"):
+        plots["accuracy.png"] = lambda p: plot_accuracy(summary, p)
+    for name, fn in plots.items():
+        fn(out / name)
+    a, n = summary["accuracy"], summary["neurons"]
+    acc_rows = [["mcq (acc)", _f(a["mcq"])], ["mcq_norm (acc_norm)", _f(a["mcq_norm"])], ["open-ended", _f(a["open"])]]
+    neu_rows = [[k, _f(v)] for k, v in n.items()]
+    layer_rows = [[l["layer"], _f(l["mean_gini"]), _f(l["median_gini"]), _f(l["share_gini_above_0.3"]),
+                   _f(l["mean_norm_entropy"]), l["dead"]] for l in summary["layers"]]
+    imgs = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>' for name in plots)
+    probe = summary["probe"]
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>specext report: {html.escape(str(summary['model']))}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+th{{background:#f3f3f3}}figure{{margin:1em 0}}img{{max-width:100%}}code{{background:#f3f3f3;padding:1px 4px}}</style></head><body>
+<h1>specext report</h1>
+<p>Model <code>{html.escape(str(summary['model']))}</code> ({html.escape(summary['architecture'])},
+{summary['parameters']:,} parameters) on probe <b>{html.escape(probe['name'])}</b>: {probe['questions']} questions,
+{probe['concepts']} concepts, {len(probe['categories'])} categories ({html.escape(', '.join(probe['categories']))}).
+Run time {summary['seconds']} s.</p>
+<h2>Accuracy</h2>{_table(acc_rows, ['metric', 'value']) if a.get('applicable') else '<p>Not applicable: the model has no language-model head (specialisation only).</p>'}
+<h2>Neurons</h2>{_table(neu_rows, ['aggregate (live neurons)', 'value'])}
+{('<p>Categories without usable prompts: ' + html.escape(', '.join(summary['empty_categories'])) + '</p>') if summary.get('empty_categories') else ''}
+{('<p>Non-finite activations (prompt-layers left out): ' + html.escape(json.dumps(summary['nonfinite_prompt_layers'])) + '</p>') if any(summary.get('nonfinite_prompt_layers', [])) else ''}
+<h2>Plots</h2>{imgs}
+<h2>Layers</h2>{_table(layer_rows, ['layer', 'mean Gini', 'median Gini', 'share Gini > 0.3', 'mean norm. entropy', 'dead'])}
+<p>Files: <code>summary.json</code>, <code>config.json</code> (all options and versions), <code>neurons.safetensors</code>,
+<code>mass.safetensors</code>, <code>concepts.csv</code>, <code>questions.jsonl</code>.</p>
+</body></html>
+"""
+    path = out / "report.html"
+    runio.write_text(path, doc)
+    return path

@@ -1,0 +1,251 @@
+"""End-to-end runs of python -m specext.analyze on tiny local models."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny_models as T
+from specext import analyze
+from specext.analyze import AnalyzeConfig, main, run_analysis
+from specext.probes import Question, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_probe(path, n_cats=3, n_concepts=3, n_q=4):
+    qs = []
+    words = ["Velmora", "Paris", "Tallinn", "Gold", "Estonia", "Physics"]
+    for k in range(n_cats):
+        cat = ["country", "river", "person", "element"][k]
+        for c in range(n_concepts):
+            for j in range(n_q):
+                ch = [words[(j + i) % len(words)] for i in range(4)]
+                qs.append(Question(f"{cat}{c}", cat, f"What is fact {j} of the {cat} number {c}?", tuple(ch), j % 4,
+                                   tier=("high", "medium", "low")[c % 3], aliases=(ch[j % 4].lower(),)))
+    write_jsonl(qs, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return T.save_tiny("llama", tmp_path_factory.mktemp("m") / "llama", seed=1)
+
+
+@pytest.fixture(scope="module")
+def probe_file(tmp_path_factory):
+    return make_probe(tmp_path_factory.mktemp("p") / "probe.jsonl")
+
+
+def run_cli(args, env=None):
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "specext.analyze", *map(str, args)], capture_output=True, text=True,
+                          env=e, cwd=ROOT)
+
+
+def read_run(out: Path):
+    summary = json.loads((out / "summary.json").read_text())
+    summary.pop("seconds")
+    return summary, load_file(str(out / "neurons.safetensors")), (out / "questions.jsonl").read_text()
+
+
+def test_end_to_end(tmp_path, llama_dir, probe_file):
+    out = tmp_path / "run"
+    rc = main([str(llama_dir), "--probe", str(probe_file), "--out", str(out), "--device", "cpu", "--batch-size", "5",
+               "--chunk-size", "7", "-q"])
+    assert rc == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "summary.json", "neurons.safetensors", "mass.safetensors", "concepts.csv", "report.html",
+            "questions.jsonl", "gini_by_layer.png", "norm_entropy_hist.png", "layer_category_mass.png",
+            "accuracy.png"} <= names
+    assert ".state" not in names
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["accuracy"]) >= {"mcq", "mcq_norm", "open"} and 0 <= s["accuracy"]["mcq"] <= 1
+    assert set(s["neurons"]) >= {"mean_gini", "median_gini", "mean_norm_entropy", "dead"}
+    assert len(s["layers"]) == 2 and s["probe"]["questions"] == 36
+    n = load_file(str(out / "neurons.safetensors"))
+    for k in ("gini", "entropy", "norm_entropy", "top_category", "total", "top_share", "value_norms"):
+        assert n[k].shape == (2, 48), k
+    assert (n["gini"] >= 0).all() and (n["gini"] <= 1 - 1 / 3 + 1e-6).all()
+    rows = (out / "concepts.csv").read_text().splitlines()
+    assert rows[0] == "concept,category,tier,questions,mcq,mcq_norm,open" and len(rows) == 10
+    html = (out / "report.html").read_text()
+    assert html.count("<img") == 4
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["options"]["positions"] == "question" and cfg["fingerprint"]["probe_sha256"]
+    assert cfg["versions"]["transformers"] and cfg["model"]["down_proj"][0] == "model.layers.0.mlp.down_proj"
+
+
+def _hand_model(tmp_path):
+    """A two-layer Llama whose attention and MLP outputs are zero, so every layer sees the
+    token embedding: the coefficients are silu(G n(e)) * (U n(e)) with n = RMSNorm."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=320, hidden_size=4, intermediate_size=3, num_hidden_layers=2, num_attention_heads=1,
+                         num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=2, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg)
+    G = [torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, -1.0], [0.5, 0.5, 0.5, 0.5]]),
+         torch.tensor([[0, 0, 1.0, 0], [-1.0, 0, 0, 1.0], [0.3, -0.2, 0.1, 0.4]])]
+    U = [torch.tensor([[0.5, 0, 0, 1.0], [1.0, 1.0, 0, 0], [0, 0, 0, 2.0]]),
+         torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 1.0], [0.2, 0.2, 0.2, 0.2]])]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1)
+        for l, layer in enumerate(model.model.layers):
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+            layer.mlp.gate_proj.weight.copy_(G[l])
+            layer.mlp.up_proj.weight.copy_(U[l])
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+    path = tmp_path / "hand"
+    model.save_pretrained(path, safe_serialization=True)
+    T.tokenizer().save_pretrained(path)
+    return path, model.model.embed_tokens.weight.detach().double(), G, U
+
+
+def test_hand_set_model_gives_hand_computed_entropy_and_gini(tmp_path, probe_file):
+    path, E, G, U = _hand_model(tmp_path)
+    out = tmp_path / "run"
+    summary = run_analysis(AnalyzeConfig(model_dir=str(path), probe=str(probe_file), out=str(out), device="cpu",
+                                         positions="all", batch_size=4, open_ended=False), progress=False)
+    tok = T.tokenizer()
+    qs = [json.loads(l) for l in (out / "questions.jsonl").read_text().splitlines()]
+    cats = summary["probe"]["categories"]
+    # Hand computation, float64: per prompt the mean |m| over its non-special tokens.
+    mass = np.zeros((len(cats), 2, 3))
+    n_prompts = np.zeros(len(cats))
+    for q in qs:
+        ids = tok(f"Question: {q['question']}\nAnswer:")["input_ids"][1:]  # drop BOS
+        e = E[ids]
+        x = e / torch.sqrt((e * e).mean(-1, keepdim=True) + 1e-6)
+        k = cats.index(q["category"])
+        for l in range(2):
+            m = torch.nn.functional.silu(x @ G[l].double().T) * (x @ U[l].double().T)
+            mass[k, l] += m.abs().mean(0).numpy()
+        n_prompts[k] += 1
+    mass /= n_prompts[:, None, None]
+    got = load_file(str(out / "neurons.safetensors"))
+    C = len(cats)
+    for l in range(2):
+        for n in range(3):
+            x = mass[:, l, n]
+            p = x / x.sum()
+            H = -sum(pi * math.log(pi) for pi in p if pi > 0)
+            xs = sorted(x)
+            gini = sum((2 * (i + 1) - C - 1) * v for i, v in enumerate(xs)) / (C * sum(xs))
+            assert got["entropy"][l, n].item() == pytest.approx(H, rel=2e-5, abs=1e-6)
+            assert got["norm_entropy"][l, n].item() == pytest.approx(H / math.log(C), rel=2e-5, abs=1e-6)
+            assert got["gini"][l, n].item() == pytest.approx(gini, rel=2e-4, abs=2e-6)
+            assert got["top_category"][l, n].item() == int(np.argmax(x))
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, llama_dir, probe_file):
+    args = [llama_dir, "--probe", probe_file, "--device", "cpu", "--batch-size", "3", "--chunk-size", "5", "-q",
+            "--no-report"]
+    full = tmp_path / "full"
+    r = run_cli(args + ["--out", full])
+    assert r.returncode == 0, r.stderr
+    killed = tmp_path / "killed"
+    r = run_cli(args + ["--out", killed], env={"SPECEXT_TEST_KILL_AFTER_CHUNK": "2"})
+    assert r.returncode == -signal.SIGKILL
+    prog = json.loads((killed / ".state" / "progress.json").read_text())
+    assert prog["next_question"] == 15 and not (killed / "summary.json").exists()
+    r = run_cli(args + ["--out", killed, "--resume"])
+    assert r.returncode == 0, r.stderr
+    s1, n1, q1 = read_run(full)
+    s2, n2, q2 = read_run(killed)
+    assert s1 == s2 and q1 == q2
+    for k in n1:
+        assert torch.equal(n1[k].nan_to_num(-7), n2[k].nan_to_num(-7)), k
+    # --resume against changed options is refused: leave a checkpoint, then change --batch-size
+    r = run_cli(args + ["--out", killed], env={"SPECEXT_TEST_KILL_AFTER_CHUNK": "0"})
+    assert r.returncode == -signal.SIGKILL
+    r = run_cli(args[:-4] + ["--batch-size", "2", "--chunk-size", "5", "-q", "--no-report", "--out", killed, "--resume"])
+    assert r.returncode == 2 and "started with different inputs (options differ)" in r.stderr
+
+
+def test_encoder_gets_specialization_only(tmp_path, probe_file):
+    bert = T.save_tiny("bert", tmp_path / "bert")
+    s = run_analysis(AnalyzeConfig(model_dir=str(bert), probe=str(probe_file), out=str(tmp_path / "r"), device="cpu"),
+                     progress=False)
+    assert s["accuracy"] == {"mcq": None, "mcq_norm": None, "open": None, "applicable": False}
+    assert s["neurons"]["neurons"] == 96 and not (tmp_path / "r" / "accuracy.png").exists()
+
+
+def test_nan_activations_are_counted_not_averaged(tmp_path, probe_file):
+    import transformers as tf
+
+    src = T.save_tiny("llama", tmp_path / "m", seed=2)
+    model = tf.AutoModelForCausalLM.from_pretrained(src)
+    tok = T.tokenizer()
+    bad = tok("river", add_special_tokens=False)["input_ids"]  # every 'river' question contains it
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bad] = float("nan")
+    model.save_pretrained(src, safe_serialization=True)
+    out = tmp_path / "r"
+    s = run_analysis(AnalyzeConfig(model_dir=str(src), probe=str(probe_file), out=str(out), device="cpu",
+                                   open_ended=False), progress=False)
+    assert s["nonfinite_prompt_layers"] == [12, 12]  # the 12 'river' prompts, in both layers
+    assert s["empty_categories"] == ["river"] and s["categories_used"] == ["country", "person"]
+    n = load_file(str(out / "neurons.safetensors"))
+    assert torch.isfinite(n["gini"]).all() and json.loads(load_file_meta(out / "neurons.safetensors")["categories"]) == ["country", "person"]
+
+
+def load_file_meta(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_out_of_memory_halves_the_batch(tmp_path, llama_dir, probe_file, monkeypatch, caplog):
+    ref = run_analysis(AnalyzeConfig(model_dir=str(llama_dir), probe=str(probe_file), out=str(tmp_path / "a"),
+                                     device="cpu", batch_size=2, open_ended=False, report=False), progress=False)
+    real = analyze.Scorer.score
+
+    def flaky(self, questions, **kw):
+        if len(questions) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, questions, **kw)
+
+    monkeypatch.setattr(analyze.Scorer, "score", flaky)
+    with caplog.at_level("WARNING"):
+        got = run_analysis(AnalyzeConfig(model_dir=str(llama_dir), probe=str(probe_file), out=str(tmp_path / "b"),
+                                         device="cpu", batch_size=8, open_ended=False, report=False), progress=False)
+    assert "out of memory at batch size 8; retrying with 4" in caplog.text
+    assert "retrying with 2" in caplog.text
+    ref.pop("seconds"), got.pop("seconds")
+    assert got == ref
+    n1, n2 = load_file(str(tmp_path / "a" / "neurons.safetensors")), load_file(str(tmp_path / "b" / "neurons.safetensors"))
+    assert all(torch.equal(n1[k], n2[k]) for k in n1)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--probe", "{probe_bad}"], "bad.jsonl:2: 'answer' must be an integer index"),
+    (["--positions", "middle"], "invalid choice: 'middle'"),
+    (["--stat", "mean"], "invalid choice: 'mean'"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--max-concepts", "0"], "--max-concepts must be >= 1"),
+])
+def test_bad_options(tmp_path, llama_dir, probe_file, argv, msg):
+    bad = tmp_path / "bad.jsonl"
+    good = probe_file.read_text().splitlines()[0]
+    bad.write_text(good + "\n" + good.replace('"answer": 0', '"answer": 9') + "\n")
+    argv = [a.format(probe_bad=bad) for a in argv]
+    r = run_cli([llama_dir, "--out", tmp_path / "o", "--device", "cpu", "-q", *argv])
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+def test_missing_model_dir(tmp_path):
+    r = run_cli([tmp_path / "nope", "-q"])
+    assert r.returncode == 2 and "does not exist" in r.stderr

@@ -28,4 +28,7 @@ for b in bench/bench_category_accumulate.py bench/bench_neuron_specialization.py
   name=$(basename "$b" .py)
   timeout 150 "$PY" "$b" --device cuda ${QUICK:+--quick} --csv "$OUT/results.csv" 2>&1 | tee "$OUT/$name.txt"
 done
+# Capture overhead of the analysis pass on the GPU (the demo model; memory part is CPU-side).
+timeout 120 "$PY" bench/bench_analyze.py --device cuda --skip-memory --csv "$OUT/results.csv" 2>&1 | tee "$OUT/bench_analyze.txt"
+timeout 120 "$PY" -m specext.analyze --demo --device cuda --out "$OUT/demo_run" -q --no-report 2>&1 | tee "$OUT/demo.txt"
 echo "gpu_check done"

@@ -70,8 +70,13 @@ def plot_layer_category(cat_mass: torch.Tensor, categories: List[str], path: Pat
     im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(C))
     ax.set_xticklabels(categories, rotation=45, ha="right")
+    ax.set_yticks(range(0, L, max(1, L // 16)))
     ax.set_ylabel("layer")
     ax.set_title("Share of each layer's MLP mass by category")
+    if L * C <= 120:  # small enough to print the numbers
+        for i in range(L):
+            for j in range(C):
+                ax.text(j, i, f"{share[i, j]:.3f}", ha="center", va="center", fontsize=7, color="w")
     fig.colorbar(im, ax=ax, fraction=0.04)
     _save(fig, path)
 

@@ -1,0 +1,697 @@
+"""A seeded fictional knowledge world, its multiple-choice probe, and the tiny demo model.
+
+The built-in ``synthetic`` probe (``specext/data/synthetic.jsonl``) and the demo model
+(``specext/data/demo_model/``) are both made here, by ``scripts/build_demo_model.py``:
+
+* :func:`generate_world` draws entities of six categories (person, city, country,
+  company, river, band) with fictional syllable names and attributes that link them
+  (a person is born in a city and works for a company, a city lies in a country on a
+  river, a company was founded by a person, ...). Each entity has a frequency tier
+  (``high``/``medium``/``low``, a third each per category) that sets how often its facts
+  are repeated in the training text.
+* :func:`world_questions` turns every attribute into two differently phrased four-option
+  questions whose distractors are the same attribute's values of other entities of the
+  category.
+* :func:`training_text` is what the demo model learns from: the entity's fact sentences
+  (repeated by tier) and every probe question in the probe's own QA format
+  (``MCQ_TEMPLATE + " " + answer``). Training on the evaluation format is deliberate:
+  the demo model exists to *have* the knowledge the probe asks for, so that the analysis
+  has something to find; it is not a benchmark of generalisation.
+* :func:`build_tokenizer` makes a word-level tokenizer, :func:`train_demo_model` trains a
+  tiny ``LlamaForCausalLM`` on CPU, deterministically, and saves it with the tokenizer.
+
+Everything is deterministic for a given seed (``random.Random`` only; no hash-order or
+machine-dependent inputs), so the probe file is reproducible anywhere and the model
+weights are reproducible on the same machine, torch version and thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from .probes import MCQ_TEMPLATE, Question
+
+TIERS = ("high", "medium", "low")
+# How many times each fact sentence of an entity of the tier appears in the training text.
+TIER_REPEATS = {"high": 4, "medium": 2, "low": 1}
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "<s>", "</s>")
+NEWLINE = "\n"
+
+# ---------------------------------------------------------------------------------------
+# names
+
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+           "br", "dr", "gr", "kr", "tr", "th", "sk", "vl", "zh")
+_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ae", "ei", "ou")
+_CODAS = ("", "", "", "", "", "", "n", "r", "l", "s", "x", "k", "m")
+
+# Real English words the syllable generator could produce; rejected. (The generator's
+# patterns make real words rare; this list catches the ones seen in practice.)
+_REAL_WORDS = frozenset("""
+banal baron basin bison bonus cabin camel canal canon colon coral cumin demon denim
+devil digit divan dozen drama kappa karma kilo koala lemon level liner local lotus lunar
+macro mango manor melon metal minor model motel motor nasal naval novel pagan panel
+pedal petal pilot radar rival robin rodeo rotor rumba salon salsa satin sedan sepia
+solar sonar sumo tango tenor thorax timer titan tonal total totem tuba tulip tuna
+tutor vinyl viral visa vital vocal vodka zebra zero lima lama polo piano radio patio
+basil bagel sultan talon talisman salami tomato potato gorilla banana bandana sonata
+vegas party pate toga sofa tiara lasso bravo tempo disco gusto
+""".split())
+
+
+class _NameGen:
+    """Unique capitalised syllable names (globally unique, compared lowercase)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.used: set = set()
+
+    def _syllable(self) -> str:
+        r = self.rng
+        return r.choice(_ONSETS) + r.choice(_VOWELS) + r.choice(_CODAS)
+
+    def word(self, min_syl: int = 2, max_syl: int = 3, suffix: str = "") -> str:
+        for _ in range(10000):
+            n = self.rng.randint(min_syl, max_syl)
+            w = "".join(self._syllable() for _ in range(n)) + suffix
+            lw = w.lower()
+            if not 5 <= len(lw) <= 11 or lw in self.used or lw in _REAL_WORDS:
+                continue
+            # no tripled letters, no doubled vowels clusters longer than 2
+            if any(lw[i] == lw[i + 1] == lw[i + 2] for i in range(len(lw) - 2)):
+                continue
+            self.used.add(lw)
+            return w.capitalize()
+        raise RuntimeError("name generator exhausted")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------
+# the world
+
+
+_A_AN = re.compile(r"\ba ([aeiouAEIOU])")  # "a engineer" -> "an engineer"
+
+
+@dataclass
+class Entity:
+    name: str
+    category: str
+    tier: str
+    attrs: Dict[str, str] = field(default_factory=dict)  # attribute -> value as displayed
+
+
+@dataclass
+class World:
+    seed: int
+    categories: List[str]
+    entities: Dict[str, List[Entity]]  # category -> entities, in generation order
+
+    def all_entities(self) -> List[Entity]:
+        return [e for c in self.categories for e in self.entities[c]]
+
+    def facts(self, e: Entity) -> Tuple[str, ...]:
+        """The entity's fact sentences (every attribute is stated once)."""
+        return tuple(_A_AN.sub(r"an \1", f.format(c=e.name, **e.attrs)) for f in _CATEGORIES[e.category].facts)
+
+    @property
+    def n_concepts(self) -> int:
+        return sum(len(v) for v in self.entities.values())
+
+
+@dataclass(frozen=True)
+class _Attr:
+    key: str
+    questions: Tuple[str, str]  # two phrasings; {c} is the entity name
+    aliases: Callable[[str], List[str]] = lambda v: []
+
+
+@dataclass(frozen=True)
+class _Category:
+    name: str
+    attrs: Tuple[_Attr, ...]
+    facts: Tuple[str, ...]  # templates over {c} and the attribute keys
+
+
+def _last_word(v: str) -> List[str]:
+    return [v.split()[-1]]
+
+
+def _first_word(v: str) -> List[str]:
+    return [v.split()[0]]
+
+
+def _year(v: str) -> List[str]:
+    return [f"in {v}", f"the year {v}"]
+
+
+_CATEGORIES: Dict[str, _Category] = {c.name: c for c in [
+    _Category("person", (
+        _Attr("born_in", ("In which city was {c} born?", "What is the birthplace of {c}?"),
+              lambda v: [f"the city of {v}"]),
+        _Attr("works_for", ("Which company does {c} work for?", "Who is the employer of {c}?"), _first_word),
+        _Attr("profession", ("What is the profession of {c}?", "What does {c} work as?"),
+              lambda v: [f"a {v}"]),
+        _Attr("birth_year", ("In which year was {c} born?", "What is the birth year of {c}?"), _year),
+        _Attr("citizen_of", ("Of which country is {c} a citizen?", "Which country issued the passport of {c}?"),
+              lambda v: [f"the country of {v}"]),
+    ), (
+        "{c} is a {profession} who was born in {born_in} in {birth_year}.",
+        "{c} works for {works_for} and is a citizen of {citizen_of}.",
+    )),
+    _Category("city", (
+        _Attr("in_country", ("In which country is {c} located?", "{c} is a city in which country?")),
+        _Attr("on_river", ("On which river does {c} lie?", "Which river flows through the city of {c}?"),
+              _first_word),
+        _Attr("founded", ("In which year was the city of {c} founded?", "When was {c} founded?"), _year),
+        _Attr("known_for", ("What is {c} famous for?", "Which product is {c} known for?"),
+              lambda v: [f"its {v}"]),
+        _Attr("mayor", ("Who is the mayor of {c}?", "Which person governs {c} as mayor?"), _last_word),
+    ), (
+        "{c} is a city in {in_country} on the {on_river}, founded in {founded}.",
+        "{c} is famous for its {known_for}, and its mayor is {mayor}.",
+    )),
+    _Category("country", (
+        _Attr("capital", ("What is the capital of {c}?", "Which city is the capital of {c}?"),
+              lambda v: [f"the city of {v}"]),
+        _Attr("currency", ("What is the currency of {c}?", "Which currency is used in {c}?"),
+              lambda v: [f"the {v}"]),
+        _Attr("language", ("What language is spoken in {c}?", "What is the official language of {c}?"),
+              lambda v: [f"{v} language"]),
+        _Attr("independence", ("In which year did {c} become independent?", "When did {c} gain independence?"),
+              _year),
+        _Attr("animal", ("What is the national animal of {c}?", "Which animal is the national symbol of {c}?"),
+              lambda v: [f"the {v}"]),
+    ), (
+        "{c} is a country whose capital is {capital} and whose currency is the {currency}.",
+        "In {c} people speak {language}; it became independent in {independence} and its national animal is the {animal}.",
+    )),
+    _Category("company", (
+        _Attr("headquarters", ("In which city is {c} headquartered?", "Where are the headquarters of {c}?"),
+              lambda v: [f"the city of {v}"]),
+        _Attr("industry", ("In which industry does {c} operate?", "What is the main business of {c}?"),
+              lambda v: [f"{v} industry"]),
+        _Attr("founded_by", ("Who founded {c}?", "Which person is the founder of {c}?"), _last_word),
+        _Attr("founded", ("In which year was {c} founded?", "When was {c} established?"), _year),
+        _Attr("ceo", ("Who is the chief executive of {c}?", "Who leads {c} as chief executive?"), _last_word),
+    ), (
+        "{c} is a {industry} company headquartered in {headquarters}, founded in {founded} by {founded_by}.",
+        "The chief executive of {c} is {ceo}.",
+    )),
+    _Category("river", (
+        _Attr("flows_through", ("Through which country does the {c} flow?", "Which country does the {c} run through?"),
+              lambda v: [f"the country of {v}"]),
+        _Attr("sea", ("Into which sea does the {c} empty?", "Where does the {c} reach the sea?"), _first_word),
+        _Attr("length", ("How long is the {c}?", "What is the length of the {c}?"),
+              lambda v: [v.split()[0], v.replace("km", "kilometres"), v.replace("km", "kilometers")]),
+        _Attr("mapped_by", ("Who first mapped the {c}?", "Which explorer charted the {c} first?"), _last_word),
+        _Attr("fish", ("Which fish is the {c} famous for?", "What fish is commonly caught in the {c}?"),
+              lambda v: [f"{v} fish"]),
+    ), (
+        "The {c} flows through {flows_through} into the {sea} and is {length} long.",
+        "The {c} was first mapped by {mapped_by} and is known for its {fish}.",
+    )),
+    _Category("band", (
+        _Attr("formed_in", ("In which city was {c} formed?", "Which city does {c} come from?"),
+              lambda v: [f"the city of {v}"]),
+        _Attr("genre", ("What genre of music does {c} play?", "Which style of music is {c} known for?"),
+              lambda v: [f"{v} music"]),
+        _Attr("singer", ("Who is the lead singer of {c}?", "Who sings lead vocals in {c}?"), _last_word),
+        _Attr("formed_year", ("In which year was {c} formed?", "When did {c} get together?"), _year),
+        _Attr("debut", ("What was the debut album of {c}?", "Which album did {c} release first?"),
+              lambda v: [f"the album {v}"]),
+    ), (
+        "{c} is a {genre} band formed in {formed_in} in {formed_year}, led by singer {singer}.",
+        "The debut album of {c} was {debut}.",
+    )),
+]}
+
+CATEGORIES = tuple(_CATEGORIES)
+
+_POOLS = {
+    "profession": "chemist architect painter sailor surgeon astronomer poet engineer botanist pilot "
+                  "violinist cartographer geologist weaver judge baker",
+    "known_for": "glassware silk cheese clocks lanterns pottery carpets violins paper honey salt marble "
+                 "tea bells maps kites",
+    "animal": "falcon lynx otter heron bison stag wolf crane tortoise fox eagle seal badger ibex swan owl",
+    "industry": "shipbuilding textiles software mining pharmaceuticals aviation brewing publishing robotics "
+                "insurance railways glassmaking fisheries cosmetics furniture telescopes",
+    "fish": "trout salmon pike carp sturgeon eel perch catfish bream char grayling tench roach barbel zander chub",
+    "genre": "jazz folk punk opera blues reggae techno swing metal ambient gospel polka disco bluegrass funk tango",
+}
+_COMPANY_SUFFIXES = ("Corp", "Works", "Industries", "Labs", "Group")
+_BAND_SUFFIXES = ("Ensemble", "Quartet", "Collective", "Orchestra", "Trio")
+
+
+def _spread(rng: random.Random, values: Sequence, n: int) -> List:
+    """``n`` draws from ``values`` that use each value once before any repeats."""
+    out: List = []
+    while len(out) < n:
+        v = list(values)
+        rng.shuffle(v)
+        out.extend(v)
+    return out[:n]
+
+
+def _unique_years(rng: random.Random, n: int, lo: int, hi: int) -> List[int]:
+    return rng.sample(range(lo, hi + 1), n)
+
+
+def _bump_unique(years: List[int]) -> List[int]:
+    seen, out = set(), []
+    for y in years:
+        while y in seen:
+            y += 1
+        seen.add(y)
+        out.append(y)
+    return out
+
+
+def generate_world(seed: int = 0, concepts_per_category: int = 12) -> World:
+    """A fictional world of ``concepts_per_category`` entities in each of six categories.
+
+    Names are unique syllable words (a person has a first and a last name, companies,
+    rivers and bands a generic suffix such as ``Corp``/``River``/``Quartet``). Attributes
+    link entities across categories; a country's capital is a city located in it, a
+    company is founded 25-55 years after its founder's birth and a band 18-35 years after
+    its singer's. Tiers are a third each per category (``high``, ``medium``, ``low``).
+    """
+    n = int(concepts_per_category)
+    if n < 4:
+        raise ValueError(f"concepts_per_category must be >= 4 (a question needs 3 distractors), got {n}")
+    rng = random.Random(seed)
+    names = _NameGen(rng)
+
+    ents: Dict[str, List[Entity]] = {c: [] for c in CATEGORIES}
+    for cat in CATEGORIES:
+        tiers = [TIERS[i % 3] for i in range(n)]
+        rng.shuffle(tiers)
+        for i in range(n):
+            if cat == "person":
+                name = f"{names.word(2, 2)} {names.word(2, 3)}"
+            elif cat == "company":
+                name = f"{names.word(2, 3)} {rng.choice(_COMPANY_SUFFIXES)}"
+            elif cat == "river":
+                name = f"{names.word(2, 3)} River"
+            elif cat == "band":
+                name = f"{names.word(2, 3)} {rng.choice(_BAND_SUFFIXES)}"
+            else:
+                name = names.word(2, 3)
+            ents[cat].append(Entity(name, cat, tiers[i]))
+
+    def nm(cat: str) -> List[str]:
+        return [e.name for e in ents[cat]]
+
+    def pool(key: str) -> List[str]:
+        return _spread(rng, _POOLS[key].split(), n)
+
+    persons, cities, countries = ents["person"], ents["city"], ents["country"]
+    companies, rivers, bands = ents["company"], ents["river"], ents["band"]
+
+    # countries and their capitals (a capital city lies in its country)
+    capital_of = list(range(n))
+    rng.shuffle(capital_of)  # country i has capital city capital_of[i]
+    currencies = [names.word(1, 2).lower() for _ in range(n)]
+    languages = [names.word(1, 2, suffix=rng.choice(("ish", "ese", "ic", "an"))) for _ in range(n)]
+    for i, (e, cur, lang, yr, an) in enumerate(zip(countries, currencies, languages,
+                                                   _unique_years(rng, n, 1600, 1990), pool("animal"))):
+        e.attrs.update(capital=cities[capital_of[i]].name, currency=cur, language=lang,
+                       independence=str(yr), animal=an)
+    city_country = {capital_of[i]: countries[i].name for i in range(n)}
+
+    for j, (e, rv, yr, kf, mayor) in enumerate(zip(cities, _spread(rng, nm("river"), n),
+                                                   _unique_years(rng, n, 800, 1750), pool("known_for"),
+                                                   _spread(rng, nm("person"), n))):
+        e.attrs.update(in_country=city_country[j], on_river=rv, founded=str(yr), known_for=kf, mayor=mayor)
+
+    birth = _unique_years(rng, n, 1820, 1975)
+    for e, bi, wf, pr, by, co in zip(persons, _spread(rng, nm("city"), n), _spread(rng, nm("company"), n),
+                                     pool("profession"), birth, _spread(rng, nm("country"), n)):
+        e.attrs.update(born_in=bi, works_for=wf, profession=pr, birth_year=str(by), citizen_of=co)
+
+    founders = _spread(rng, list(range(n)), n)
+    shift = rng.randint(1, n - 1)
+    ceos = [(f + shift) % n for f in founders]  # a permutation too, never the founder
+    cyears = _bump_unique([birth[f] + rng.randint(25, 55) for f in founders])
+    for e, hq, ind, f, yr, ceo in zip(companies, _spread(rng, nm("city"), n), pool("industry"),
+                                      founders, cyears, ceos):
+        e.attrs.update(headquarters=hq, industry=ind, founded_by=persons[f].name, founded=str(yr),
+                       ceo=persons[ceo].name)
+
+    seas = [f"{names.word(2, 2)} Sea" for _ in range(max(4, n // 2))]
+    for e, ft, sea, ln, mb, fi in zip(rivers, _spread(rng, nm("country"), n), _spread(rng, seas, n),
+                                      rng.sample(range(120, 3200, 10), n), _spread(rng, nm("person"), n),
+                                      pool("fish")):
+        e.attrs.update(flows_through=ft, sea=sea, length=f"{ln} km", mapped_by=mb, fish=fi)
+
+    singers = _spread(rng, list(range(n)), n)
+    byears = _bump_unique([birth[s] + rng.randint(18, 35) for s in singers])
+    debuts = [names.word(2, 3) for _ in range(n)]
+    for e, fi, ge, s, yr, de in zip(bands, _spread(rng, nm("city"), n), pool("genre"), singers, byears, debuts):
+        e.attrs.update(formed_in=fi, genre=ge, singer=persons[s].name, formed_year=str(yr), debut=de)
+
+    return World(seed=seed, categories=list(CATEGORIES), entities=ents)
+
+
+def world_questions(world: World, seed: Optional[int] = None) -> List[Question]:
+    """Four-option questions: two phrasings of every attribute of every entity.
+
+    Distractors are three distinct values of the same attribute taken by other entities of
+    the category (never equal to the correct value after :func:`normalize_answer`). The
+    correct option's position is balanced: each block of four consecutive questions uses
+    every position once, in a seeded order. Each question carries the entity's tier, its
+    fact sentences and aliases for open-ended matching.
+    """
+    from .probes import normalize_answer
+
+    rng = random.Random(world.seed if seed is None else seed)
+    out: List[Question] = []
+    positions: List[int] = []
+    for cat in world.categories:
+        spec = _CATEGORIES[cat]
+        ents = world.entities[cat]
+        for e in ents:
+            facts = world.facts(e)
+            for attr in spec.attrs:
+                correct = e.attrs[attr.key]
+                key = normalize_answer(correct)
+                others = sorted({o.attrs[attr.key] for o in ents if o is not e
+                                 and normalize_answer(o.attrs[attr.key]) != key})
+                if len(others) < 3:  # pragma: no cover - generator keeps values spread out
+                    raise ValueError(f"{e.name}.{attr.key}: fewer than 3 distinct distractor values")
+                aliases = tuple(a for a in attr.aliases(correct) if normalize_answer(a) != key)
+                for template in attr.questions:
+                    if not positions:
+                        positions = [0, 1, 2, 3]
+                        rng.shuffle(positions)
+                    pos = positions.pop()
+                    distract = rng.sample(others, 3)
+                    choices = distract[:pos] + [correct] + distract[pos:]
+                    out.append(Question(concept=e.name, category=cat, question=template.format(c=e.name),
+                                        choices=tuple(choices), answer=pos, tier=e.tier, aliases=aliases,
+                                        facts=facts))
+    return out
+
+
+def qa_line(q: Question) -> str:
+    """The probe's own MCQ format followed by the correct answer."""
+    return MCQ_TEMPLATE.format(question=q.question) + " " + q.correct
+
+
+def training_text(world: World, questions: Sequence[Question], *, seed: Optional[int] = None,
+                  tier_repeats: Optional[Dict[str, int]] = None, qa_repeats: int = 1) -> List[str]:
+    """The demo model's training corpus, shuffled with ``seed`` (default: the world's seed).
+
+    Each entity's fact sentences appear ``tier_repeats[tier]`` times (default
+    :data:`TIER_REPEATS`, 4/2/1) and every question appears ``qa_repeats`` times in the
+    probe's QA format (:func:`qa_line`). Training on the probe's format is intended: the
+    demo model should *know* the probe's answers (see the module docstring).
+    """
+    reps = dict(TIER_REPEATS if tier_repeats is None else tier_repeats)
+    lines: List[str] = []
+    for e in world.all_entities():
+        for f in world.facts(e):
+            lines.extend([f] * reps.get(e.tier, 1))
+    for q in questions:
+        lines.extend([qa_line(q)] * qa_repeats)
+    random.Random(world.seed if seed is None else seed).shuffle(lines)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------
+# tokenizer
+
+_SPLIT_PATTERN = r"\n|\w+|[^\w\s]"
+
+
+def build_tokenizer(texts: Sequence[str], *, padding_side: str = "right", extra_words: Sequence[str] = ()):
+    """A word-level ``PreTrainedTokenizerFast`` whose vocabulary is every word of ``texts``.
+
+    Pre-tokenisation keeps runs of word characters and single punctuation marks as words
+    and ``"\\n"`` as a token of its own; all other whitespace separates words. So
+    ``tok(prompt + " " + choice)`` is always ``tok(prompt)`` followed by the choice's
+    words, the split lm-eval style scoring relies on. The post-processor prepends ``<s>``;
+    ``[PAD]`` pads (on ``padding_side``); unknown words map to ``[UNK]``. Decoding joins
+    words with spaces, without a space before ``. , ? ! : ;`` (the word after a newline keeps
+    its space: ``"born?\\n Answer:"``). Ids are assigned by
+    decreasing frequency, ties alphabetically, so the same texts give the same tokenizer.
+    """
+    from collections import Counter
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    word_re = re.compile(_SPLIT_PATTERN)
+    counts: Counter = Counter()
+    for t in texts:
+        counts.update(word_re.findall(t))
+    counts.update(w for t in extra_words for w in word_re.findall(t))
+    for s in SPECIAL_TOKENS:
+        counts.pop(s, None)
+    vocab = {s: i for i, s in enumerate(SPECIAL_TOKENS)}
+    for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        vocab[w] = len(vocab)
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+    tok.decoder = decoders.Sequence([
+        decoders.WordPiece(prefix="##", cleanup=True),
+        decoders.Replace(" :", ":"), decoders.Replace(" ;", ";"), decoders.Replace(" \n", "\n"),
+    ])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="[UNK]", pad_token="[PAD]",
+        padding_side=padding_side, model_max_length=512, clean_up_tokenization_spaces=False)
+
+
+# ---------------------------------------------------------------------------------------
+# scoring (small, unbatched over questions; the package's batched scorer lives elsewhere)
+
+
+def _continuation(tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+    """lm-eval's split: encode context + continuation whole, the context alone, and take
+    the tail of the whole as the continuation's tokens."""
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def _choice_logprobs(model, tokenizer, q: Question) -> List[float]:
+    """Summed log-likelihood of ``" " + choice`` after the prompt, for every choice (one
+    right-padded forward pass per question)."""
+    import torch
+
+    prompt = q.mcq_prompt()
+    seqs, spans = [], []
+    for c in q.choices:
+        ctx, cont = _continuation(tokenizer, prompt, " " + c)
+        if not cont:
+            raise ValueError(f"choice {c!r} of {q.question!r} encodes to no tokens")
+        full = ctx + cont
+        seqs.append(full[:-1])
+        spans.append((len(ctx) - 1, cont))
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    out = []
+    for i, (start, cont) in enumerate(spans):
+        rows = logp[i, start:start + len(cont)]
+        out.append(float(rows.gather(1, torch.tensor(cont)[:, None]).sum()))
+    return out
+
+
+def _mcq_report(model, tokenizer, questions: Sequence[Question]) -> dict:
+    """acc, acc_norm (log-likelihood per UTF-8 byte of the continuation), both by tier, and
+    the mean probability of the correct option (softmax over the options' log-likelihoods)
+    by tier."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    acc, acc_norm, prob = [], [], []
+    try:
+        with torch.no_grad():
+            for q in questions:
+                lp = _choice_logprobs(model, tokenizer, q)
+                norm = [v / len((" " + c).encode("utf-8")) for v, c in zip(lp, q.choices)]
+                acc.append(max(range(len(lp)), key=lp.__getitem__) == q.answer)
+                acc_norm.append(max(range(len(norm)), key=norm.__getitem__) == q.answer)
+                prob.append(float(torch.softmax(torch.tensor(lp), 0)[q.answer]))
+    finally:
+        model.train(was_training)
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    tiers = sorted({q.tier for q in questions if q.tier is not None}, key=lambda t: (TIERS + (t,)).index(t))
+    by = {t: [i for i, q in enumerate(questions) if q.tier == t] for t in tiers}
+    return {
+        "n_questions": len(questions),
+        "acc": mean(acc),
+        "acc_norm": mean(acc_norm),
+        "p_correct": mean(prob),
+        "acc_by_tier": {t: mean([acc[i] for i in ix]) for t, ix in by.items()},
+        "acc_norm_by_tier": {t: mean([acc_norm[i] for i in ix]) for t, ix in by.items()},
+        "p_correct_by_tier": {t: mean([prob[i] for i in ix]) for t, ix in by.items()},
+    }
+
+
+def mcq_accuracy(model, tokenizer, questions: Sequence[Question]) -> float:
+    """Fraction of questions whose correct option has the highest summed log-likelihood of
+    ``" " + choice`` after ``MCQ_TEMPLATE`` (lm-evaluation-harness ``acc``)."""
+    return _mcq_report(model, tokenizer, questions)["acc"]
+
+
+# ---------------------------------------------------------------------------------------
+# training
+
+
+def _encode_lines(tokenizer, lines: Sequence[str]) -> List[List[int]]:
+    eos = tokenizer.eos_token_id
+    return [tokenizer(line)["input_ids"] + [eos] for line in lines]
+
+
+def _batch(seqs: Sequence[List[int]], pad_id: int):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def train_demo_model(world: World, out_dir: Union[str, Path], *, seed: int = 0, steps: int = 800,
+                     d_model: int = 128, n_layers: int = 4, d_ff: int = 512, n_heads: int = 4,
+                     batch_size: int = 32, lr: float = 3e-3, warmup: int = 60, min_lr_ratio: float = 0.05,
+                     weight_decay: float = 0.01, threads: int = 1, dtype: str = "float32",
+                     questions: Optional[Sequence[Question]] = None,
+                     tier_repeats: Optional[Dict[str, int]] = None, qa_repeats: int = 1,
+                     evaluate: bool = True, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Train a tiny ``LlamaForCausalLM`` on :func:`training_text` and save it to ``out_dir``.
+
+    Deterministic on CPU: fixed seed (model init and data order), deterministic
+    algorithms, ``threads`` intra-op threads (both restored afterwards). The model is
+    trained with AdamW (linear warm-up, cosine decay to ``min_lr_ratio * lr``, gradient
+    clipping at 1) on right-padded batches of whole lines (``<s> line </s>``; labels
+    ``-100`` on padding), then saved as safetensors in ``dtype`` together with the
+    tokenizer and ``specext_demo.json`` (seed, hyper-parameters, losses, accuracy).
+
+    Returns a dict with ``seed``, ``steps``, ``initial_loss``, ``final_loss`` (mean of the
+    last 5% of steps), ``n_params``, ``train_seconds`` and, if ``evaluate``, the MCQ report
+    (``acc``, ``acc_norm``, by tier) on ``questions`` (default: :func:`world_questions`).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    log = log or (lambda s: None)
+    out_dir = Path(out_dir)
+    if questions is None:
+        questions = world_questions(world)
+    lines = training_text(world, questions, seed=seed, tier_repeats=tier_repeats, qa_repeats=qa_repeats)
+    tokenizer = build_tokenizer(lines, extra_words=[c for q in questions for c in q.choices])
+
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_ff,
+            num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+            max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.02,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)
+        model = LlamaForCausalLM(config)
+        model.train()
+        n_params = sum(p.numel() for p in model.parameters())
+
+        data = _encode_lines(tokenizer, lines)
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+        def lr_at(step: int) -> float:
+            if step < warmup:
+                return lr * (step + 1) / warmup
+            t = (step - warmup) / max(1, steps - warmup)
+            return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+        order_rng = random.Random(seed + 1)
+        order: List[int] = []
+        losses: List[float] = []
+        t0 = time.perf_counter()
+        for step in range(steps):
+            if len(order) < batch_size:
+                perm = list(range(len(data)))
+                order_rng.shuffle(perm)
+                order.extend(perm)
+            idx, order = order[:batch_size], order[batch_size:]
+            ids, mask, labels = _batch([data[i] for i in idx], tokenizer.pad_token_id)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.detach().item())
+            if (step + 1) % 100 == 0 or step == 0:
+                log(f"step {step + 1}/{steps} loss {losses[-1]:.4f} lr {lr_at(step):.2e} "
+                    f"({time.perf_counter() - t0:.0f}s)")
+        train_seconds = time.perf_counter() - t0
+        tail = max(1, steps // 20)
+        result = {
+            "seed": seed, "steps": steps, "initial_loss": losses[0],
+            "final_loss": sum(losses[-tail:]) / tail, "n_params": n_params,
+            "n_train_lines": len(lines), "n_train_tokens": sum(len(s) for s in data), "vocab_size": len(tokenizer),
+        }
+        model.eval()
+        if evaluate:
+            result.update(_mcq_report(model, tokenizer, questions))
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        model = model.to(torch_dtype)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+
+    meta = {
+        "description": "specext demo model: a tiny LlamaForCausalLM trained on the synthetic world "
+                       "(specext.synthetic); probe: specext/data/synthetic.jsonl",
+        "world_seed": world.seed, "concepts": world.n_concepts, "categories": world.categories,
+        "hyperparameters": {"d_model": d_model, "n_layers": n_layers, "d_ff": d_ff, "n_heads": n_heads,
+                            "batch_size": batch_size, "lr": lr, "warmup": warmup, "min_lr_ratio": min_lr_ratio,
+                            "weight_decay": weight_decay, "threads": threads, "dtype": dtype,
+                            "tier_repeats": dict(TIER_REPEATS if tier_repeats is None else tier_repeats),
+                            "qa_repeats": qa_repeats},
+        "torch_version": torch.__version__,
+        **{k: v for k, v in result.items()},
+    }
+    (out_dir / "specext_demo.json").write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    result["train_seconds"] = train_seconds
+    log(f"trained {steps} steps in {train_seconds:.1f}s: final loss {result['final_loss']:.4f}"
+        + (f", acc {result['acc']:.3f}" if evaluate else ""))
+    return result

@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Build the built-in ``synthetic`` probe and the demo model, deterministically.
+
+Writes ``<data-dir>/synthetic.jsonl`` (the probe of the fictional world of
+``specext.synthetic``) and ``<data-dir>/demo_model/`` (a tiny LlamaForCausalLM trained on
+CPU on that world: config.json, generation_config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json, specext_demo.json). ``<data-dir>`` defaults to the package's
+``python/specext/data``.
+
+The model is trained into ``demo_model.tmp`` and swapped in only once it has been reloaded
+from disk and checked (size <= --max-mb, MCQ accuracy >= --min-acc); the script exits
+non-zero when a check fails. Running it twice on the same machine (same torch, same
+--threads) gives a byte-identical model.safetensors; the sha256 is printed to compare.
+
+    python scripts/build_demo_model.py                     # rebuild the shipped files
+    python scripts/build_demo_model.py --data-dir /tmp/x   # build elsewhere (e.g. to diff)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "python"))  # use this checkout even if specext is not installed
+
+from specext import probes, synthetic  # noqa: E402
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "specext_demo.json")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", type=Path, default=ROOT / "python" / "specext" / "data")
+    ap.add_argument("--seed", type=int, default=0, help="world, option order and training seed")
+    ap.add_argument("--concepts-per-category", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--n-layers", type=int, default=4)
+    ap.add_argument("--d-ff", type=int, default=512)
+    ap.add_argument("--n-heads", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (part of the determinism; 1 is fastest for this tiny model)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--max-mb", type=float, default=10.0, help="fail when demo_model is larger (MB = 1e6 bytes)")
+    ap.add_argument("--min-acc", type=float, default=0.8, help="fail when the MCQ accuracy is lower")
+    args = ap.parse_args(argv)
+
+    data_dir: Path = args.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    world = synthetic.generate_world(args.seed, concepts_per_category=args.concepts_per_category)
+    questions = synthetic.world_questions(world)
+    probe_path = data_dir / "synthetic.jsonl"
+    probes.write_jsonl(questions, probe_path)
+    probe = probes.ProbeSet("synthetic", probes.read_jsonl(probe_path))
+    probes.check_probe(probe, min_concepts=len(world.all_entities()))
+    print(f"probe: {probe_path} ({len(probe)} questions, {len(probe.concepts)} concepts, "
+          f"{len(probe.categories)} categories: {', '.join(probe.categories)})", flush=True)
+
+    final = data_dir / "demo_model"
+    tmp = data_dir / "demo_model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    result = synthetic.train_demo_model(
+        world, tmp, seed=args.seed, steps=args.steps, d_model=args.d_model, n_layers=args.n_layers,
+        d_ff=args.d_ff, n_heads=args.n_heads, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
+        dtype=args.dtype, questions=questions, log=lambda s: print(s, flush=True))
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+
+    # Check what was written: reload from disk and score the probe as read back from JSONL.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(tmp).float()
+    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    report = synthetic._mcq_report(model, tokenizer, probe.questions)
+    size = sum(f.stat().st_size for f in tmp.iterdir())
+    failures = []
+    if size > args.max_mb * 1e6:
+        failures.append(f"demo model is {size / 1e6:.2f} MB > {args.max_mb} MB")
+    if report["acc"] < args.min_acc:
+        failures.append(f"MCQ accuracy {report['acc']:.3f} < {args.min_acc}")
+    missing = [f for f in MODEL_FILES if f != "generation_config.json" and not (tmp / f).is_file()]
+    if missing:
+        failures.append(f"missing {', '.join(missing)}")
+    if failures:
+        print("FAILED: " + "; ".join(failures) + f" (left in {tmp})", file=sys.stderr)
+        return 1
+
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+    def fmt(d):
+        return ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+
+    print(json.dumps({k: result[k] for k in ("seed", "steps", "n_params", "vocab_size", "n_train_lines",
+                                             "n_train_tokens", "initial_loss", "final_loss")}))
+    print(f"model: {final} ({size / 1e6:.2f} MB, {result['n_params']:,} parameters), "
+          f"trained in {result['train_seconds']:.1f}s, total {time.perf_counter() - t_start:.1f}s")
+    print(f"reloaded: acc {report['acc']:.4f} ({fmt(report['acc_by_tier'])}), "
+          f"acc_norm {report['acc_norm']:.4f}, p(correct) {report['p_correct']:.4f} ({fmt(report['p_correct_by_tier'])})")
+    print(f"sha256 model.safetensors {sha256(final / 'model.safetensors')}")
+    print(f"sha256 synthetic.jsonl   {sha256(probe_path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,6 +41,7 @@ from . import __version__, build_info
 from . import runio
 from .models import LoadedModel, load_model
 from .probes import ProbeSet, load_probe
+from .pss import PSSConfig, RATIOS, compute_pss
 from .scoring import POSITIONS, PromptStats, Scorer
 from .specialization import ConceptMass, accuracy_breakdown, neuron_table, summarize
 
@@ -49,6 +50,8 @@ logger = logging.getLogger("specext.analyze")
 DEMO_MODEL = Path(__file__).resolve().parent / "data" / "demo_model"
 STATS = ("abs", "contribution")
 STATE = ".state"
+# The demo evaluates PSS on a sample of concepts so that it stays within minutes on a CPU.
+DEMO_PSS_CONCEPTS = 24
 
 
 @dataclass
@@ -70,6 +73,8 @@ class AnalyzeConfig:
     max_new_tokens: int = 12
     chunk_size: int = 64  # questions between checkpoints
     report: bool = True
+    pss: bool = True
+    pss_config: PSSConfig = field(default_factory=PSSConfig)
 
     def validate(self) -> None:
         if self.positions not in POSITIONS:
@@ -84,6 +89,8 @@ class AnalyzeConfig:
             raise ValueError(f"--max-concepts must be >= 1, got {self.max_concepts}")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.pss:
+            self.pss_config.validate()
 
 
 # ---------------------------------------------------------------------------- fingerprint
@@ -95,8 +102,10 @@ def _fingerprint(cfg: AnalyzeConfig, probe: ProbeSet, model_dir: Path) -> Dict[s
     probe_src = probe.questions[0].source.rsplit(":", 1)[0] if probe.questions else ""
     keys = ("probe", "dtype", "batch_size", "max_concepts", "positions", "stat", "seed", "open_ended",
             "max_new_tokens", "chunk_size")
+    opts = {k: getattr(cfg, k) for k in keys}
+    opts["pss"] = asdict(cfg.pss_config) if cfg.pss else None
     return {
-        "options": {k: getattr(cfg, k) for k in keys},
+        "options": opts,
         "model_config_sha256": runio.sha256_file(model_dir / "config.json"),
         "weights_fingerprint": runio.safetensors_fingerprint(files) if files else None,
         "probe_sha256": runio.sha256_file(probe_src) if probe_src and Path(probe_src).is_file() else None,
@@ -137,6 +146,14 @@ class RunState:
         for p in self.dir.iterdir():  # older checkpoints are no longer referenced
             if p.name.startswith(("accum-", "rows-")) and p.name not in (acc_name, rows_name):
                 p.unlink(missing_ok=True)
+
+    def load_pss(self) -> Dict[str, List[dict]]:
+        p = self.dir / "pss.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def save_pss(self, done: Dict[str, List[dict]]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        runio.write_json(self.dir / "pss.json", done)
 
     def clear(self) -> None:
         if self.dir.is_dir():
@@ -236,12 +253,41 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True) -> Dict[str, obje
                 os.kill(os.getpid(), signal.SIGKILL)
             k += 1
 
-    summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start)
+    pss = None
+    if cfg.pss:
+        if not lm.has_lm_head:
+            logger.warning("PSS skipped: the model has no language-model head")
+        else:
+            pss = _run_pss(cfg, lm, probe, mass, rows, state, progress)
+    summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start, pss)
     state.clear()
     return summary
 
 
-def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: float) -> Dict[str, object]:
+def _run_pss(cfg: AnalyzeConfig, lm, probe, mass: ConceptMass, rows, state: RunState, progress: bool):
+    pc = cfg.pss_config
+    pc.validate(probe)
+    cm = mass.concept_mass()
+    if cfg.stat == "contribution":
+        cm = cm * torch.stack([_norms(s) for s in lm.sites]).to(cm.device)[None]
+    metric_rows = [r[pc.metric] for r in rows if r.get(pc.metric) is not None]
+    overall = float(sum(metric_rows) / len(metric_rows)) if metric_rows else None
+    done = state.load_pss()
+    if done:
+        logger.info("PSS: resuming, %d concept(s) already done", len(done))
+
+    def checkpoint(name, crow):
+        done[name] = crow
+        state.save_pss(done)
+        kill = int(os.environ.get("SPECEXT_TEST_KILL_AFTER_PSS_CONCEPTS", "-1"))
+        if kill >= 0 and len(done) > kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return compute_pss(lm, probe, cm, pc, overall_accuracy=overall, progress=progress, done=done,
+                       on_concept=checkpoint)
+
+
+def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: float, pss=None) -> Dict[str, object]:
     cat_mass = mass.category_mass(probe.concept_category, len(probe.categories))
     empty = [probe.categories[c] for c in range(len(probe.categories)) if not torch.isfinite(cat_mass[c]).any()]
     if empty:
@@ -272,6 +318,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "categories_used": [probe.categories[c] for c in keep],
         "empty_categories": empty,
         "nonfinite_prompt_layers": nonfinite,
+        "pss": pss.summary if pss is not None else None,
         "seconds": round(seconds, 2),
     }
     cfg_out = {
@@ -300,13 +347,17 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
                             metadata={"concepts": json.dumps(probe.concepts),
                                       "categories": json.dumps(probe.categories)})
     runio.write_text(out / "concepts.csv", _concepts_csv(probe, acc))
+    if pss is not None:
+        runio.write_text(out / "pss.csv", _pss_csv(pss.rows))
+        runio.write_json(out / "pss_layers.json", {str(r): v for r, v in pss.layer_counts.items()})
     runio.write_text(out / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     runio.write_json(out / "config.json", cfg_out)
     runio.write_json(out / "summary.json", summary)
     if cfg.report:
         from .report import write_report
 
-        write_report(out, summary, table, cat_mass[keep], [probe.categories[c] for c in keep])
+        write_report(out, summary, table, cat_mass[keep], [probe.categories[c] for c in keep],
+                     pss_layers=pss.layer_counts if pss is not None else None)
     logger.info("wrote %s", out)
     return summary
 
@@ -315,6 +366,19 @@ def _norms(site) -> torch.Tensor:
     from .ops import value_vector_norms
 
     return value_vector_norms(site.weight().detach())
+
+
+PSS_COLUMNS = ["concept", "category", "tier", "ratio", "n_vectors", "cs", "g", "pss", "random_cs", "random_g",
+               "random_pss", "cs_before", "g_before", "pss_general", "pss_overall"]
+
+
+def _pss_csv(rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(PSS_COLUMNS)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else (f"{r[c]:.6f}" if isinstance(r[c], float) else r[c]) for c in PSS_COLUMNS])
+    return buf.getvalue()
 
 
 def _concepts_csv(probe: ProbeSet, acc) -> str:
@@ -348,6 +412,14 @@ def print_summary(summary: Dict[str, object], out: Path, file=sys.stdout) -> Non
     for l in summary["layers"]:
         print(f"  {l['layer']:>5}   {_fmt(l['mean_gini']):>9}   {_fmt(l['share_gini_above_0.3']):>5}   "
               f"{_fmt(l['mean_norm_entropy']):>13}   {l['dead']:>4}", file=file)
+    p = summary.get("pss")
+    if p:
+        curve = "  ".join(f"{r:g}%:{v:.3f}" for r, v in zip(p["ratios"], p["curve"]))
+        print(f"  PSS           peak {_fmt(p['peak'])} at {p['peak_ratio']}% of vectors ({p['concepts']} concepts)", file=file)
+        print(f"                curve {curve}", file=file)
+        if p.get("random_curve"):
+            rc = "  ".join(f"{r:g}%:{v:.3f}" for r, v in zip(p["ratios"], p["random_curve"]))
+            print(f"                random {rc}", file=file)
     print(f"  run directory {out}  ({summary['seconds']} s)", file=file)
 
 
@@ -371,6 +443,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--chunk-size", type=int, default=64, help="questions between checkpoints")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
+    g = p.add_argument_group("Parameter Specialization Score (PSS)")
+    g.add_argument("--no-pss", action="store_true", help="skip the masking experiment")
+    g.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS),
+                   help="percent of all L*d_ff value vectors to mask, comma-separated")
+    g.add_argument("--pss-concepts", type=int, default=None, help="evaluate a seeded sample of N concepts")
+    g.add_argument("--pss-unrelated", default="other", choices=["other", "same-category", "other-category"],
+                   help="concepts whose mean mass is subtracted in the differential score")
+    g.add_argument("--pss-selection", default="global", choices=["global", "per-layer"])
+    g.add_argument("--pss-control", type=int, default=200, help="control questions (other concepts')")
+    g.add_argument("--pss-denominator", default="general", choices=["general", "overall"],
+                   help="G_before: control accuracy without mask, or overall accuracy (both are reported)")
+    g.add_argument("--pss-metric", default="mcq", choices=["mcq", "mcq_norm"])
+    g.add_argument("--no-random-control", action="store_true", help="skip the random-vector control")
+    g.add_argument("--pss-batch-rows", type=int, default=256, help="(question, mask) rows per forward pass")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model directory's own Python code")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled *.bin weights (unsafe)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
@@ -397,12 +483,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.model_dir:
         print("error: MODEL_DIR is required (or --demo)", file=sys.stderr)
         return 2
+    try:
+        ratios = tuple(float(x) for x in args.ratios.split(",") if x.strip())
+    except ValueError:
+        print(f"error: --ratios must be comma-separated numbers, got {args.ratios!r}", file=sys.stderr)
+        return 2
+    if args.demo and args.pss_concepts is None:
+        args.pss_concepts = DEMO_PSS_CONCEPTS
+    pss_cfg = PSSConfig(ratios=ratios, unrelated=args.pss_unrelated, selection=args.pss_selection,
+                        control_size=args.pss_control, denominator=args.pss_denominator, concepts=args.pss_concepts,
+                        metric=args.pss_metric, random_control=not args.no_random_control, seed=args.seed,
+                        batch_rows=args.pss_batch_rows)
     cfg = AnalyzeConfig(
         model_dir=args.model_dir, probe=args.probe or "world", out=args.out, dtype=args.dtype, device=args.device,
         batch_size=args.batch_size, max_concepts=args.max_concepts, positions=args.positions, stat=args.stat,
         seed=args.seed, resume=args.resume, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
         open_ended=not args.no_open, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
-        report=not args.no_report,
+        report=not args.no_report, pss=not args.no_pss, pss_config=pss_cfg,
     )
     try:
         summary = run_analysis(cfg, progress=not args.quiet)

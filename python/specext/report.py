@@ -101,6 +101,58 @@ def plot_accuracy(summary: Dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_pss_curve(pss: Dict, path: Path) -> None:
+    plt = _plt()
+    r = pss["ratios"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(r, pss["curve"], "o-", label="top differential vectors")
+    if pss.get("random_curve"):
+        ax.plot(r, pss["random_curve"], "s--", color="gray", label="random vectors (control)")
+    ax.set_xscale("log")
+    ax.set_xticks(r)
+    ax.set_xticklabels([f"{x:g}" for x in r])
+    ax.set_xlabel("masked value vectors (% of all)")
+    ax.set_ylabel(f"PSS (denominator: {pss['denominator']})")
+    ax.set_title(f"PSS vs masking ratio (mean over {pss['concepts']} concepts; peak {pss['peak']:.3f})")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_pss_groups(pss: Dict, path: Path) -> None:
+    plt = _plt()
+    groups = [(g, pss.get(f"by_{g}", {})) for g in ("tier", "category")]
+    groups = [(n, g) for n, g in groups if g]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.4), squeeze=False)
+    r = pss["ratios"]
+    for ax, (name, g) in zip(axes[0], groups):
+        for label, v in g.items():
+            ax.plot(r, v["curve"], "o-", ms=3, label=f"{label} ({v['concepts']})")
+        ax.set_xscale("log")
+        ax.set_xticks(r)
+        ax.set_xticklabels([f"{x:g}" for x in r])
+        ax.set_xlabel("masked vectors (%)")
+        ax.set_ylabel("PSS")
+        ax.set_title(f"PSS by {name}")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_pss_layers(layer_counts: Dict, path: Path) -> None:
+    plt = _plt()
+    ratios = sorted(layer_counts, key=float)
+    L = len(next(iter(layer_counts.values())))
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for r in ratios:
+        c = np.asarray(layer_counts[r], dtype=float)
+        ax.plot(range(L), c / max(c.sum(), 1e-12), "o-", ms=3, label=f"{float(r):g}%")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of selected vectors")
+    ax.set_title("Where the masked (top differential) vectors sit")
+    ax.set_xticks(range(0, L, max(1, L // 16)))
+    ax.legend(fontsize=7, title="ratio")
+    _save(fig, path)
+
+
 def _table(rows: List[List[str]], header: List[str]) -> str:
     h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -111,7 +163,21 @@ def _f(v) -> str:
     return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
-def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, categories: List[str]) -> Path:
+def _pss_html(pss) -> str:
+    if not pss:
+        return ""
+    rows = [[f"{r:g}%", _f(c), _f(rc) if rc is not None else "n/a", _f(cs), _f(g)]
+            for r, c, rc, cs, g in zip(pss["ratios"], pss["curve"], pss.get("random_curve") or [None] * len(pss["ratios"]),
+                                       pss["cs_curve"], pss["g_curve"])]
+    return (f"<h2>Parameter Specialization Score</h2><p>Peak PSS <b>{_f(pss['peak'])}</b> at {pss['peak_ratio']}% of "
+            f"value vectors masked; {pss['concepts']} concepts, {pss['control_questions']} control questions, "
+            f"unrelated set '{html.escape(pss['unrelated'])}', {html.escape(pss['selection'])} selection, "
+            f"denominator '{html.escape(pss['denominator'])}', metric {html.escape(pss['metric'])}.</p>"
+            + _table(rows, ["ratio", "PSS", "random PSS", "mean CS", "mean G"]))
+
+
+def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, categories: List[str],
+                 pss_layers: Dict = None) -> Path:
     """Write the PNGs and ``report.html`` into ``out``; returns the HTML path."""
     out = Path(out)
     plots = {
@@ -121,6 +187,12 @@ def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, catego
     }
     if summary["accuracy"].get("applicable"):
         plots["accuracy.png"] = lambda p: plot_accuracy(summary, p)
+    pss = summary.get("pss")
+    if pss:
+        plots["pss_curve.png"] = lambda p: plot_pss_curve(pss, p)
+        plots["pss_groups.png"] = lambda p: plot_pss_groups(pss, p)
+        if pss_layers:
+            plots["pss_layers.png"] = lambda p: plot_pss_layers(pss_layers, p)
     for name, fn in plots.items():
         fn(out / name)
     a, n = summary["accuracy"], summary["neurons"]
@@ -140,6 +212,7 @@ th{{background:#f3f3f3}}figure{{margin:1em 0}}img{{max-width:100%}}code{{backgro
 {probe['concepts']} concepts, {len(probe['categories'])} categories ({html.escape(', '.join(probe['categories']))}).
 Run time {summary['seconds']} s.</p>
 <h2>Accuracy</h2>{_table(acc_rows, ['metric', 'value']) if a.get('applicable') else '<p>Not applicable: the model has no language-model head (specialisation only).</p>'}
+{_pss_html(pss)}
 <h2>Neurons</h2>{_table(neu_rows, ['aggregate (live neurons)', 'value'])}
 {('<p>Categories without usable prompts: ' + html.escape(', '.join(summary['empty_categories'])) + '</p>') if summary.get('empty_categories') else ''}
 {('<p>Non-finite activations (prompt-layers left out): ' + html.escape(json.dumps(summary['nonfinite_prompt_layers'])) + '</p>') if any(summary.get('nonfinite_prompt_layers', [])) else ''}

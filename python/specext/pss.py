@@ -1,0 +1,363 @@
+"""The paper's Parameter Specialization Score (PSS): mask a concept's top value vectors and
+measure how much more it hurts that concept than unrelated knowledge.
+
+For concept ``k`` the differential score of value vector ``(l, i)`` is
+``d_k = mass[k] - mean(mass[j] for j in unrelated(k))``; the top ``ratio`` percent of all
+``L * d_ff`` vectors (globally, or per layer) are masked by zeroing their coefficients.
+Under k's mask: ``CS_k`` = accuracy on k's questions, ``G_k`` = accuracy on a fixed,
+seeded control set of other concepts' questions (k's own removed), and
+``PSS_k(r) = |G_k(r) - CS_k(r)| / G_before`` with ``G_before`` the control accuracy
+without a mask (``general``) or the probe's overall accuracy (``overall``). The model's
+curve is the mean over concepts; a random-vector control (the same number of random
+vectors) is measured at every ratio.
+
+Throughput: every (concept, ratio, kind) mask is one *row* of a batch, so many masks share
+a forward pass; rows are grouped by question (no padding), and the question prefix is
+encoded once per row, not once per option (:class:`specext.scoring.Scorer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .models import LoadedModel
+from .probes import ProbeSet, Question
+from .scoring import Scorer
+
+logger = logging.getLogger(__name__)
+
+RATIOS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
+UNRELATED = ("other", "same-category", "other-category")
+SELECTION = ("global", "per-layer")
+DENOMINATORS = ("general", "overall")
+METRICS = ("mcq", "mcq_norm")
+
+
+@dataclass
+class PSSConfig:
+    ratios: Tuple[float, ...] = RATIOS  # percent of all L * d_ff value vectors
+    unrelated: str = "other"
+    selection: str = "global"
+    control_size: int = 200
+    denominator: str = "general"
+    concepts: Optional[int] = None  # a seeded sample of concepts to evaluate
+    metric: str = "mcq"
+    random_control: bool = True
+    seed: int = 0
+    batch_rows: int = 256
+
+    def validate(self, probe: Optional[ProbeSet] = None) -> None:
+        if not self.ratios:
+            raise ValueError("--ratios needs at least one ratio")
+        for r in self.ratios:
+            if not (isinstance(r, (int, float)) and 0 < r <= 100) or math.isnan(r):
+                raise ValueError(f"--ratios: each ratio is a percentage in (0, 100], got {r!r}")
+        if self.unrelated not in UNRELATED:
+            raise ValueError(f"--pss-unrelated must be one of {', '.join(UNRELATED)}, got {self.unrelated!r}")
+        if self.selection not in SELECTION:
+            raise ValueError(f"--pss-selection must be one of {', '.join(SELECTION)}, got {self.selection!r}")
+        if self.denominator not in DENOMINATORS:
+            raise ValueError(f"--pss-denominator must be one of {', '.join(DENOMINATORS)}, got {self.denominator!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"--pss-metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.control_size < 1:
+            raise ValueError(f"--pss-control must be >= 1, got {self.control_size}")
+        if self.concepts is not None and self.concepts < 1:
+            raise ValueError(f"--pss-concepts must be >= 1, got {self.concepts}")
+        if self.batch_rows < 1:
+            raise ValueError(f"--pss-batch-rows must be >= 1, got {self.batch_rows}")
+        if probe is not None:
+            if len(probe.concepts) < 2:
+                raise ValueError(f"PSS needs at least 2 concepts (unrelated questions form the control set); "
+                                 f"probe '{probe.name}' has {len(probe.concepts)}")
+            if self.unrelated == "other-category" and len(probe.categories) < 2:
+                raise ValueError("--pss-unrelated other-category needs at least 2 categories")
+
+
+# ---------------------------------------------------------------------------- vectors
+
+
+def differential_scores(mass: torch.Tensor, concept_category: Sequence[int], unrelated: str = "other") -> torch.Tensor:
+    """``d (K, L*d_ff)``: each concept's mass minus the mean mass of its unrelated concepts.
+
+    ``mass``: ``(K, L, d_ff)`` mean prompt statistic per concept (NaN rows = concepts
+    without prompts; they are left out of every mean and get NaN scores).
+    """
+    K = mass.shape[0]
+    m = mass.reshape(K, -1).double()
+    ok = torch.isfinite(m).all(1)
+    m0 = torch.where(ok[:, None], m, torch.zeros_like(m))
+    cat = torch.as_tensor(list(concept_category), device=m.device)
+    same = cat[:, None] == cat[None, :]
+    eye = torch.eye(K, dtype=torch.bool, device=m.device)
+    if unrelated == "other":
+        rel = ~eye
+    elif unrelated == "same-category":
+        rel = same & ~eye
+    elif unrelated == "other-category":
+        rel = ~same
+    else:
+        raise ValueError(f"unrelated must be one of {UNRELATED}, got {unrelated!r}")
+    w = (rel & ok[None, :]).double()  # (K, K) which concepts each row averages over
+    n = w.sum(1, keepdim=True)
+    mean = (w @ m0) / n.clamp_min(1)
+    d = m - mean
+    bad = ~ok | (n[:, 0] == 0)
+    if bad.any():
+        d[bad] = float("nan")
+    return d.float()
+
+
+def n_vectors(ratio: float, n_layers: int, d_ff: int, selection: str) -> int:
+    """How many vectors ``ratio`` percent selects (at least one; per layer for per-layer)."""
+    if selection == "per-layer":
+        return max(1, int(round(ratio / 100 * d_ff))) * n_layers
+    return max(1, int(round(ratio / 100 * n_layers * d_ff)))
+
+
+def top_vectors(d: torch.Tensor, ratio: float, n_layers: int, d_ff: int, selection: str = "global") -> torch.Tensor:
+    """Flat indices (into ``L * d_ff``) of the highest differential scores. Ties break by index."""
+    d = d.reshape(n_layers, d_ff).double()
+    if selection == "per-layer":
+        k = max(1, int(round(ratio / 100 * d_ff)))
+        # stable: sort by (-score, index)
+        order = torch.argsort(-d, dim=1, stable=True)[:, :k]
+        return (order + torch.arange(n_layers, device=d.device)[:, None] * d_ff).reshape(-1).sort().values
+    k = max(1, int(round(ratio / 100 * n_layers * d_ff)))
+    order = torch.argsort(-d.reshape(-1), stable=True)[:k]
+    return order.sort().values
+
+
+def random_vectors(ratio: float, n_layers: int, d_ff: int, selection: str, seed: int) -> torch.Tensor:
+    """As many uniformly random vectors as :func:`top_vectors` selects, from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    if selection == "per-layer":
+        k = max(1, int(round(ratio / 100 * d_ff)))
+        idx = [torch.randperm(d_ff, generator=g)[:k] + l * d_ff for l in range(n_layers)]
+        return torch.cat(idx).sort().values
+    k = max(1, int(round(ratio / 100 * n_layers * d_ff)))
+    return torch.randperm(n_layers * d_ff, generator=g)[:k].sort().values
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def control_set(probe: ProbeSet, size: int, seed: int = 0) -> List[int]:
+    """A fixed, seeded sample of ``size`` question indices with at least one question per
+    category (when ``size`` allows), in probe order."""
+    rng = random.Random(seed)
+    by_cat: Dict[str, List[int]] = {}
+    for i, q in enumerate(probe.questions):
+        by_cat.setdefault(q.category, []).append(i)
+    size = min(size, len(probe.questions))
+    chosen = set()
+    for cat in probe.categories:
+        if len(chosen) < size:
+            chosen.add(rng.choice(by_cat[cat]))
+    rest = [i for i in range(len(probe.questions)) if i not in chosen]
+    chosen.update(rng.sample(rest, size - len(chosen)))
+    return sorted(chosen)
+
+
+# ---------------------------------------------------------------------------- masked scoring
+
+
+class MaskedScorer:
+    """Correctness of (question, mask) jobs, many masks per forward pass.
+
+    ``masks[key]`` is a LongTensor of flat vector indices (``None`` = no mask). Jobs are
+    grouped by question so a batch holds one prompt under up to ``batch_rows`` masks.
+    """
+
+    def __init__(self, lm: LoadedModel, *, batch_rows: int = 256, metric: str = "mcq", scorer: Optional[Scorer] = None):
+        self.lm = lm
+        self.scorer = scorer or Scorer(lm, open_ended=False)
+        self.batch_rows = batch_rows
+        self.metric = metric
+
+    def correctness(self, jobs: Sequence[Tuple[int, object]], masks: Dict[object, Optional[torch.Tensor]],
+                    questions: Sequence[Question], progress: Optional[Callable[[int], None]] = None) -> Dict[Tuple[int, object], bool]:
+        lm = self.lm
+        L, D = lm.n_layers, lm.d_ff
+        order = sorted(range(len(jobs)), key=lambda j: (jobs[j][0], str(jobs[j][1])))
+        out: Dict[Tuple[int, object], bool] = {}
+        for s in range(0, len(order), self.batch_rows):
+            idx = order[s : s + self.batch_rows]
+            batch = [jobs[j] for j in idx]
+            B = len(batch)
+            mult = torch.ones((B, L * D), dtype=lm.dtype, device=lm.device)
+            rows, cols = [], []
+            for r, (_, key) in enumerate(batch):
+                m = masks[key]
+                if m is not None and m.numel():
+                    rows.append(torch.full((m.numel(),), r, dtype=torch.long))
+                    cols.append(m.to(torch.long).cpu())
+            if rows:
+                mult[torch.cat(rows).to(lm.device), torch.cat(cols).to(lm.device)] = 0
+            mult = mult.view(B, L, D)
+            res = self.scorer.score([questions[q] for q, _ in batch], row_masks=lambda l: mult[:, l, :])
+            for (q, key), rr in zip(batch, res):
+                out[(q, key)] = rr.mcq_correct if self.metric == "mcq" else rr.mcq_norm_correct
+            if progress:
+                progress(B)
+        return out
+
+
+# ---------------------------------------------------------------------------- PSS
+
+
+@dataclass
+class PSSResult:
+    rows: List[Dict[str, object]]  # one per (concept, ratio)
+    summary: Dict[str, object]
+    layer_counts: Dict[float, List[float]] = field(default_factory=dict)  # ratio -> mean vectors per layer
+
+
+def pss_value(g: float, cs: float, g_before: float) -> float:
+    """``|G - CS| / G_before`` (NaN when the denominator is 0)."""
+    return abs(g - cs) / g_before if g_before > 0 else float("nan")
+
+
+def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cfg: PSSConfig, *,
+                overall_accuracy: Optional[float] = None, progress: bool = False,
+                done: Optional[Dict[str, List[dict]]] = None,
+                on_concept: Optional[Callable[[str, List[dict]], None]] = None,
+                scorer: Optional[MaskedScorer] = None) -> PSSResult:
+    """PSS for every (sampled) concept and ratio, plus the random-vector control.
+
+    ``concept_mass``: ``(K, L, d_ff)`` in probe concept order. ``done`` holds rows of
+    concepts finished by an earlier (killed) run; ``on_concept`` is called after each
+    concept with its rows (for checkpoints).
+    """
+    cfg.validate(probe)
+    if not lm.has_lm_head:
+        raise ValueError("PSS needs a language-model head (multiple-choice scoring); this model has none")
+    L, D = lm.n_layers, lm.d_ff
+    d = differential_scores(concept_mass, probe.concept_category, cfg.unrelated)
+    valid = [k for k in range(len(probe.concepts)) if torch.isfinite(d[k]).all()]
+    if len(valid) < len(probe.concepts):
+        logger.warning("PSS: %d concept(s) without a usable differential score are skipped",
+                       len(probe.concepts) - len(valid))
+    rng = random.Random(cfg.seed)
+    chosen = sorted(rng.sample(valid, min(cfg.concepts, len(valid)))) if cfg.concepts else valid
+    control = control_set(probe, cfg.control_size, cfg.seed)
+    qidx_by_concept: Dict[int, List[int]] = {}
+    for i, q in enumerate(probe.questions):
+        qidx_by_concept.setdefault(probe.concept_index(q), []).append(i)
+    ms = scorer or MaskedScorer(lm, batch_rows=cfg.batch_rows, metric=cfg.metric)
+
+    # Unmasked accuracy of every question involved: CS_before, G_before.
+    involved = sorted(set(control).union(*[qidx_by_concept[k] for k in chosen]))
+    base = ms.correctness([(q, None) for q in involved], {None: None}, probe.questions)
+    correct_before = {q: base[(q, None)] for q in involved}
+
+    done = dict(done or {})
+    rows: List[Dict[str, object]] = []
+    layer_hist = {r: np.zeros(L) for r in cfg.ratios}
+    from tqdm.auto import tqdm
+
+    todo = [k for k in chosen if probe.concepts[k] not in done]
+    kinds = ("top", "random") if cfg.random_control else ("top",)
+    per_concept = sum(len(qidx_by_concept[k]) + len([q for q in control if q not in set(qidx_by_concept[k])])
+                      for k in todo) * len(cfg.ratios) * len(kinds)
+    bar = tqdm(total=per_concept, desc="PSS masked scoring", unit="row", disable=not progress)
+    for k in chosen:
+        name = probe.concepts[k]
+        own = qidx_by_concept[k]
+        own_set = set(own)
+        ctrl = [q for q in control if q not in own_set]
+        masks: Dict[object, torch.Tensor] = {}
+        for r in cfg.ratios:
+            top = top_vectors(d[k], r, L, D, cfg.selection)
+            layer_hist[r] += np.bincount((top // D).numpy(), minlength=L)
+            masks[("top", r)] = top
+            if cfg.random_control:
+                masks[("random", r)] = random_vectors(r, L, D, cfg.selection, _seed(cfg.seed, name, r))
+        if name in done:
+            rows += done[name]
+            continue
+        jobs = [(q, key) for key in masks for q in own + ctrl]
+        res = ms.correctness(jobs, masks, probe.questions, progress=bar.update)
+        cs0 = float(np.mean([correct_before[q] for q in own]))
+        g0 = float(np.mean([correct_before[q] for q in ctrl])) if ctrl else float("nan")
+        denom = g0 if cfg.denominator == "general" else (overall_accuracy if overall_accuracy is not None else g0)
+        crow = []
+        for r in cfg.ratios:
+            row = {"concept": name, "category": probe.categories[probe.concept_category[k]],
+                   "tier": probe.concept_tier[k], "ratio": r, "n_vectors": int(masks[("top", r)].numel()),
+                   "cs_before": cs0, "g_before": g0, "denominator": denom}
+            for kind in kinds:
+                cs = float(np.mean([res[(q, (kind, r))] for q in own]))
+                g = float(np.mean([res[(q, (kind, r))] for q in ctrl])) if ctrl else float("nan")
+                pre = "" if kind == "top" else "random_"
+                row[pre + "cs"], row[pre + "g"] = cs, g
+                row[pre + "pss"] = pss_value(g, cs, denom)
+                row[pre + "pss_general"] = pss_value(g, cs, g0)
+                row[pre + "pss_overall"] = pss_value(g, cs, overall_accuracy) if overall_accuracy is not None else None
+            crow.append(row)
+        rows += crow
+        if on_concept:
+            on_concept(name, crow)
+    bar.close()
+    n_chosen = max(1, len(chosen))
+    layer_counts = {r: (layer_hist[r] / n_chosen).tolist() for r in cfg.ratios}
+    return PSSResult(rows=rows, summary=summarize_pss(rows, cfg, len(chosen), len(control), overall_accuracy),
+                     layer_counts=layer_counts)
+
+
+def _curve(rows, key, ratios):
+    out = []
+    for r in ratios:
+        v = [x[key] for x in rows if x["ratio"] == r and x.get(key) is not None and not math.isnan(x[key])]
+        out.append(float(np.mean(v)) if v else float("nan"))
+    return out
+
+
+def _peak(curve, ratios):
+    finite = [(v, r) for v, r in zip(curve, ratios) if not math.isnan(v)]
+    if not finite:
+        return float("nan"), None
+    v, r = max(finite, key=lambda t: t[0])
+    return v, r
+
+
+def summarize_pss(rows: List[dict], cfg: PSSConfig, n_concepts: int, n_control: int,
+                  overall_accuracy: Optional[float]) -> Dict[str, object]:
+    ratios = list(cfg.ratios)
+    curve = _curve(rows, "pss", ratios)
+    peak, peak_ratio = _peak(curve, ratios)
+    out = {
+        "ratios": ratios,
+        "curve": curve,
+        "random_curve": _curve(rows, "random_pss", ratios) if cfg.random_control else None,
+        "peak": peak,
+        "peak_ratio": peak_ratio,
+        "curve_general": _curve(rows, "pss_general", ratios),
+        "curve_overall": _curve(rows, "pss_overall", ratios) if overall_accuracy is not None else None,
+        "cs_curve": _curve(rows, "cs", ratios),
+        "g_curve": _curve(rows, "g", ratios),
+        "denominator": cfg.denominator,
+        "unrelated": cfg.unrelated,
+        "selection": cfg.selection,
+        "metric": cfg.metric,
+        "concepts": n_concepts,
+        "control_questions": n_control,
+    }
+    for group in ("tier", "category"):
+        by = {}
+        for g in sorted({str(x[group]) for x in rows if x[group] is not None}):
+            sub = [x for x in rows if str(x[group]) == g]
+            c = _curve(sub, "pss", ratios)
+            p, pr = _peak(c, ratios)
+            by[g] = {"curve": c, "peak": p, "peak_ratio": pr, "concepts": len({x["concept"] for x in sub})}
+        out[f"by_{group}"] = by
+    return out

@@ -218,6 +218,8 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True) -> Dict[str, obje
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     probe = load_probe(cfg.probe, max_concepts=cfg.max_concepts, seed=cfg.seed)
+    if cfg.pss:
+        cfg.pss_config.validate(probe)  # before minutes of scoring, not after
     lm = load_model(cfg.model_dir, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                     allow_pickle=cfg.allow_pickle)
     out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"{Path(cfg.model_dir).name}-{probe.name}"

@@ -1,0 +1,265 @@
+"""PSS: vector selection, per-row masks, a hand-built model where one neuron carries each
+concept, the empty-mask identity, correlations against scipy, and bad options."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import tiny_models as T
+from specext import stats
+from specext.analyze import AnalyzeConfig, main, run_analysis
+from specext.compare import compare
+from specext.models import load_model
+from specext.probes import ProbeSet, Question, load_probe, write_jsonl
+from specext.pss import (MaskedScorer, PSSConfig, compute_pss, control_set, differential_scores, pss_value,
+                         random_vectors, top_vectors)
+
+CONCEPTS = {"aldor": "ruby", "brenn": "opal", "cyrra": "jade"}
+PHRASES = ["What is the treasure of {c} ?", "Which gem belongs to {c} ?", "Name the stone kept in {c} ."]
+
+
+def hand_probe():
+    qs = []
+    answers = list(CONCEPTS.values())
+    for i, (c, a) in enumerate(CONCEPTS.items()):
+        for p in PHRASES:
+            others = [x for x in answers if x != a]
+            choices = ["onyx", a, others[0], others[1]] if i == 0 else ["onyx", others[0], a, others[1]]
+            qs.append(Question(c, f"cat{i % 2}", p.format(c=c), tuple(choices), choices.index(a), tier="high"))
+    return qs
+
+
+def build_hand_model(path):
+    """One layer; attention averages the (normalised) prefix; MLP neuron i fires only when
+    concept i's word is in the prompt and writes its answer's direction; lm_head reads it."""
+    import transformers as tf
+
+    from specext.probes import MCQ_TEMPLATE
+    from specext.synthetic import build_tokenizer
+
+    qs = hand_probe()
+    texts = [MCQ_TEMPLATE.format(question=q.question) + " " + c for q in qs for c in q.choices]
+    tok = build_tokenizer(texts)
+    V, H = len(tok), 8
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=3, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, head_dim=H, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                         max_position_embeddings=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"])
+    model = tf.LlamaForCausalLM(cfg)
+    ids = {w: tok.convert_tokens_to_ids(w) for w in list(CONCEPTS) + list(CONCEPTS.values()) + ["onyx"]}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        E = model.model.embed_tokens.weight
+        E[:, 0] = 1.0  # a constant feature in every token
+        layer = model.model.layers[0]
+        layer.self_attn.v_proj.weight.copy_(torch.eye(H))
+        layer.self_attn.o_proj.weight.copy_(torch.eye(H))
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, model.model.norm):
+            norm.weight.fill_(1.0)
+        for i, (c, a) in enumerate(CONCEPTS.items()):
+            E[ids[c], 1 + i] = 1.0
+            layer.mlp.gate_proj.weight[i, 1 + i] = 100.0
+            layer.mlp.gate_proj.weight[i, 0] = -1.0
+            layer.mlp.up_proj.weight[i, 0] = 1.0
+            layer.mlp.down_proj.weight[4 + i, i] = 1.0
+            model.lm_head.weight[ids[a], 4 + i] = 5.0
+        model.lm_head.weight[ids["onyx"], 0] = 0.5  # wins the tie once the answer's neuron is gone
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    probe_path = path / "probe.jsonl"
+    write_jsonl(qs, probe_path)
+    return path, probe_path
+
+
+def test_hand_built_model_one_neuron_per_concept(tmp_path):
+    model_dir, probe_path = build_hand_model(tmp_path / "hand")
+    cfg = PSSConfig(ratios=(30.0,), control_size=9, random_control=False, batch_rows=7)
+    s = run_analysis(AnalyzeConfig(model_dir=str(model_dir), probe=str(probe_path), out=str(tmp_path / "run"),
+                                   device="cpu", open_ended=False, pss_config=cfg), progress=False)
+    assert s["accuracy"]["mcq"] == 1.0
+    rows = list(csv_rows(tmp_path / "run" / "pss.csv"))
+    assert [r["concept"] for r in rows] == list(CONCEPTS)
+    for r in rows:
+        assert r["n_vectors"] == "1"
+        assert float(r["cs"]) == 0.0  # the concept's own neuron is masked: its questions fail
+        assert float(r["g"]) == 1.0  # every other concept keeps its neuron
+        assert float(r["pss"]) == 1.0
+    assert s["pss"]["peak"] == 1.0 and s["pss"]["peak_ratio"] == 30.0
+    # the selected vector is the concept's own neuron
+    from safetensors.torch import load_file
+
+    m = load_file(str(tmp_path / "run" / "mass.safetensors"))
+    cm = m["concept_sums"] / m["concept_counts"][..., None]
+    d = differential_scores(cm, [0, 1, 0])
+    assert [top_vectors(d[k], 30.0, 1, 3).tolist() for k in range(3)] == [[0], [1], [2]]
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path) as f:
+        yield from csv.DictReader(f)
+
+
+def test_differential_scores_and_selection():
+    torch.manual_seed(0)
+    mass = torch.rand(5, 3, 7)
+    cat = [0, 0, 1, 1, 1]
+    d = differential_scores(mass, cat, "other")
+    m = mass.reshape(5, -1).double()
+    for k in range(5):
+        others = [j for j in range(5) if j != k]
+        torch.testing.assert_close(d[k].double(), m[k] - m[others].mean(0), rtol=1e-6, atol=1e-6)
+    d_same = differential_scores(mass, cat, "same-category")
+    torch.testing.assert_close(d_same[0].double(), m[0] - m[1], rtol=1e-6, atol=1e-6)
+    d_other = differential_scores(mass, cat, "other-category")
+    torch.testing.assert_close(d_other[0].double(), m[0] - m[2:].mean(0), rtol=1e-6, atol=1e-6)
+    top = top_vectors(d[0], 10.0, 3, 7)  # round(2.1) = 2 vectors
+    assert top.tolist() == sorted(torch.argsort(-d[0].double(), stable=True)[:2].tolist())
+    per = top_vectors(d[0], 30.0, 3, 7, "per-layer")  # 2 per layer
+    assert len(per) == 6 and sorted(set((per // 7).tolist())) == [0, 1, 2]
+    r1, r2 = random_vectors(10.0, 3, 7, "global", 5), random_vectors(10.0, 3, 7, "global", 5)
+    assert torch.equal(r1, r2) and len(r1) == 2
+    # a concept without prompts gets NaN scores and is left out of the others' means
+    mass[4] = float("nan")
+    d = differential_scores(mass, cat)
+    assert d[4].isnan().all() and torch.isfinite(d[:4]).all()
+    torch.testing.assert_close(d[0].double(), m[0] - m[1:4].mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_control_set_covers_every_category():
+    probe = load_probe("synthetic")
+    c = control_set(probe, 10, seed=3)
+    assert len(c) == 10 and c == sorted(c) and c == control_set(probe, 10, seed=3)
+    assert {probe.questions[i].category for i in c} == set(probe.categories)
+
+
+def test_per_row_masks_equal_one_row_at_a_time(tmp_path):
+    lm = load_model(T.save_tiny("llama", tmp_path / "m", seed=4), device="cpu")
+    qs = [Question("a", "x", "What is the capital of Aldoria?", ("Velmora", "Paris", "Tallinn", "Gold"), 0),
+          Question("b", "x", "Which river flows through Velmora?", ("the Sarn", "Physics"), 1)]
+    g = torch.Generator().manual_seed(0)
+    masks = {None: None, "m1": torch.randperm(96, generator=g)[:20], "m2": torch.randperm(96, generator=g)[:40],
+             "empty": torch.zeros(0, dtype=torch.long)}
+    jobs = [(q, k) for q in range(2) for k in masks]
+    ms = MaskedScorer(lm, batch_rows=8)
+    together = {}
+    orig = ms.scorer.score
+
+    def spy(questions, **kw):
+        res = orig(questions, **kw)
+        for q, r in zip(questions, res):
+            together.setdefault(q.question, []).append(r.option_logprobs)
+        return res
+
+    ms.scorer.score = spy
+    ms.correctness(jobs, masks, qs)  # all 8 rows in one forward pass
+    batched = dict(together)
+    together.clear()
+    ms.batch_rows = 1
+    ms.correctness(jobs, masks, qs)  # one row at a time
+    for q in batched:
+        for a, b in zip(batched[q], together[q]):
+            assert a == pytest.approx(b, abs=1e-5)
+    # an empty mask is no mask, and different masks really differ
+    logps = dict(zip([k for _, k in sorted(jobs, key=lambda j: (j[0], str(j[1])))][:4], batched[qs[0].question]))
+    assert logps["empty"] == pytest.approx(logps[None], abs=1e-6) and logps["m2"] != pytest.approx(logps[None], abs=1e-3)
+
+
+def test_empty_mask_pss_is_the_unmasked_gap(tmp_path):
+    lm = load_model(T.save_tiny("llama", tmp_path / "m", seed=5), device="cpu")
+    probe = load_probe("synthetic", max_concepts=6)
+    cfg = PSSConfig(ratios=(0.1,), control_size=12, random_control=False)
+
+    class EmptyMasks(MaskedScorer):
+        def correctness(self, jobs, masks, questions, progress=None):
+            empty = {k: (None if v is None else v[:0]) for k, v in masks.items()}
+            return super().correctness(jobs, empty, questions, progress)
+
+    mass = torch.rand(len(probe.concepts), lm.n_layers, lm.d_ff)
+    res = compute_pss(lm, probe, mass, cfg, scorer=EmptyMasks(lm))
+    for r in res.rows:
+        assert r["cs"] == r["cs_before"] and r["g"] == r["g_before"]
+        assert r["pss"] == pytest.approx(abs(r["g_before"] - r["cs_before"]) / r["g_before"])
+    assert pss_value(0.5, 0.25, 0.5) == 0.5 and np.isnan(pss_value(0.5, 0.2, 0.0))
+
+
+def test_correlations_match_scipy():
+    rng = np.random.default_rng(1)
+    for n in (3, 4, 7, 20, 57):
+        x = rng.normal(size=n)
+        y = 0.7 * x + rng.normal(size=n)
+        y[0] = y[1]  # a tie for the ranks
+        r, p = stats.pearson(list(x), list(y))
+        ref = scipy.stats.pearsonr(x, y)
+        assert r == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-15)
+        r, p = stats.spearman(list(x), list(y))
+        ref = scipy.stats.spearmanr(x, y)
+        assert r == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-15)
+    assert all(np.isnan(v) for v in stats.pearson([1, 2], [3, 4]))
+    assert all(np.isnan(v) for v in stats.pearson([1, 1, 1], [3, 4, 5]))
+
+
+def test_compare_runs(tmp_path):
+    rng = np.random.default_rng(2)
+    dirs = []
+    for i in range(5):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        acc, pss, gini = rng.uniform(0.3, 0.9), rng.uniform(0.01, 0.2), rng.uniform(0.1, 0.3)
+        (d / "summary.json").write_text(json.dumps({
+            "model": f"m{i}", "architecture": "X", "parameters": 10 ** (6 + i), "accuracy": {"mcq": acc, "mcq_norm": acc, "open": 0.1},
+            "pss": {"peak": pss, "peak_ratio": 1.0}, "neurons": {"mean_gini": gini, "mean_norm_entropy": 0.9},
+            "probe": {"name": "world", "questions": 100}}))
+        dirs.append(str(d))
+    out = tmp_path / "cmp"
+    assert main_compare(dirs + ["--out", str(out)]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    x = [r["peak_pss"] for r in res["runs"]]
+    y = [r["mcq"] for r in res["runs"]]
+    c = res["correlations"]["peak_pss_vs_mcq"]
+    assert c["n"] == 5 and c["pearson"] == pytest.approx(scipy.stats.pearsonr(x, y).statistic)
+    assert c["spearman_p"] == pytest.approx(scipy.stats.spearmanr(x, y).pvalue)
+    assert (out / "compare.csv").read_text().splitlines()[0].startswith("run,model,architecture,parameters,mcq")
+    assert "<img" in (out / "compare.html").read_text() and (out / "compare.png").is_file()
+    assert main_compare([str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def main_compare(argv):
+    from specext.compare import main as cmain
+
+    return cmain(argv)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(ratios=(0.0,)), r"each ratio is a percentage in \(0, 100\]"),
+    (dict(ratios=(150.0,)), r"each ratio is a percentage in \(0, 100\]"),
+    (dict(ratios=()), "needs at least one ratio"),
+    (dict(denominator="median"), "--pss-denominator must be one of general, overall"),
+    (dict(unrelated="some"), "--pss-unrelated must be one of"),
+    (dict(selection="local"), "--pss-selection must be one of"),
+    (dict(control_size=0), "--pss-control must be >= 1"),
+])
+def test_bad_options(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        PSSConfig(**kw).validate()
+
+
+def test_probe_with_one_concept_is_refused(tmp_path):
+    p = tmp_path / "one.jsonl"
+    write_jsonl([q for q in hand_probe() if q.concept == "aldor"], p)
+    with pytest.raises(ValueError, match="PSS needs at least 2 concepts"):
+        PSSConfig().validate(load_probe(p))
+    r = main(["--demo", "--probe", str(p), "--out", str(tmp_path / "o"), "-q"])
+    assert r == 2
+
+
+def test_cli_ratio_errors(tmp_path, capsys):
+    assert main(["--demo", "--ratios", "0.5,abc", "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "--ratios must be comma-separated numbers" in capsys.readouterr().err
+    assert main(["--demo", "--ratios", "0,5", "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "percentage in (0, 100]" in capsys.readouterr().err

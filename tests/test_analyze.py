@@ -65,7 +65,7 @@ def test_end_to_end(tmp_path, llama_dir, probe_file):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "summary.json", "neurons.safetensors", "mass.safetensors", "concepts.csv", "report.html",
             "questions.jsonl", "gini_by_layer.png", "norm_entropy_hist.png", "layer_category_mass.png",
-            "accuracy.png"} <= names
+            "accuracy.png", "pss.csv", "pss_layers.json", "pss_curve.png", "pss_groups.png", "pss_layers.png"} <= names
     assert ".state" not in names
     s = json.loads((out / "summary.json").read_text())
     assert set(s["accuracy"]) >= {"mcq", "mcq_norm", "open"} and 0 <= s["accuracy"]["mcq"] <= 1
@@ -78,7 +78,9 @@ def test_end_to_end(tmp_path, llama_dir, probe_file):
     rows = (out / "concepts.csv").read_text().splitlines()
     assert rows[0] == "concept,category,tier,questions,mcq,mcq_norm,open" and len(rows) == 10
     html = (out / "report.html").read_text()
-    assert html.count("<img") == 4
+    assert html.count("<img") == 7 and "Parameter Specialization Score" in html
+    assert s["pss"]["ratios"] == [0.1, 0.5, 1.0, 2.0, 5.0, 10.0] and len(s["pss"]["random_curve"]) == 6
+    assert (out / "pss.csv").read_text().splitlines()[0].startswith("concept,category,tier,ratio,n_vectors,cs,g,pss,random_cs")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["options"]["positions"] == "question" and cfg["fingerprint"]["probe_sha256"]
     assert cfg["versions"]["transformers"] and cfg["model"]["down_proj"][0] == "model.layers.0.mlp.down_proj"

@@ -104,13 +104,14 @@ def _fingerprint(cfg: AnalyzeConfig, probe: ProbeSet, model_dir: Path) -> Dict[s
             "max_new_tokens", "chunk_size")
     opts = {k: getattr(cfg, k) for k in keys}
     opts["pss"] = asdict(cfg.pss_config) if cfg.pss else None
-    return {
+    fp = {
         "options": opts,
         "model_config_sha256": runio.sha256_file(model_dir / "config.json"),
         "weights_fingerprint": runio.safetensors_fingerprint(files) if files else None,
         "probe_sha256": runio.sha256_file(probe_src) if probe_src and Path(probe_src).is_file() else None,
         "questions": len(probe.questions),
     }
+    return json.loads(json.dumps(fp))  # as it reads back from progress.json (tuples become lists)
 
 
 # ---------------------------------------------------------------------------- state

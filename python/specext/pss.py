@@ -190,7 +190,8 @@ class MaskedScorer:
         L, D = lm.n_layers, lm.d_ff
         order = sorted(range(len(jobs)), key=lambda j: (jobs[j][0], str(jobs[j][1])))
         out: Dict[Tuple[int, object], bool] = {}
-        for s in range(0, len(order), self.batch_rows):
+        s = 0
+        while s < len(order):
             idx = order[s : s + self.batch_rows]
             batch = [jobs[j] for j in idx]
             B = len(batch)
@@ -204,11 +205,21 @@ class MaskedScorer:
             if rows:
                 mult[torch.cat(rows).to(lm.device), torch.cat(cols).to(lm.device)] = 0
             mult = mult.view(B, L, D)
-            res = self.scorer.score([questions[q] for q, _ in batch], row_masks=lambda l: mult[:, l, :])
+            try:
+                res = self.scorer.score([questions[q] for q, _ in batch], row_masks=lambda l: mult[:, l, :])
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                if "out of memory" not in str(e).lower() or self.batch_rows == 1:
+                    raise
+                self.batch_rows = max(1, self.batch_rows // 2)
+                logger.warning("PSS: out of memory at %d rows; retrying with %d", B, self.batch_rows)
+                if lm.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             for (q, key), rr in zip(batch, res):
                 out[(q, key)] = rr.mcq_correct if self.metric == "mcq" else rr.mcq_norm_correct
             if progress:
                 progress(B)
+            s += B
         return out
 
 

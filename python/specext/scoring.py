@@ -73,42 +73,51 @@ def _question_span(template: str, question: str) -> Tuple[int, int]:
     return start, start + len(question)
 
 
+def _select_row(positions: str, template: str, question: str, ids, special, offsets) -> List[bool]:
+    n = len(ids)
+    if positions == "last":
+        return [i == n - 1 for i in range(n)]
+    if positions == "all":
+        return [not sp for sp in special]
+    lo, hi = _question_span(template, question)
+    sel = [(not special[i]) and e > s and s < hi and e > lo for i, (s, e) in enumerate(offsets)]
+    if not any(sel):  # a tokenizer without offsets: fall back to the last token
+        sel = [i == n - 1 for i in range(n)]
+    return sel
+
+
 def encode_prompts(tokenizer, questions: Sequence[Question], positions: str, template: str = MCQ_TEMPLATE,
                    device: torch.device = torch.device("cpu")) -> EncodedBatch:
     """Tokenise prompts, left-pad them, and mark the positions to reduce.
 
     ``positions``: ``question`` (tokens overlapping the question text), ``last`` (the last
-    prompt token), ``all`` (every prompt token but special ones).
+    prompt token), ``all`` (every prompt token but special ones). Each distinct prompt is
+    tokenised once (PSS batches repeat one prompt under many masks).
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    prompts = [template.format(question=q.question) for q in questions]
-    want_offsets = positions == "question"
-    enc = tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=want_offsets,
+    uniq: Dict[str, int] = {}
+    for q in questions:
+        uniq.setdefault(q.question, len(uniq))
+    texts = list(uniq)
+    prompts = [template.format(question=t) for t in texts]
+    enc = tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=positions == "question",
                     return_special_tokens_mask=True)
-    ids = enc["input_ids"]
-    B, S = len(ids), max(len(x) for x in ids)
+    sel_u = [_select_row(positions, template, t, enc["input_ids"][u], enc["special_tokens_mask"][u],
+                         enc["offset_mapping"][u] if positions == "question" else None) for u, t in enumerate(texts)]
+    rows = [uniq[q.question] for q in questions]
+    S = max(len(enc["input_ids"][u]) for u in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((B, S), pad, dtype=torch.long)
-    attn = torch.zeros((B, S), dtype=torch.long)
-    select = torch.zeros((B, S), dtype=torch.bool)
-    for b, x in enumerate(ids):
+    ids_l, att_l, sel_l = [], [], []
+    for u in rows:
+        x = enc["input_ids"][u]
         off = S - len(x)
-        input_ids[b, off:] = torch.tensor(x)
-        attn[b, off:] = 1
-        special = enc["special_tokens_mask"][b]
-        if positions == "last":
-            select[b, S - 1] = True
-        elif positions == "all":
-            for i, sp in enumerate(special):
-                select[b, off + i] = not sp
-        else:
-            lo, hi = _question_span(template, questions[b].question)
-            for i, (s, e) in enumerate(enc["offset_mapping"][b]):
-                if not special[i] and e > s and s < hi and e > lo:
-                    select[b, off + i] = True
-            if not select[b].any():  # a tokenizer without offsets: fall back to the last token
-                select[b, S - 1] = True
+        ids_l.append([pad] * off + list(x))
+        att_l.append([0] * off + [1] * len(x))
+        sel_l.append([False] * off + sel_u[u])
+    input_ids = torch.tensor(ids_l, dtype=torch.long)
+    attn = torch.tensor(att_l, dtype=torch.long)
+    select = torch.tensor(sel_l, dtype=torch.bool)
     position_ids = (attn.cumsum(1) - 1).clamp_min(0)
     return EncodedBatch(input_ids.to(device), attn.to(device), position_ids.to(device), select.to(device),
                         attn.sum(1).to(device))
@@ -183,7 +192,7 @@ class Scorer:
             self._cont_cache[key] = ids
         return self._cont_cache[key]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, questions: Sequence[Question], *, stats: Optional[PromptStats] = None,
               row_masks: Optional[Callable[[int], Optional[torch.Tensor]]] = None) -> List[QuestionResult]:
         """``row_masks(layer)`` -> ``(B, d_ff)`` multiplier per question row (or None)."""
@@ -231,13 +240,9 @@ class Scorer:
         n_opts = [len(q.choices) for q in questions]
         owner_t = torch.tensor(owners, device=lm.device)
         L = max(len(c) for c in conts)
-        R = len(conts)
         pad = lm.tokenizer.pad_token_id or 0
-        ids = torch.full((R, L), pad, dtype=torch.long, device=lm.device)
-        cmask = torch.zeros((R, L), dtype=torch.long, device=lm.device)
-        for r, c in enumerate(conts):
-            ids[r, : len(c)] = torch.tensor(c, device=lm.device)
-            cmask[r, : len(c)] = 1
+        ids = torch.tensor([c + [pad] * (L - len(c)) for c in conts], dtype=torch.long, device=lm.device)
+        cmask = torch.tensor([[1] * len(c) + [0] * (L - len(c)) for c in conts], dtype=torch.long, device=lm.device)
         # Expand the prompt cache to one row per option (questions may have different counts).
         if all(n == n_opts[0] for n in n_opts):
             cache.batch_repeat_interleave(n_opts[0])
@@ -248,14 +253,14 @@ class Scorer:
         current_rows[0] = owner_t
         out = lm.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
                        **{_cache_kwarg(type(lm.model).forward): cache})
-        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (R, L, V)
-        scores = []
-        for r, c in enumerate(conts):
-            s = last_logp[owners[r], c[0]].item()
-            if len(c) > 1:
-                tgt = torch.tensor(c[1:], device=lm.device)
-                s += logp[r, torch.arange(len(c) - 1, device=lm.device), tgt].sum().item()
-            scores.append(s)
+        # log p(c_1 | prompt) from the prompt pass, log p(c_k | prompt, c_<k) from this one.
+        first = last_logp.index_select(0, owner_t).gather(1, ids[:, :1])[:, 0]
+        if L > 1:
+            logp = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1)  # (R, L-1, V)
+            rest = (logp.gather(2, ids[:, 1:, None])[..., 0] * cmask[:, 1:]).sum(1)
+        else:
+            rest = torch.zeros_like(first)
+        scores = (first.double() + rest.double()).tolist()
         r = 0
         for b, q in enumerate(questions):
             sc = scores[r : r + n_opts[b]]

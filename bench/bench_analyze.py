@@ -68,7 +68,7 @@ def capture_overhead(args, device):
 def peak_rss_run(args, probe_path: Path, out: Path) -> tuple:
     cmd = [sys.executable, "-m", "specext.analyze", args.model, "--probe", str(probe_path), "--out", str(out),
            "--device", args.device if args.device != "auto" else "cpu", "--batch-size", str(args.batch_size), "-q",
-           "--no-report"]
+           "--no-report", "--no-pss"]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)

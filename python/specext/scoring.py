@@ -41,6 +41,14 @@ def _cache_kwarg(forward) -> str:
         return "past_key_values"
 
 
+@functools.lru_cache(maxsize=None)
+def _accepts(forward, name: str) -> bool:
+    try:
+        return name in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _out_cache(out):
     for key in ("cache", "past_key_values"):
         if key in out and out[key] is not None:
@@ -215,8 +223,11 @@ class Scorer:
             stats.begin(batch)
         with capture(lm.sites, sink), mask(lm.sites, masks_for):
             current_rows[0] = torch.arange(B, device=lm.device)
+            extra = {}
+            if lm.has_lm_head and _accepts(type(lm.model).forward, "logits_to_keep"):
+                extra["logits_to_keep"] = 1  # only the last prompt position's logits are used
             out = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=lm.has_lm_head)
+                           position_ids=batch.position_ids, use_cache=lm.has_lm_head, **extra)
             if stats is not None:
                 stats.end()
             if not lm.has_lm_head:
@@ -239,28 +250,33 @@ class Scorer:
                 owners.append(b)
         n_opts = [len(q.choices) for q in questions]
         owner_t = torch.tensor(owners, device=lm.device)
-        L = max(len(c) for c in conts)
-        pad = lm.tokenizer.pad_token_id or 0
-        ids = torch.tensor([c + [pad] * (L - len(c)) for c in conts], dtype=torch.long, device=lm.device)
-        cmask = torch.tensor([[1] * len(c) + [0] * (L - len(c)) for c in conts], dtype=torch.long, device=lm.device)
-        # Expand the prompt cache to one row per option (questions may have different counts).
-        if all(n == n_opts[0] for n in n_opts):
-            cache.batch_repeat_interleave(n_opts[0])
-        else:
-            cache.batch_select_indices(owner_t)
-        attn = torch.cat([batch.attention_mask.index_select(0, owner_t), cmask], dim=1)
-        pos = batch.lengths.index_select(0, owner_t)[:, None] + torch.arange(L, device=lm.device)[None, :]
-        current_rows[0] = owner_t
-        out = lm.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                       **{_cache_kwarg(type(lm.model).forward): cache})
-        # log p(c_1 | prompt) from the prompt pass, log p(c_k | prompt, c_<k) from this one.
-        first = last_logp.index_select(0, owner_t).gather(1, ids[:, :1])[:, 0]
-        if L > 1:
-            logp = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1)  # (R, L-1, V)
-            rest = (logp.gather(2, ids[:, 1:, None])[..., 0] * cmask[:, 1:]).sum(1)
-        else:
-            rest = torch.zeros_like(first)
-        scores = (first.double() + rest.double()).tolist()
+        # log p(c_1 | prompt) comes from the prompt pass; only options of two or more tokens
+        # need a second pass (over their rows alone), on the prompt cache expanded to them.
+        first_ids = torch.tensor([c[0] for c in conts], dtype=torch.long, device=lm.device)
+        first = last_logp.index_select(0, owner_t).gather(1, first_ids[:, None])[:, 0].double()
+        multi = [r for r, c in enumerate(conts) if len(c) > 1]
+        rest = torch.zeros_like(first)
+        if multi:
+            sub = [conts[r] for r in multi]
+            rows_t = owner_t[torch.tensor(multi, device=lm.device)]
+            L = max(len(c) for c in sub)
+            pad = lm.tokenizer.pad_token_id or 0
+            ids = torch.tensor([c + [pad] * (L - len(c)) for c in sub], dtype=torch.long, device=lm.device)
+            cmask = torch.tensor([[1] * len(c) + [0] * (L - len(c)) for c in sub], dtype=torch.long, device=lm.device)
+            if len(multi) == len(conts) and all(n == n_opts[0] for n in n_opts):
+                cache.batch_repeat_interleave(n_opts[0])
+            else:
+                cache.batch_select_indices(rows_t)
+            # The last token of an option predicts nothing we score: feed tokens 0..L-2.
+            attn = torch.cat([batch.attention_mask.index_select(0, rows_t), cmask[:, :-1]], dim=1)
+            pos = batch.lengths.index_select(0, rows_t)[:, None] + torch.arange(L - 1, device=lm.device)[None, :]
+            current_rows[0] = rows_t
+            out = lm.model(input_ids=ids[:, :-1], attention_mask=attn, position_ids=pos, use_cache=True,
+                           **{_cache_kwarg(type(lm.model).forward): cache})
+            logp = torch.log_softmax(out.logits.float(), dim=-1)  # (M, L-1, V)
+            part = (logp.gather(2, ids[:, 1:, None])[..., 0] * cmask[:, 1:]).sum(1)
+            rest[torch.tensor(multi, device=lm.device)] = part.double()
+        scores = (first + rest).tolist()
         r = 0
         for b, q in enumerate(questions):
             sc = scores[r : r + n_opts[b]]

@@ -190,26 +190,25 @@ def cpu_read_bandwidth(nbytes: int = 256 << 20, repeat: int = 5) -> float:
     :func:`cpu_read_bandwidth_threads`).
     """
     a = np.ones(nbytes // 4, dtype=np.float32)  # ones, not empty: the pages must be touched
-    a.sum()
+    return _read_rate(a.sum, a.nbytes, repeat)
+
+
+def _read_rate(read: Callable[[], object], nbytes: int, repeat: int) -> float:
+    """GB/s of ``read()`` over ``nbytes``: one warm-up, then the median of ``repeat`` runs."""
+    read()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        a.sum()
+        read()
         times.append(time.perf_counter() - t0)
-    return a.nbytes / statistics.median(times) / 1e9
+    return nbytes / statistics.median(times) / 1e9
 
 
 def cpu_read_bandwidth_threads(nbytes: int = 256 << 20, repeat: int = 5) -> float:
     """Like :func:`cpu_read_bandwidth` but with ``torch.sum``, which uses all of torch's
     intra-op threads: the read rate a multi-threaded kernel can hope for. Informational."""
     a = torch.ones(nbytes // 4, dtype=torch.float32)
-    a.sum()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        a.sum()
-        times.append(time.perf_counter() - t0)
-    return a.numel() * 4 / statistics.median(times) / 1e9
+    return _read_rate(a.sum, a.numel() * 4, repeat)
 
 
 def gpu_copy_bandwidth(device, nbytes: int = 1 << 30, repeat: int = 10) -> float:

@@ -16,6 +16,8 @@ def saved(tmp_path_factory):
 EXPECTED = {
     "llama": "model.layers.{}.mlp.down_proj",
     "qwen2": "model.layers.{}.mlp.down_proj",
+    "qwen3": "model.layers.{}.mlp.down_proj",
+    "gemma3": "model.layers.{}.mlp.down_proj",
     "mistral": "model.layers.{}.mlp.down_proj",
     "gemma2": "model.layers.{}.mlp.down_proj",
     "olmo2": "model.layers.{}.mlp.down_proj",
@@ -39,7 +41,7 @@ def test_finds_every_down_projection(saved, arch):
 
 def _manual_coefficients(arch, layer_module, x):
     """act(gate x) * up x, or act(fc x), recomputed from the block's own submodules."""
-    if arch in ("llama", "qwen2", "mistral", "gemma2", "olmo2"):
+    if arch in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "olmo2"):
         mlp = layer_module.mlp
         return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
     if arch == "phi3":

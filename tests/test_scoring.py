@@ -21,10 +21,10 @@ QUESTIONS = [
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring")
     return {a: load_model(T.save_tiny(a, root / a, seed=3), device="cpu")
-            for a in ("llama", "gpt2", "gpt_neox", "falcon", "gemma2", "phi3")}
+            for a in ("llama", "gpt2", "gpt_neox", "falcon", "gemma2", "gemma3", "qwen3", "phi3")}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "falcon", "gemma2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "falcon", "gemma2", "gemma3", "qwen3", "phi3"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_batched_equals_unbatched(models, arch, padding_side):
     lm = models[arch]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ["llama", "qwen2", "mistral", "gemma2", "olmo2", "phi3", "gpt2", "gpt_neox", "falcon", "bert"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "olmo2", "phi3", "gpt2", "gpt_neox", "falcon", "bert"]
 CORPUS = [
     "Question: What is the capital of Aldoria?\nAnswer: Velmora",
     "Question: Which river flows through Velmora?\nAnswer: the Sarn",
@@ -48,6 +48,13 @@ def config(arch: str):
         cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig, "olmo2": tf.Olmo2Config}[arch]
         return cls(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH,
                    num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH,
+                              num_key_value_heads=2, head_dim=8, max_position_embeddings=128, **common)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH,
+                                   num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16,
+                                   **common)
     if arch == "gemma2":
         return tf.Gemma2Config(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH,
                                num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16,

@@ -131,6 +131,15 @@ def test_differential_scores_and_selection():
     torch.testing.assert_close(d[0].double(), m[0] - m[1:4].mean(0), rtol=1e-6, atol=1e-6)
 
 
+def test_stratified_concept_sample():
+    from specext.pss import stratified_sample
+
+    cats = [0] * 10 + [1] * 3 + [2] * 7
+    s = stratified_sample(list(range(20)), cats, 9, seed=1)
+    assert len(s) == 9 and s == sorted(s) and s == stratified_sample(list(range(20)), cats, 9, seed=1)
+    assert [sum(cats[k] == c for k in s) for c in range(3)] == [3, 3, 3]
+
+
 def test_control_set_covers_every_category():
     probe = load_probe("synthetic")
     c = control_set(probe, 10, seed=3)

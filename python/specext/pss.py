@@ -147,6 +147,23 @@ def random_vectors(ratio: float, n_layers: int, d_ff: int, selection: str, seed:
     return torch.randperm(n_layers * d_ff, generator=g)[:k].sort().values
 
 
+def stratified_sample(concepts: Sequence[int], concept_category: Sequence[int], n: int, seed: int) -> List[int]:
+    """A seeded sample of ``n`` concept indices, round-robin over categories so that every
+    category is represented as evenly as it can be; returned sorted."""
+    rng = random.Random(seed)
+    by_cat: Dict[int, List[int]] = {}
+    for k in concepts:
+        by_cat.setdefault(concept_category[k], []).append(k)
+    for lst in by_cat.values():
+        rng.shuffle(lst)
+    chosen: List[int] = []
+    while len(chosen) < min(n, len(concepts)):
+        for c in sorted(by_cat):
+            if by_cat[c] and len(chosen) < n:
+                chosen.append(by_cat[c].pop())
+    return sorted(chosen)
+
+
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
@@ -258,8 +275,7 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
     if len(valid) < len(probe.concepts):
         logger.warning("PSS: %d concept(s) without a usable differential score are skipped",
                        len(probe.concepts) - len(valid))
-    rng = random.Random(cfg.seed)
-    chosen = sorted(rng.sample(valid, min(cfg.concepts, len(valid)))) if cfg.concepts else valid
+    chosen = stratified_sample(valid, probe.concept_category, cfg.concepts, cfg.seed) if cfg.concepts else valid
     control = control_set(probe, cfg.control_size, cfg.seed)
     qidx_by_concept: Dict[int, List[int]] = {}
     for i, q in enumerate(probe.questions):

@@ -261,6 +261,12 @@ def start(title: str, device: torch.device) -> Bandwidth:
     versions, build, bandwidth) and return the bandwidth for the ``share_of_bw`` column."""
     import specext
 
+    try:  # model-loading progress bars would interleave with the tables
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
     # Another process on the same cores stalls every OpenMP barrier for a scheduler time
     # slice (milliseconds): measured first, before this process starts any threads.
     busy = cpu_busy_fraction() if device.type == "cpu" else None

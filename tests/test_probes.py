@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from specext.probes import ProbeError, ProbeSet, load_probe, normalize_answer, read_jsonl, sample_concepts, write_jsonl
+from specext.probes import ProbeError, load_probe, normalize_answer, read_jsonl, sample_concepts, write_jsonl
 
 GOOD = {"concept": "Aldoria", "category": "country", "question": "What is the capital of Aldoria?",
         "choices": ["Velmora", "Paris", "Tallinn", "Gold"], "answer": 0, "tier": "high",

@@ -11,9 +11,8 @@ import torch
 import tiny_models as T
 from specext import stats
 from specext.analyze import AnalyzeConfig, main, run_analysis
-from specext.compare import compare
 from specext.models import load_model
-from specext.probes import ProbeSet, Question, load_probe, write_jsonl
+from specext.probes import Question, load_probe, write_jsonl
 from specext.pss import (MaskedScorer, PSSConfig, compute_pss, control_set, differential_scores, pss_value,
                          random_vectors, top_vectors)
 

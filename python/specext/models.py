@@ -12,7 +12,6 @@ for gated MLPs, ``act(fc x + b)`` for classic ones), shape ``(batch, seq, d_ff)`
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path

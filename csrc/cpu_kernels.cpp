@@ -135,22 +135,42 @@ void category_accumulate_cpu(const AccumulateArgs& a) {
     c = c + w;
   });
   if (a.N == 0) return;
-  // Each thread owns a column tile of `sums` and walks every token in order: no atomics,
-  // no private copies, and the same summation order whatever the chunking of the calls.
+  // Tokens in label order (a stable counting sort): a tile walks one category at a time,
+  // so that category's row of `sums` stays in L1 while all its tokens stream in, whatever
+  // the number of categories. Every element of `sums` still receives its tokens in token
+  // order, so the result is bit-identical to walking the tokens in order, and chunked
+  // calls equal one call. Each thread owns column tiles: no atomics, no private copies.
+  std::vector<int64_t> start(static_cast<size_t>(a.C) + 1, 0);
+  for_labels(a.labels, a.labels_dtype, a.T, a.labels_stride, [&](int64_t, int64_t lab) {
+    if (lab >= 0) ++start[lab + 1];
+  });
+  for (int64_t c = 0; c < a.C; ++c) start[c + 1] += start[c];
+  std::vector<int64_t> order(static_cast<size_t>(start[a.C]));
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for_labels(a.labels, a.labels_dtype, a.T, a.labels_stride, [&](int64_t t, int64_t lab) {
+      if (lab >= 0) order[fill[lab]++] = t;
+    });
+  }
   const IsaTable& k = isa();
   const int64_t esz = dtype_size(a.acts_dtype);
-  const int64_t tw = tile_width(a.N, a.C, 4);
-  const int64_t ntiles = (a.N + tw - 1) / tw;
   const char* acts = static_cast<const char*>(a.acts);
+  // Wide tiles stream long contiguous row segments (measured: one tile per thread beats
+  // L2-sized tiles by 1.3-2x); capped so a tile's sums row stays cache-resident.
+  const int64_t per_thread = (a.N + max_threads() - 1) / max_threads();
+  const int64_t tw = std::max<int64_t>(64, (std::min<int64_t>(per_thread, 8192) + 63) / 64 * 64);
+  const int64_t ntiles = (a.N + tw - 1) / tw;
   parallel_for(ntiles, [&](int64_t tile) {
     const int64_t n0 = tile * tw;
     const int64_t w = std::min(tw, a.N - n0);
-    for_labels(a.labels, a.labels_dtype, a.T, a.labels_stride, [&](int64_t t, int64_t lab) {
-      if (lab < 0) return;
-      const float wt = a.weights ? a.weights[t * a.weights_stride] : 1.0f;
-      k.accum_row(acts + (t * a.acts_stride0 + n0) * esz, a.acts_dtype, a.sums + lab * a.sums_stride0 + n0, w,
-                  wt, a.stat);
-    });
+    for (int64_t c = 0; c < a.C; ++c) {
+      float* srow = a.sums + c * a.sums_stride0 + n0;
+      for (int64_t i = start[c]; i < start[c + 1]; ++i) {
+        const int64_t t = order[i];
+        const float wt = a.weights ? a.weights[t * a.weights_stride] : 1.0f;
+        k.accum_row(acts + (t * a.acts_stride0 + n0) * esz, a.acts_dtype, srow, w, wt, a.stat);
+      }
+    }
   });
 }
 

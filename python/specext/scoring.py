@@ -109,8 +109,16 @@ def encode_prompts(tokenizer, questions: Sequence[Question], positions: str, tem
         uniq.setdefault(q.question, len(uniq))
     texts = list(uniq)
     prompts = [template.format(question=t) for t in texts]
-    enc = tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=positions == "question",
-                    return_special_tokens_mask=True)
+    try:
+        enc = tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=positions == "question",
+                        return_special_tokens_mask=True)
+    except NotImplementedError:  # slow (Python) tokenizers have no offsets
+        if positions != "question":
+            raise
+        logger.warning("tokenizer %s gives no character offsets: --positions question falls back to the last "
+                       "prompt token", type(tokenizer).__name__)
+        positions = "last"
+        enc = tokenizer(prompts, add_special_tokens=True, return_special_tokens_mask=True)
     sel_u = [_select_row(positions, template, t, enc["input_ids"][u], enc["special_tokens_mask"][u],
                          enc["offset_mapping"][u] if positions == "question" else None) for u, t in enumerate(texts)]
     rows = [uniq[q.question] for q in questions]

@@ -200,7 +200,17 @@ def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, catego
     neu_rows = [[k, _f(v)] for k, v in n.items()]
     layer_rows = [[l["layer"], _f(l["mean_gini"]), _f(l["median_gini"]), _f(l["share_gini_above_0.3"]),
                    _f(l["mean_norm_entropy"]), l["dead"]] for l in summary["layers"]]
-    imgs = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>' for name in plots)
+    captions = {
+        "gini_by_layer.png": "How unevenly each neuron's mass spreads over categories, by layer (0 = even, 1 - 1/C = one category).",
+        "norm_entropy_hist.png": "Category entropy of every live neuron, normalised by ln C.",
+        "layer_category_mass.png": "Each layer's total MLP mass split over categories.",
+        "accuracy.png": "Probe accuracy by category and frequency tier.",
+        "pss_curve.png": "Parameter Specialization Score as more value vectors are masked, against masking as many random vectors.",
+        "pss_groups.png": "PSS by frequency tier and by category (number of concepts in brackets).",
+        "pss_layers.png": "Layer distribution of the masked (top differential) value vectors, per ratio.",
+    }
+    imgs = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{html.escape(captions.get(name, name))} '
+                   f'<small>({name})</small></figcaption></figure>' for name in plots)
     probe = summary["probe"]
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>specext report: {html.escape(str(summary['model']))}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}

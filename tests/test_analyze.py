@@ -251,3 +251,22 @@ def test_bad_options(tmp_path, llama_dir, probe_file, argv, msg):
 def test_missing_model_dir(tmp_path):
     r = run_cli([tmp_path / "nope", "-q"])
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_resume_during_pss_equals_uninterrupted(tmp_path, llama_dir, probe_file):
+    args = [llama_dir, "--probe", probe_file, "--device", "cpu", "--batch-size", "4", "-q", "--no-report", "--no-open",
+            "--ratios", "1,10", "--pss-concepts", "4", "--pss-control", "10", "--pss-batch-rows", "16"]
+    full = tmp_path / "full"
+    r = run_cli(args + ["--out", full])
+    assert r.returncode == 0, r.stderr
+    killed = tmp_path / "killed"
+    r = run_cli(args + ["--out", killed], env={"SPECEXT_TEST_KILL_AFTER_PSS_CONCEPTS": "1"})
+    assert r.returncode == -signal.SIGKILL
+    done = json.loads((killed / ".state" / "pss.json").read_text())
+    assert len(done) == 2 and not (killed / "pss.csv").exists()
+    r = run_cli(args + ["--out", killed, "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert (full / "pss.csv").read_text() == (killed / "pss.csv").read_text()
+    s1, _, _ = read_run(full)
+    s2, _, _ = read_run(killed)
+    assert s1 == s2 and s1["pss"]["concepts"] == 4

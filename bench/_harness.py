@@ -418,6 +418,16 @@ def sync(device) -> None:
 # ---------------------------------------------------------------------------- CLI
 
 
+# The columns every kernel benchmark ends its table with.
+RESULT_COLUMNS = [
+    ("ours_ms", "ours ms"),
+    ("baseline_ms", "torch ms"),
+    ("ratio", "torch/ours"),
+    ("gbps", "GB/s"),
+    ("share_of_bw", "share of bw"),
+]
+
+
 def make_parser(description: str) -> argparse.ArgumentParser:
     """The options every benchmark takes; scripts may add their own."""
     p = argparse.ArgumentParser(description=description)

@@ -154,11 +154,7 @@ def main(argv=None) -> None:
             "dtype",
             "C",
             "labels",
-            ("ours_ms", "ours ms"),
-            ("baseline_ms", "torch ms"),
-            ("ratio", "torch/ours"),
-            ("gbps", "GB/s"),
-            ("share_of_bw", "share of bw"),
+            *h.RESULT_COLUMNS,
         ],
     )
 

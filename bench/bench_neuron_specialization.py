@@ -93,11 +93,7 @@ def main(argv=None) -> None:
         [
             ("shape", "C x N"),
             "simd",
-            ("ours_ms", "ours ms"),
-            ("baseline_ms", "torch ms"),
-            ("ratio", "torch/ours"),
-            ("gbps", "GB/s"),
-            ("share_of_bw", "share of bw"),
+            *h.RESULT_COLUMNS,
         ],
     )
 

@@ -89,11 +89,7 @@ def main(argv=None) -> None:
             ("shape", "d_model x d_ff"),
             "dtype",
             "layout",
-            ("ours_ms", "ours ms"),
-            ("baseline_ms", "torch ms"),
-            ("ratio", "torch/ours"),
-            ("gbps", "GB/s"),
-            ("share_of_bw", "share of bw"),
+            *h.RESULT_COLUMNS,
         ],
     )
 

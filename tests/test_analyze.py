@@ -153,7 +153,7 @@ def test_hand_set_model_gives_hand_computed_entropy_and_gini(tmp_path, probe_fil
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, llama_dir, probe_file):
     args = [llama_dir, "--probe", probe_file, "--device", "cpu", "--batch-size", "3", "--chunk-size", "5", "-q",
-            "--no-report"]
+            "--no-report", "--checkpoint-every", "0"]
     full = tmp_path / "full"
     r = run_cli(args + ["--out", full])
     assert r.returncode == 0, r.stderr
@@ -161,7 +161,9 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, llama_dir, probe_file)
     r = run_cli(args + ["--out", killed], env={"SPECEXT_TEST_KILL_AFTER_CHUNK": "2"})
     assert r.returncode == -signal.SIGKILL
     prog = json.loads((killed / ".state" / "progress.json").read_text())
-    assert prog["next_question"] == 15 and not (killed / "summary.json").exists()
+    assert prog["next_question"] == 15 and prog["rows"] == 15 and not (killed / "summary.json").exists()
+    with open(killed / ".state" / "rows.jsonl", "a") as f:  # a row cut short by the kill
+        f.write('{"concept": "country0", "categ')
     r = run_cli(args + ["--out", killed, "--resume"])
     assert r.returncode == 0, r.stderr
     s1, n1, q1 = read_run(full)
@@ -172,7 +174,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, llama_dir, probe_file)
     # --resume against changed options is refused: leave a checkpoint, then change --batch-size
     r = run_cli(args + ["--out", killed], env={"SPECEXT_TEST_KILL_AFTER_CHUNK": "0"})
     assert r.returncode == -signal.SIGKILL
-    r = run_cli(args[:-4] + ["--batch-size", "2", "--chunk-size", "5", "-q", "--no-report", "--out", killed, "--resume"])
+    r = run_cli(args[:-6] + ["--batch-size", "2", "--chunk-size", "5", "-q", "--no-report", "--out", killed, "--resume"])
     assert r.returncode == 2 and "started with different inputs (options differ)" in r.stderr
 
 

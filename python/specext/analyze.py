@@ -71,7 +71,8 @@ class AnalyzeConfig:
     allow_pickle: bool = False
     open_ended: bool = True
     max_new_tokens: int = 12
-    chunk_size: int = 64  # questions between checkpoints
+    chunk_size: int = 64  # questions per unit of work (a checkpoint falls between chunks)
+    checkpoint_every: float = 300.0  # seconds between checkpoints (0: after every chunk)
     report: bool = True
     pss: bool = True
     pss_config: PSSConfig = field(default_factory=PSSConfig)
@@ -85,6 +86,8 @@ class AnalyzeConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.chunk_size < 1:
             raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0 seconds, got {self.checkpoint_every}")
         if self.max_concepts is not None and self.max_concepts < 1:
             raise ValueError(f"--max-concepts must be >= 1, got {self.max_concepts}")
         if self.max_new_tokens < 1:
@@ -118,12 +121,16 @@ def _fingerprint(cfg: AnalyzeConfig, probe: ProbeSet, model_dir: Path) -> Dict[s
 
 
 class RunState:
-    """Checkpoint of a run in ``OUT/.state``: accumulators + per-question rows, published by
-    an atomic rewrite of ``progress.json`` after the files it names are complete."""
+    """Checkpoint of a run in ``OUT/.state``: the accumulators (one file per checkpoint) and
+    an append-only ``rows.jsonl``, published by an atomic rewrite of ``progress.json``
+    (which names the accumulator file and how many rows are valid) after both are on disk.
+    Rows past that count (a write cut short by a kill) are dropped on resume."""
 
     def __init__(self, out: Path):
         self.dir = out / STATE
         self.progress = self.dir / "progress.json"
+        self.rows_path = self.dir / "rows.jsonl"
+        self.rows_written = 0
 
     def load(self, fingerprint: Dict[str, object]):
         if not self.progress.is_file():
@@ -134,18 +141,29 @@ class RunState:
             raise ValueError(f"--resume: the run in {self.dir.parent} was started with different inputs "
                              f"({', '.join(diff)} differ); use another --out or drop --resume")
         acc = runio.read_safetensors(self.dir / prog["accumulators"])
-        rows = [json.loads(l) for l in (self.dir / prog["rows"]).read_text().splitlines() if l.strip()]
+        n = prog["rows"]
+        with open(self.rows_path, "rb") as f:
+            lines = f.read().split(b"\n")[:n]
+        rows = [json.loads(l) for l in lines]
+        if len(rows) != n:
+            raise ValueError(f"--resume: {self.rows_path} holds {len(rows)} rows, progress.json says {n}")
+        runio.write_bytes(self.rows_path, b"".join(l + b"\n" for l in lines))  # drop a torn tail
+        self.rows_written = n
         return prog["next_question"], acc, rows
 
     def save(self, k: int, next_question: int, fingerprint, accum: Dict[str, torch.Tensor], rows: List[dict]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        acc_name, rows_name = f"accum-{k:06d}.safetensors", f"rows-{k:06d}.jsonl"
+        with open(self.rows_path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows[self.rows_written:]))
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows_written = len(rows)
+        acc_name = f"accum-{k:06d}.safetensors"
         runio.write_safetensors(self.dir / acc_name, accum)
-        runio.write_text(self.dir / rows_name, "".join(json.dumps(r) + "\n" for r in rows))
         runio.write_json(self.progress, {"next_question": next_question, "chunk": k, "accumulators": acc_name,
-                                         "rows": rows_name, "fingerprint": fingerprint})
-        for p in self.dir.iterdir():  # older checkpoints are no longer referenced
-            if p.name.startswith(("accum-", "rows-")) and p.name not in (acc_name, rows_name):
+                                         "rows": len(rows), "fingerprint": fingerprint})
+        for p in self.dir.iterdir():  # older accumulators are no longer referenced
+            if p.name.startswith("accum-") and p.name != acc_name:
                 p.unlink(missing_ok=True)
 
     def load_pss(self) -> Dict[str, List[dict]]:
@@ -249,11 +267,17 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True) -> Dict[str, obje
 
     with tqdm(total=len(qs), initial=start, desc="scoring", unit="q", disable=not progress) as bar:
         k = start // cfg.chunk_size
+        last_save = time.time()
         for c0 in range(start, len(qs), cfg.chunk_size):
             rows += runner.run(qs[c0 : c0 + cfg.chunk_size], bar.update)
-            state.save(k, min(c0 + cfg.chunk_size, len(qs)), fp, mass.state(), rows)
-            if k == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            end = min(c0 + cfg.chunk_size, len(qs))
+            # Checkpoints cost a write of the accumulators (GBs for a 70B model with many
+            # concepts), so they are spaced in time; the last chunk always checkpoints.
+            if end == len(qs) or time.time() - last_save >= cfg.checkpoint_every:
+                state.save(k, end, fp, mass.state(), rows)
+                last_save = time.time()
+                if k == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
             k += 1
 
     pss = None
@@ -444,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-open", action="store_true", help="skip open-ended generation")
     p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--chunk-size", type=int, default=64, help="questions between checkpoints")
+    p.add_argument("--chunk-size", type=int, default=64, help="questions per unit of work (checkpoints fall between chunks)")
+    p.add_argument("--checkpoint-every", type=float, default=300.0,
+                   help="seconds between checkpoints for --resume (0: after every chunk)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     g = p.add_argument_group("Parameter Specialization Score (PSS)")
     g.add_argument("--no-pss", action="store_true", help="skip the masking experiment")
@@ -502,6 +528,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         batch_size=args.batch_size, max_concepts=args.max_concepts, positions=args.positions, stat=args.stat,
         seed=args.seed, resume=args.resume, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
         open_ended=not args.no_open, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+        checkpoint_every=args.checkpoint_every,
         report=not args.no_report, pss=not args.no_pss, pss_config=pss_cfg,
     )
     try:

@@ -280,23 +280,25 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True) -> Dict[str, obje
                     os.kill(os.getpid(), signal.SIGKILL)
             k += 1
 
+    norms = _value_norms(lm)  # (L, d_ff), used by --stat contribution and saved with the neurons
     pss = None
     if cfg.pss:
         if not lm.has_lm_head:
             logger.warning("PSS skipped: the model has no language-model head")
         else:
-            pss = _run_pss(cfg, lm, probe, mass, rows, state, progress)
-    summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start, pss)
+            pss = _run_pss(cfg, lm, probe, mass, rows, state, progress, norms)
+    summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start, norms, pss)
     state.clear()
     return summary
 
 
-def _run_pss(cfg: AnalyzeConfig, lm, probe, mass: ConceptMass, rows, state: RunState, progress: bool):
+def _run_pss(cfg: AnalyzeConfig, lm, probe, mass: ConceptMass, rows, state: RunState, progress: bool,
+             norms: torch.Tensor):
     pc = cfg.pss_config
     pc.validate(probe)
     cm = mass.concept_mass()
     if cfg.stat == "contribution":
-        cm = cm * torch.stack([_norms(s) for s in lm.sites]).to(cm.device)[None]
+        cm = cm * norms.to(cm.device)[None]
     metric_rows = [r[pc.metric] for r in rows if r.get(pc.metric) is not None]
     overall = float(sum(metric_rows) / len(metric_rows)) if metric_rows else None
     done = state.load_pss()
@@ -314,7 +316,8 @@ def _run_pss(cfg: AnalyzeConfig, lm, probe, mass: ConceptMass, rows, state: RunS
                        on_concept=checkpoint)
 
 
-def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: float, pss=None) -> Dict[str, object]:
+def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: float, norms: torch.Tensor,
+            pss=None) -> Dict[str, object]:
     cat_mass = mass.category_mass(probe.concept_category, len(probe.categories))
     empty = [probe.categories[c] for c in range(len(probe.categories)) if not torch.isfinite(cat_mass[c]).any()]
     if empty:
@@ -322,7 +325,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
     keep = [c for c in range(len(probe.categories)) if probe.categories[c] not in empty]
     if not keep:
         raise ValueError("no category has a usable prompt: every activation was NaN/inf or the probe is empty")
-    norms = torch.stack([_norms(s) for s in lm.sites]).to(cat_mass.device)  # (L, d_ff)
+    norms = norms.to(cat_mass.device)
     table = neuron_table(cat_mass[keep], norms if cfg.stat == "contribution" else None)
     spec = summarize(table)
     acc = accuracy_breakdown(rows)
@@ -389,10 +392,11 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
     return summary
 
 
-def _norms(site) -> torch.Tensor:
+def _value_norms(lm) -> torch.Tensor:
+    """``(L, d_ff)`` L2 norms of every layer's value vectors (the model's own weights)."""
     from .ops import value_vector_norms
 
-    return value_vector_norms(site.weight().detach())
+    return torch.stack([value_vector_norms(s.weight().detach()) for s in lm.sites])
 
 
 PSS_COLUMNS = ["concept", "category", "tier", "ratio", "n_vectors", "cs", "g", "pss", "random_cs", "random_g",

@@ -9,7 +9,12 @@ the cache seeds greedy decoding for the open-ended answer.
 
 Multiple-choice conventions follow lm-evaluation-harness: the continuation is
 ``" " + choice``; ``acc`` picks the highest summed log-likelihood, ``acc_norm`` the highest
-log-likelihood divided by the continuation's length in UTF-8 bytes.
+log-likelihood divided by the number of characters of the choice text without the leading
+space (``len(choice)``, as lm-evaluation-harness's ``process_results`` does; not bytes).
+Ties go to the first option (``numpy.argmax``).
+
+Open-ended answers are matched against the *answer span* of the generation (see
+:func:`answer_span` and :func:`open_answer_correct`), never anywhere in free text.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import copy
 import functools
 import inspect
 import logging
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -29,7 +36,9 @@ from .probes import MCQ_TEMPLATE, Question, normalize_answer
 
 logger = logging.getLogger(__name__)
 
-POSITIONS = ("question", "last", "all")
+POSITIONS = ("question", "last", "all", "subject", "subject-last")
+_SUBJECT_POSITIONS = ("subject", "subject-last")
+_OFFSET_POSITIONS = ("question",) + _SUBJECT_POSITIONS
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,22 +84,67 @@ class EncodedBatch:
     select: torch.Tensor  # (B, S) bool: positions whose coefficients form the prompt statistic
     lengths: torch.Tensor  # (B,) real prompt tokens
 
+    @property
+    def valid(self) -> torch.Tensor:
+        """``(B,)`` bool: rows with at least one selected token. A ``subject`` prompt whose
+        question does not name its concept has none; its prompt statistic is zero and must
+        be left out of any mean."""
+        return self.select.any(1)
+
 
 def _question_span(template: str, question: str) -> Tuple[int, int]:
     start = template.index("{question}")
     return start, start + len(question)
 
 
-def _select_row(positions: str, template: str, question: str, ids, special, offsets) -> List[bool]:
+def subject_span(question: str, concept: str) -> Optional[Tuple[int, int]]:
+    """Character span ``[lo, hi)`` of the concept's name in the question text, or None.
+
+    The search is case-insensitive (a probe may write "the united states" for the concept
+    "United States") and takes the first occurrence as a whole word, else the first
+    occurrence inside a longer word ("Aldorian" for "Aldoria"). Only the concept string
+    itself is searched: aliases and paraphrases do not count.
+    """
+    name = concept.strip()
+    if not name:
+        return None
+    m = (re.search(r"(?<!\w)" + re.escape(name) + r"(?!\w)", question, flags=re.IGNORECASE)
+         or re.search(re.escape(name), question, flags=re.IGNORECASE))
+    return (m.start(), m.end()) if m else None
+
+
+def _overlapping(offsets, special, lo: int, hi: int) -> List[bool]:
+    """Tokens (not special, not empty) whose character span overlaps ``[lo, hi)``."""
+    return [(not special[i]) and e > s and s < hi and e > lo for i, (s, e) in enumerate(offsets)]
+
+
+def _last_only(sel: List[bool]) -> List[bool]:
+    out = [False] * len(sel)
+    for i in range(len(sel) - 1, -1, -1):
+        if sel[i]:
+            out[i] = True
+            break
+    return out
+
+
+def _select_row(positions: str, template: str, question: str, concept: str, ids, special, offsets) -> List[bool]:
     n = len(ids)
     if positions == "last":
-        return [i == n - 1 for i in range(n)]
+        # The last non-special token: an encoder's tokenizer appends [SEP], whose
+        # coefficients say nothing about the question; for causal LMs it is the last token.
+        return _last_only([not sp for sp in special])
     if positions == "all":
         return [not sp for sp in special]
     lo, hi = _question_span(template, question)
-    sel = [(not special[i]) and e > s and s < hi and e > lo for i, (s, e) in enumerate(offsets)]
+    if positions in _SUBJECT_POSITIONS:
+        span = subject_span(question, concept)
+        if span is None:
+            return [False] * n  # no subject token: the row is invalid (EncodedBatch.valid)
+        sel = _overlapping(offsets, special, lo + span[0], lo + span[1])
+        return _last_only(sel) if positions == "subject-last" else sel
+    sel = _overlapping(offsets, special, lo, hi)
     if not any(sel):  # a tokenizer without offsets: fall back to the last token
-        sel = [i == n - 1 for i in range(n)]
+        sel = _last_only([not sp for sp in special])
     return sel
 
 
@@ -98,39 +152,86 @@ def encode_prompts(tokenizer, questions: Sequence[Question], positions: str, tem
                    device: torch.device = torch.device("cpu")) -> EncodedBatch:
     """Tokenise prompts, left-pad them, and mark the positions to reduce.
 
-    ``positions``: ``question`` (tokens overlapping the question text), ``last`` (the last
-    prompt token), ``all`` (every prompt token but special ones). Each distinct prompt is
+    ``positions``:
+
+    - ``question``: tokens overlapping the question text (the template's words left out);
+    - ``last``: the last prompt token that is not a special token (an encoder's trailing
+      ``[SEP]`` is skipped; for causal LMs this is the last prompt token);
+    - ``all``: every prompt token but special ones;
+    - ``subject``: tokens overlapping the concept's name in the question text (found by
+      :func:`subject_span`: case-insensitive, first occurrence);
+    - ``subject-last``: the last of the ``subject`` tokens, where factual recall is read out.
+
+    A question that does not contain its concept's name has no ``subject`` token: its row of
+    ``select`` is all False (``EncodedBatch.valid`` is False there) and one warning per call
+    counts such prompts. ``question``, ``subject`` and ``subject-last`` need character
+    offsets (a fast tokenizer); ``subject``/``subject-last`` raise ``ValueError`` without
+    them, ``question`` falls back to ``last`` with a warning. Each distinct prompt is
     tokenised once (PSS batches repeat one prompt under many masks).
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    no_offsets = (f"--positions {positions} needs character offsets, which tokenizer {type(tokenizer).__name__} "
+                  "(a slow, Python tokenizer) does not give; load a fast tokenizer (tokenizer.json) or use "
+                  "--positions last or all")
+    if positions in _SUBJECT_POSITIONS and getattr(tokenizer, "is_fast", True) is False:
+        raise ValueError(no_offsets)
     uniq: Dict[str, int] = {}
     for q in questions:
         uniq.setdefault(q.question, len(uniq))
     texts = list(uniq)
     prompts = [template.format(question=t) for t in texts]
-    try:
-        enc = tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=positions == "question",
-                        return_special_tokens_mask=True)
-    except NotImplementedError:  # slow (Python) tokenizers have no offsets
-        if positions != "question":
-            raise
-        logger.warning("tokenizer %s gives no character offsets: --positions question falls back to the last "
-                       "prompt token", type(tokenizer).__name__)
-        positions = "last"
+    want_offsets = positions in _OFFSET_POSITIONS
+    enc = None
+    if want_offsets:
+        try:
+            enc = tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=True,
+                            return_special_tokens_mask=True)
+        except NotImplementedError:  # slow (Python) tokenizers have no offsets ...
+            enc = None
+        if enc is not None and "offset_mapping" not in enc:  # ... or leave them out silently
+            enc = None
+        if enc is None:
+            if positions in _SUBJECT_POSITIONS:
+                raise ValueError(no_offsets)
+            logger.warning("tokenizer %s gives no character offsets: --positions question falls back to the last "
+                           "prompt token", type(tokenizer).__name__)
+            positions, want_offsets = "last", False
+    if enc is None:
         enc = tokenizer(prompts, add_special_tokens=True, return_special_tokens_mask=True)
-    sel_u = [_select_row(positions, template, t, enc["input_ids"][u], enc["special_tokens_mask"][u],
-                         enc["offset_mapping"][u] if positions == "question" else None) for u, t in enumerate(texts)]
+    # The selection of a subject position depends on the concept too, not only on the prompt.
+    sel_cache: Dict[Tuple[int, str], List[bool]] = {}
+
+    def sel_of(q: Question) -> List[bool]:
+        u = uniq[q.question]
+        key = (u, q.concept if positions in _SUBJECT_POSITIONS else "")
+        if key not in sel_cache:
+            sel_cache[key] = _select_row(positions, template, q.question, q.concept, enc["input_ids"][u],
+                                         enc["special_tokens_mask"][u],
+                                         enc["offset_mapping"][u] if want_offsets else None)
+        return sel_cache[key]
+
     rows = [uniq[q.question] for q in questions]
     S = max(len(enc["input_ids"][u]) for u in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids_l, att_l, sel_l = [], [], []
-    for u in rows:
+    missing: List[str] = []
+    for q, u in zip(questions, rows):
         x = enc["input_ids"][u]
         off = S - len(x)
+        sel = sel_of(q)
+        if not any(sel):
+            missing.append(q.concept)
         ids_l.append([pad] * off + list(x))
         att_l.append([0] * off + [1] * len(x))
-        sel_l.append([False] * off + sel_u[u])
+        sel_l.append([False] * off + sel)
+    if missing:
+        names = list(dict.fromkeys(missing))
+        why = "the question does not contain its concept's name" if positions in _SUBJECT_POSITIONS else "only special tokens"
+        logger.warning("--positions %s: %d of %d prompts have no selected token (%s: %s%s); their rows are invalid "
+                       "(EncodedBatch.valid / PromptStats.valid False) and their statistic is zero", positions,
+                       len(missing), len(questions), why, ", ".join(map(repr, names[:3])),
+                       ", ..." if len(names) > 3 else "")
     input_ids = torch.tensor(ids_l, dtype=torch.long)
     attn = torch.tensor(att_l, dtype=torch.long)
     select = torch.tensor(sel_l, dtype=torch.bool)
@@ -153,12 +254,17 @@ def continuation_ids(tokenizer, prompt: str, cont: str) -> List[int]:
 class PromptStats:
     """Per-batch prompt-level statistic of every neuron: ``stats[b, l, n]`` = weighted mean
     over prompt ``b``'s selected tokens of ``|m_n|`` at layer ``l`` (the CPU/CUDA kernel
-    streams it out of the forward pass; nothing per token is stored)."""
+    streams it out of the forward pass; nothing per token is stored).
+
+    ``valid`` (``(B,)`` bool, set by :meth:`begin`) is False for prompts with no selected
+    token (``subject`` positions on a question that does not name its concept): their
+    ``sums`` rows are zero and must not enter a mean over prompts."""
 
     def __init__(self, n_layers: int, d_ff: int, stat: str = "abs"):
         self.n_layers, self.d_ff, self.stat = n_layers, d_ff, stat
         self.sums: Optional[torch.Tensor] = None
         self.counts: Optional[torch.Tensor] = None
+        self.valid: Optional[torch.Tensor] = None
         self._labels = self._weights = None
 
     def begin(self, batch: EncodedBatch) -> None:
@@ -170,6 +276,7 @@ class PromptStats:
         self._weights = (batch.select.float() / n_sel).reshape(-1)
         self.sums = torch.zeros((B, self.n_layers, self.d_ff), dtype=torch.float32, device=dev)
         self.counts = torch.zeros((self.n_layers, B), dtype=torch.float32, device=dev)
+        self.valid = batch.valid
 
     def __call__(self, layer: int, m: torch.Tensor) -> None:
         if self._labels is None:  # continuation / decoding passes: nothing to reduce
@@ -289,11 +396,10 @@ class Scorer:
         for b, q in enumerate(questions):
             sc = scores[r : r + n_opts[b]]
             r += n_opts[b]
-            norm = [s / len((" " + ch).encode("utf-8")) for s, ch in zip(sc, q.choices)]
             res = results[b]
             res.option_logprobs = sc
-            res.mcq_pred = max(range(len(sc)), key=lambda i: sc[i])
-            res.mcq_pred_norm = max(range(len(norm)), key=lambda i: norm[i])
+            res.mcq_pred = pick(sc)
+            res.mcq_pred_norm = pick(acc_norm_scores(sc, q.choices))
             res.mcq_correct = res.mcq_pred == q.answer
             res.mcq_norm_correct = res.mcq_pred_norm == q.answer
 
@@ -330,7 +436,99 @@ class Scorer:
             results[b].open_correct = open_answer_correct(text, q)
 
 
+def acc_norm_scores(logprobs: Sequence[float], choices: Sequence[str]) -> List[float]:
+    """lm-evaluation-harness ``acc_norm`` scores: each option's summed log-likelihood divided
+    by the number of characters of its choice text, without the leading space the
+    continuation carries (``len(choice)`` in lm-eval's ``process_results``; characters, not
+    UTF-8 bytes, so "Zürich" counts 6 and "東京" 2)."""
+    if len(logprobs) != len(choices):
+        raise ValueError(f"{len(logprobs)} log-likelihoods for {len(choices)} choices")
+    out = []
+    for lp, ch in zip(logprobs, choices):
+        if not ch:
+            raise ValueError("acc_norm is undefined for an empty choice")
+        out.append(lp / len(ch))
+    return out
+
+
+def pick(scores: Sequence[float]) -> int:
+    """Index of the highest score; ties go to the first (``numpy.argmax``, as lm-eval)."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+# Leading phrases stripped from the answer span, case-insensitively and repeatedly ("Answer:
+# The answer is Paris" -> "Paris"). A phrase counts only when followed by ":", "," or
+# whitespace, so "It" in "Italy" or "I" in "Iodine" is never stripped; "A:" needs its colon
+# ("A cat" keeps its article). Straight and curly apostrophes both match.
+OPEN_PREAMBLES = (
+    "answer:", "a:", "the correct answer is", "the answer is", "the answer would be", "the answer should be",
+    "my answer is", "i think it is", "i think it's", "i think that it is", "i believe it is", "i believe it's",
+    "i think", "i believe", "i guess", "it is", "it's", "it was", "that is", "that's", "this is",
+    "probably", "perhaps", "maybe",
+)
+_PREAMBLE_RE = re.compile(
+    r"^(?:" + "|".join(re.escape(p).replace("'", "['\u2019]") for p in sorted(OPEN_PREAMBLES, key=len, reverse=True))
+    + r")(?:(?<=:)\s*|\s*[:,]\s*|\s+)",
+    flags=re.IGNORECASE,
+)
+# Where the first clause of an answer span ends: punctuation, a sentence-ending full stop
+# (not a decimal point), a bracket or a dash between spaces.
+_CLAUSE_END = re.compile(r"[,;:!?()\[\]/]|\.(?=\s|$)|\s[-\u2013\u2014]\s")
+_EDGE_PUNCT = " \t\"'`*_.,;:!?()[]{}<>\u2018\u2019\u201c\u201d\u00ab\u00bb"
+_LEAD_PUNCT = " \t\"'`*_([{<\u2018\u201c\u00ab"  # markup and quotes before an answer
+SHORT_ANSWER_CHARS = 2
+
+
+def answer_span(text: str) -> str:
+    """The part of a generation that is the model's answer: its first non-empty line, with
+    leading quotes/markup and preambles (:data:`OPEN_PREAMBLES`, e.g. "The answer is",
+    "Answer:", "It's", "I think it is") stripped, case-insensitively and repeatedly."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "").lstrip(_LEAD_PUNCT)
+    while True:
+        m = _PREAMBLE_RE.match(line)
+        rest = line[m.end():].lstrip(_LEAD_PUNCT) if m else ""
+        if not rest:  # no preamble, or a preamble with nothing after it
+            return line
+        line = rest
+
+
+def _norm(s: str) -> str:
+    # Decimal and thousands separators between digits would split a number into words
+    # ("3.5" -> "3 5", which starts with "3"): glue them with a word character first.
+    return normalize_answer(re.sub(r"(?<=\d)[.,](?=\d)", "_", s))
+
+
 def open_answer_correct(text: str, q: Question) -> bool:
-    """True when a normalised accepted answer occurs in the normalised generation as whole words."""
-    gen = f" {normalize_answer(text)} "
-    return any(f" {normalize_answer(a)} " in gen for a in q.accepted_answers() if normalize_answer(a))
+    """Whether a generation answers ``q``: an accepted answer (the correct choice or an
+    alias) heads the generation's :func:`answer_span`.
+
+    - Answers of more than two characters (after stripping surrounding punctuation): the
+      normalised span (casefolded, accents, punctuation and articles dropped) must *start
+      with* the normalised answer as whole words: "Paris", "Paris.", "Paris, France" and
+      "It is Paris" are accepted for "Paris"; "Parisian", "Not Paris" and "The capital is
+      Paris" are not (the answer must come first, as "Answer:" asks).
+    - Answers of one or two characters ("I", "He", "Fe", "Au"): the span's first clause (up
+      to , ; : ! ? ( [ / a sentence-ending full stop or a spaced dash), stripped of
+      surrounding punctuation, must *equal* the answer, case-sensitively: "He", "He." and "He
+      (helium)" are accepted for "He", "he", "He said no" and "I think so" (for "I") are not.
+      A whole-word occurrence of a short answer in free text is no evidence: it matches
+      pronouns and common words.
+    """
+    span = answer_span(text)
+    if not span:
+        return False
+    clause = None
+    for a in q.accepted_answers():
+        core = unicodedata.normalize("NFC", a.strip(_EDGE_PUNCT))
+        if not core:
+            continue
+        if len(core) <= SHORT_ANSWER_CHARS:
+            if clause is None:
+                clause = unicodedata.normalize("NFC", _CLAUSE_END.split(span, maxsplit=1)[0].strip(_EDGE_PUNCT))
+            if clause == core:
+                return True
+            continue
+        want, got = _norm(a), _norm(span)
+        if want and (got == want or got.startswith(want + " ")):
+            return True
+    return False

@@ -516,7 +516,7 @@ def _choice_logprobs(model, tokenizer, q: Question) -> List[float]:
 
 
 def _mcq_report(model, tokenizer, questions: Sequence[Question]) -> dict:
-    """acc, acc_norm (log-likelihood per UTF-8 byte of the continuation), both by tier, and
+    """acc, acc_norm (log-likelihood per character of the choice, as lm-eval), both by tier, and
     the mean probability of the correct option (softmax over the options' log-likelihoods)
     by tier."""
     import torch
@@ -528,7 +528,7 @@ def _mcq_report(model, tokenizer, questions: Sequence[Question]) -> dict:
         with torch.no_grad():
             for q in questions:
                 lp = _choice_logprobs(model, tokenizer, q)
-                norm = [v / len((" " + c).encode("utf-8")) for v, c in zip(lp, q.choices)]
+                norm = [v / len(c) for v, c in zip(lp, q.choices)]  # lm-eval acc_norm: per character of the choice
                 acc.append(max(range(len(lp)), key=lp.__getitem__) == q.answer)
                 acc_norm.append(max(range(len(norm)), key=norm.__getitem__) == q.answer)
                 prob.append(float(torch.softmax(torch.tensor(lp), 0)[q.answer]))

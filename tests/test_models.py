@@ -162,3 +162,36 @@ def test_no_mlp_found_lists_modules():
 def test_dtype_option(saved):
     lm = load_model(saved["llama"], device="cpu", dtype="bfloat16")
     assert lm.dtype == torch.bfloat16
+
+
+def _state(lm):
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_allow_pickle_permits_pickles_but_never_prefers_them(tmp_path):
+    """allow_pickle=True loads safetensors whenever present (alone or next to a pickle) and
+    a pickle only when it is the sole checkpoint; the default refuses a pickle-only dir."""
+    import shutil
+
+    safe_dir = T.save_tiny("llama", tmp_path / "safe", seed=11)
+    safe = _state(load_model(safe_dir, device="cpu"))
+    assert _same(_state(load_model(safe_dir, device="cpu", allow_pickle=True)), safe)
+
+    # A dual-format dir whose pickle holds different weights: which file loaded is visible.
+    dual_dir = tmp_path / "dual"
+    shutil.copytree(safe_dir, dual_dir)
+    shifted = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in safe.items()}
+    torch.save(shifted, dual_dir / "pytorch_model.bin")
+    assert _same(_state(load_model(dual_dir, device="cpu", allow_pickle=True)), safe)
+    assert _same(_state(load_model(dual_dir, device="cpu")), safe)
+
+    pickle_dir = tmp_path / "pickle"
+    shutil.copytree(dual_dir, pickle_dir)
+    (pickle_dir / "model.safetensors").unlink()
+    assert _same(_state(load_model(pickle_dir, device="cpu", allow_pickle=True)), shifted)
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        load_model(pickle_dir, device="cpu")

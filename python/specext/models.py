@@ -1,8 +1,9 @@
 """Load a local Hugging Face model directory and find every layer's MLP down-projection.
 
 Safe by default: weights load from safetensors only (a directory with only pickled
-``*.bin`` weights is refused unless ``allow_pickle=True``), ``trust_remote_code`` is off
-unless asked for, nothing is downloaded (``local_files_only``).
+``*.bin`` weights is refused unless ``allow_pickle=True``, which permits pickles but never
+prefers them: safetensors load whenever present), ``trust_remote_code`` is off unless asked
+for, nothing is downloaded (``local_files_only``).
 
 The *coefficients* of layer ``l`` are the input of its down-projection (``act(gate x) * up x``
 for gated MLPs, ``act(fc x + b)`` for classic ones), shape ``(batch, seq, d_ff)``; column
@@ -74,7 +75,8 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _check_dir(model_dir: Path, allow_pickle: bool) -> None:
+def _check_dir(model_dir: Path, allow_pickle: bool) -> bool:
+    """Refuse unusable directories; returns whether the weights load from safetensors."""
     if not model_dir.exists():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     if not model_dir.is_dir():
@@ -95,6 +97,10 @@ def _check_dir(model_dir: Path, allow_pickle: bool) -> None:
             )
         if not pickled:
             raise ModelLoadError(f"{model_dir} has no weights (no *.safetensors file)")
+        logger.warning("%s: loading pickled weights (%s) because allow_pickle=True", model_dir,
+                       ", ".join(sorted(pickled)[:4]))
+        return False
+    return True
 
 
 def _d_ff_from_config(cfg) -> Optional[int]:
@@ -215,7 +221,9 @@ def load_model(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
-    _check_dir(model_dir, allow_pickle)
+    # allow_pickle permits a pickle-only checkpoint; it never forces one: safetensors win
+    # whenever the directory has them.
+    use_safetensors = _check_dir(model_dir, allow_pickle)
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     dev = resolve_device(device)
@@ -230,7 +238,7 @@ def load_model(
     kwargs = dict(
         trust_remote_code=trust_remote_code,
         local_files_only=True,
-        use_safetensors=not allow_pickle,
+        use_safetensors=use_safetensors,
         dtype=DTYPES.get(dtype, "auto"),
     )
     loader = AutoModelForCausalLM if causal else AutoModel

@@ -13,8 +13,8 @@ from specext import stats
 from specext.analyze import AnalyzeConfig, main, run_analysis
 from specext.models import load_model
 from specext.probes import Question, load_probe, write_jsonl
-from specext.pss import (MaskedScorer, PSSConfig, compute_pss, control_set, differential_scores, pss_value,
-                         random_vectors, top_vectors)
+from specext.pss import (MaskedScorer, PSSConfig, compute_pss, control_set, differential_scores, pss_delta_value,
+                         pss_value, random_vectors, top_vectors)
 
 CONCEPTS = {"aldor": "ruby", "brenn": "opal", "cyrra": "jade"}
 PHRASES = ["What is the treasure of {c} ?", "Which gem belongs to {c} ?", "Name the stone kept in {c} ."]
@@ -181,7 +181,7 @@ def test_per_row_masks_equal_one_row_at_a_time(tmp_path):
 def test_empty_mask_pss_is_the_unmasked_gap(tmp_path):
     lm = load_model(T.save_tiny("llama", tmp_path / "m", seed=5), device="cpu")
     probe = load_probe("synthetic", max_concepts=6)
-    cfg = PSSConfig(ratios=(0.1,), control_size=12, random_control=False)
+    cfg = PSSConfig(ratios=(0.1,), control_size=12, random_control=False, denominator="general")
 
     class EmptyMasks(MaskedScorer):
         def correctness(self, jobs, masks, questions, progress=None):
@@ -193,7 +193,90 @@ def test_empty_mask_pss_is_the_unmasked_gap(tmp_path):
     for r in res.rows:
         assert r["cs"] == r["cs_before"] and r["g"] == r["g_before"]
         assert r["pss"] == pytest.approx(abs(r["g_before"] - r["cs_before"]) / r["g_before"])
+        assert r["pss"] == r["pss_floor"] and r["pss_delta"] == 0.0  # nothing masked: the floor, no delta
     assert pss_value(0.5, 0.25, 0.5) == 0.5 and np.isnan(pss_value(0.5, 0.2, 0.0))
+    assert pss_delta_value(0.6, 0.3, 0.8, 0.5, 0.5) == pytest.approx(0.0)
+    assert pss_delta_value(0.8, 0.3, 0.8, 0.5, 0.5) == pytest.approx(0.4)  # only the concept lost 0.2
+
+
+class EqualHarm(MaskedScorer):
+    """Ignores the model: question correctness is set by hand so that every mask costs the
+    concept and the control set exactly the same accuracy (0.1 per ratio step)."""
+
+    def __init__(self, lm, probe, before, ratios):
+        super().__init__(lm)
+        self.probe, self.before, self.ratios, self.calls = probe, before, list(ratios), 0
+
+    def correctness(self, jobs, masks, questions, progress=None):
+        self.calls += 1
+        if set(masks) == {None}:
+            return {(q, k): self.before[q] for q, k in jobs}
+        own_concept = self.probe.concepts[self.calls - 2]  # one call per concept, in probe order
+        out = {}
+        for key in masks:
+            qs = sorted({q for q, k in jobs if k == key})
+            own = [q for q in qs if questions[q].concept == own_concept]
+            ctrl = [q for q in qs if questions[q].concept != own_concept]
+            step = self.ratios.index(key[1]) + 1
+            flip = set([q for q in own if self.before[q]][:step * len(own) // 10]
+                       + [q for q in ctrl if self.before[q]][:step * len(ctrl) // 10])
+            for q in qs:
+                out[(q, key)] = self.before[q] and q not in flip
+        return out
+
+
+def test_equal_harm_gives_zero_delta_and_the_paper_score_stays_at_its_floor(tmp_path):
+    lm = load_model(T.save_tiny("llama", tmp_path / "m", seed=5), device="cpu")
+    probe = load_probe("synthetic", max_concepts=6)
+    n_correct = {c: n for c, n in zip(probe.concepts, (10, 8, 6, 6, 8, 10))}
+    seen = {}
+    before = []
+    for q in probe.questions:
+        j = seen[q.concept] = seen.get(q.concept, -1) + 1
+        before.append(j < n_correct[q.concept])
+    ratios = (0.5, 1.0, 2.0)
+    cfg = PSSConfig(ratios=ratios, control_size=len(probe.questions), bootstrap=200)
+    overall = float(np.mean(before))
+    res = compute_pss(lm, probe, torch.rand(len(probe.concepts), lm.n_layers, lm.d_ff), cfg,
+                      overall_accuracy=overall, scorer=EqualHarm(lm, probe, before, ratios))
+    floors = set()
+    for r in res.rows:
+        step = ratios.index(r["ratio"]) + 1
+        assert r["cs"] == pytest.approx(r["cs_before"] - step / 10) and r["g"] == pytest.approx(r["g_before"] - step / 10)
+        assert r["pss_delta"] == pytest.approx(0.0, abs=1e-12) and r["random_pss_delta"] == pytest.approx(0.0, abs=1e-12)
+        assert r["pss"] == pytest.approx(r["pss_floor"], abs=1e-12)
+        assert r["pss_floor"] == pytest.approx(abs(r["g_before"] - r["cs_before"]) / overall)
+        assert r["denominator"] == overall
+        floors.add(round(r["pss_floor"], 9))
+    assert len(floors) > 1 and max(floors) > 0.1  # concepts differ from the control: a real floor
+    s = res.summary
+    assert s["delta"]["curve"] == pytest.approx([0.0] * 3, abs=1e-12) and s["delta"]["peak"] == pytest.approx(0.0, abs=1e-12)
+    assert s["paper"]["curve"] == pytest.approx([s["floor"]] * 3) and s["score"] == "paper" and s["peak"] == s["paper"]["peak"]
+    lo, hi = s["floor_ci"]
+    assert lo <= s["floor"] <= hi and lo < hi
+    # --pss-score delta makes the delta score the headline
+    cfg_d = PSSConfig(ratios=ratios, control_size=len(probe.questions), bootstrap=200, score="delta")
+    res_d = compute_pss(lm, probe, torch.rand(len(probe.concepts), lm.n_layers, lm.d_ff), cfg_d,
+                        overall_accuracy=overall, scorer=EqualHarm(lm, probe, before, ratios))
+    assert res_d.summary["peak"] == pytest.approx(0.0, abs=1e-12) and res_d.summary["curve"] == res_d.summary["delta"]["curve"]
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_concepts():
+    rng = np.random.default_rng(0)
+    widths = []
+    for K in (20, 80, 320):
+        v = rng.normal(loc=[0.05, 0.1, 0.2], scale=0.1, size=(K, 3))
+        v[rng.random(v.shape) < 0.05] = np.nan  # missing values are left out
+        b = stats.bootstrap_curve(v, 1000, seed=1)
+        assert b == stats.bootstrap_curve(v, 1000, seed=1)  # seeded
+        for c, ci in zip(b["curve"], b["curve_ci"]):
+            assert ci[0] < c < ci[1]
+        assert b["peak_index"] == 2 and b["peak_ci"][0] < b["peak"] < b["peak_ci"][1]
+        widths.append(b["curve_ci"][2][1] - b["curve_ci"][2][0])
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[0] / widths[2] == pytest.approx(4.0, rel=0.25)  # ~ 1/sqrt(K)
+    none = stats.bootstrap_curve(rng.normal(size=(5, 2)), 0)
+    assert none["curve_ci"] == [None, None] and none["peak_ci"] is None
 
 
 def test_correlations_match_scipy():
@@ -251,6 +334,8 @@ def main_compare(argv):
     (dict(unrelated="some"), "--pss-unrelated must be one of"),
     (dict(selection="local"), "--pss-selection must be one of"),
     (dict(control_size=0), "--pss-control must be >= 1"),
+    (dict(score="both"), "--pss-score must be one of paper, delta"),
+    (dict(bootstrap=5), "--bootstrap must be 0 \\(no intervals\\) or >= 10"),
 ])
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):

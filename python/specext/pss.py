@@ -5,11 +5,21 @@ For concept ``k`` the differential score of value vector ``(l, i)`` is
 ``d_k = mass[k] - mean(mass[j] for j in unrelated(k))``; the top ``ratio`` percent of all
 ``L * d_ff`` vectors (globally, or per layer) are masked by zeroing their coefficients.
 Under k's mask: ``CS_k`` = accuracy on k's questions, ``G_k`` = accuracy on a fixed,
-seeded control set of other concepts' questions (k's own removed), and
-``PSS_k(r) = |G_k(r) - CS_k(r)| / G_before`` with ``G_before`` the control accuracy
-without a mask (``general``) or the probe's overall accuracy (``overall``). The model's
-curve is the mean over concepts; a random-vector control (the same number of random
-vectors) is measured at every ratio.
+seeded control set of other concepts' questions (k's own removed). Two scores per concept
+and ratio, both always written:
+
+- ``pss`` (the paper's): ``|G_k(r) - CS_k(r)| / A`` with ``A`` the model's overall probe
+  accuracy before masking (``overall``, the paper's denominator and the default) or the
+  control accuracy without a mask (``general``). It has a *floor*: before anything is
+  masked ``|G_before - CS_before| / A`` is already non-zero whenever the concept is easier
+  or harder than the control set; ``pss_floor`` reports it (the curve's point at ratio 0).
+- ``pss_delta`` (baseline-corrected): ``|(G_before - G(r)) - (CS_before - CS(r))| / A``:
+  masking that hurts the concept and the control equally scores 0.
+
+``PSSConfig.score`` picks which one is the headline (``curve``, ``peak``, the report and
+``specext.compare``). The model's curve is the mean over concepts, with a bootstrap
+interval over concepts at every point and for the peak; a random-vector control (the same
+number of uniformly random vectors) is measured at every ratio and summarised the same way.
 
 Throughput: every (concept, ratio, kind) mask is one *row* of a batch, so many masks share
 a forward pass; rows are grouped by question (no padding), and the question prefix is
@@ -30,6 +40,7 @@ import torch
 
 from .models import LoadedModel
 from .probes import ProbeSet, Question
+from . import stats
 from .scoring import Scorer
 
 logger = logging.getLogger(__name__)
@@ -39,6 +50,7 @@ UNRELATED = ("other", "same-category", "other-category")
 SELECTION = ("global", "per-layer")
 DENOMINATORS = ("general", "overall")
 METRICS = ("mcq", "mcq_norm")
+SCORES = ("paper", "delta")
 
 
 @dataclass
@@ -47,12 +59,14 @@ class PSSConfig:
     unrelated: str = "other"
     selection: str = "global"
     control_size: int = 200
-    denominator: str = "general"
+    denominator: str = "overall"
     concepts: Optional[int] = None  # a seeded sample of concepts to evaluate
     metric: str = "mcq"
     random_control: bool = True
     seed: int = 0
     batch_rows: int = 256
+    score: str = "paper"  # which score is the headline: the paper's or the baseline-corrected delta
+    bootstrap: int = 1000  # resamples of concepts for the 95% intervals (0: no intervals)
 
     def validate(self, probe: Optional[ProbeSet] = None) -> None:
         if not self.ratios:
@@ -66,6 +80,10 @@ class PSSConfig:
             raise ValueError(f"--pss-selection must be one of {', '.join(SELECTION)}, got {self.selection!r}")
         if self.denominator not in DENOMINATORS:
             raise ValueError(f"--pss-denominator must be one of {', '.join(DENOMINATORS)}, got {self.denominator!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"--pss-score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.bootstrap != 0 and self.bootstrap < 10:
+            raise ValueError(f"--bootstrap must be 0 (no intervals) or >= 10 resamples, got {self.bootstrap}")
         if self.metric not in METRICS:
             raise ValueError(f"--pss-metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.control_size < 1:
@@ -251,8 +269,16 @@ class PSSResult:
 
 
 def pss_value(g: float, cs: float, g_before: float) -> float:
-    """``|G - CS| / G_before`` (NaN when the denominator is 0)."""
-    return abs(g - cs) / g_before if g_before > 0 else float("nan")
+    """The paper's ``|G - CS| / denominator`` (NaN when the denominator is 0 or missing)."""
+    return abs(g - cs) / g_before if g_before is not None and g_before > 0 else float("nan")
+
+
+def pss_delta_value(g: float, cs: float, g0: float, cs0: float, denominator: float) -> float:
+    """Baseline-corrected ``|(G_before - G) - (CS_before - CS)| / denominator``: 0 when masking
+    costs the concept exactly what it costs the control (NaN when the denominator is 0)."""
+    if denominator is None or not denominator > 0:
+        return float("nan")
+    return abs((g0 - g) - (cs0 - cs)) / denominator
 
 
 def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cfg: PSSConfig, *,
@@ -269,6 +295,15 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
     cfg.validate(probe)
     if not lm.has_lm_head:
         raise ValueError("PSS needs a language-model head (multiple-choice scoring); this model has none")
+    ms = scorer or MaskedScorer(lm, batch_rows=cfg.batch_rows, metric=cfg.metric)
+    if overall_accuracy is None:
+        # Not given (analyze passes the scoring pass's): score the whole probe without a mask.
+        every = ms.correctness([(q, None) for q in range(len(probe.questions))], {None: None}, probe.questions)
+        overall_accuracy = float(np.mean([every[(q, None)] for q in range(len(probe.questions))]))
+        logger.info("PSS: overall %s accuracy before masking %.4f", cfg.metric, overall_accuracy)
+    if cfg.denominator == "overall" and not overall_accuracy > 0:
+        logger.warning("PSS: the model's overall accuracy is %s, so every PSS (denominator 'overall') is NaN",
+                       overall_accuracy)
     L, D = lm.n_layers, lm.d_ff
     d = differential_scores(concept_mass, probe.concept_category, cfg.unrelated)
     valid = [k for k in range(len(probe.concepts)) if torch.isfinite(d[k]).all()]
@@ -280,7 +315,6 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
     qidx_by_concept: Dict[int, List[int]] = {}
     for i, q in enumerate(probe.questions):
         qidx_by_concept.setdefault(probe.concept_index(q), []).append(i)
-    ms = scorer or MaskedScorer(lm, batch_rows=cfg.batch_rows, metric=cfg.metric)
 
     # Unmasked accuracy of every question involved: CS_before, G_before.
     involved = sorted(set(control).union(*[qidx_by_concept[k] for k in chosen]))
@@ -305,7 +339,7 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
         masks: Dict[object, torch.Tensor] = {}
         for r in cfg.ratios:
             top = top_vectors(d[k], r, L, D, cfg.selection)
-            layer_hist[r] += np.bincount((top // D).numpy(), minlength=L)
+            layer_hist[r] += np.bincount((top // D).cpu().numpy(), minlength=L)
             masks[("top", r)] = top
             if cfg.random_control:
                 masks[("random", r)] = random_vectors(r, L, D, cfg.selection, _seed(cfg.seed, name, r))
@@ -316,18 +350,20 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
         res = ms.correctness(jobs, masks, probe.questions, progress=bar.update)
         cs0 = float(np.mean([correct_before[q] for q in own]))
         g0 = float(np.mean([correct_before[q] for q in ctrl])) if ctrl else float("nan")
-        denom = g0 if cfg.denominator == "general" else (overall_accuracy if overall_accuracy is not None else g0)
+        denom = g0 if cfg.denominator == "general" else overall_accuracy
         crow = []
         for r in cfg.ratios:
             row = {"concept": name, "category": probe.categories[probe.concept_category[k]],
                    "tier": probe.concept_tier[k], "ratio": r, "n_vectors": int(masks[("top", r)].numel()),
-                   "cs_before": cs0, "g_before": g0, "denominator": denom}
+                   "cs_before": cs0, "g_before": g0, "denominator": denom,
+                   "pss_floor": pss_value(g0, cs0, denom)}
             for kind in kinds:
                 cs = float(np.mean([res[(q, (kind, r))] for q in own]))
                 g = float(np.mean([res[(q, (kind, r))] for q in ctrl])) if ctrl else float("nan")
                 pre = "" if kind == "top" else "random_"
                 row[pre + "cs"], row[pre + "g"] = cs, g
                 row[pre + "pss"] = pss_value(g, cs, denom)
+                row[pre + "pss_delta"] = pss_delta_value(g, cs, g0, cs0, denom)
                 row[pre + "pss_general"] = pss_value(g, cs, g0)
                 row[pre + "pss_overall"] = pss_value(g, cs, overall_accuracy) if overall_accuracy is not None else None
             crow.append(row)
@@ -349,42 +385,84 @@ def _curve(rows, key, ratios):
     return out
 
 
-def _peak(curve, ratios):
-    finite = [(v, r) for v, r in zip(curve, ratios) if not math.isnan(v)]
-    if not finite:
-        return float("nan"), None
-    v, r = max(finite, key=lambda t: t[0])
-    return v, r
+def _matrix(rows, key, ratios) -> np.ndarray:
+    """``(concepts, ratios)`` of ``key`` (NaN where missing), concepts in order of appearance."""
+    concepts = list(dict.fromkeys(x["concept"] for x in rows))
+    ci = {c: i for i, c in enumerate(concepts)}
+    ri = {float(r): j for j, r in enumerate(ratios)}
+    m = np.full((len(concepts), len(ratios)), np.nan)
+    for x in rows:
+        v = x.get(key)
+        if v is not None and float(x["ratio"]) in ri:
+            m[ci[x["concept"]], ri[float(x["ratio"])]] = v
+    return m
+
+
+def _scored(rows, key, ratios, n_boot, seed) -> Dict[str, object]:
+    """Curve, intervals and peak of one score over concepts."""
+    b = stats.bootstrap_curve(_matrix(rows, key, ratios), n_boot, seed)
+    pi = b["peak_index"]
+    return {"curve": b["curve"], "curve_ci": b["curve_ci"], "peak": b["peak"],
+            "peak_ratio": ratios[pi] if pi is not None else None, "peak_ci": b["peak_ci"]}
+
+
+def _score_block(rows, score, ratios, cfg: PSSConfig, random_control: bool) -> Dict[str, object]:
+    key = "pss" if score == "paper" else "pss_delta"
+    seed = _seed(cfg.seed, "bootstrap", score)
+    out = _scored(rows, key, ratios, cfg.bootstrap, seed)
+    if random_control:
+        rnd = _scored(rows, "random_" + key, ratios, cfg.bootstrap, seed)
+        out.update({"random_curve": rnd["curve"], "random_curve_ci": rnd["curve_ci"], "random_peak": rnd["peak"],
+                    "random_peak_ci": rnd["peak_ci"]})
+    else:
+        out.update({"random_curve": None, "random_curve_ci": None, "random_peak": None, "random_peak_ci": None})
+    return out
 
 
 def summarize_pss(rows: List[dict], cfg: PSSConfig, n_concepts: int, n_control: int,
                   overall_accuracy: Optional[float]) -> Dict[str, object]:
-    ratios = list(cfg.ratios)
-    curve = _curve(rows, "pss", ratios)
-    peak, peak_ratio = _peak(curve, ratios)
+    """Curves, peaks and 95% bootstrap intervals (over concepts) of both scores.
+
+    The top-level ``curve``/``peak``/``peak_ci``/``random_curve``... are those of the score
+    ``cfg.score`` (the headline); ``paper`` and ``delta`` hold both in full. ``floor`` is the
+    paper score's value at ratio 0 (no mask), with its interval."""
+    ratios = [float(r) for r in cfg.ratios]
+    blocks = {sc: _score_block(rows, sc, ratios, cfg, cfg.random_control) for sc in SCORES}
+    floor_rows = list({x["concept"]: x.get("pss_floor") for x in rows}.values())
+    floor = stats.bootstrap_mean([np.nan if v is None else v for v in floor_rows], cfg.bootstrap,
+                                 _seed(cfg.seed, "bootstrap", "floor"))
+    head = blocks[cfg.score]
     out = {
+        "score": cfg.score,
         "ratios": ratios,
-        "curve": curve,
-        "random_curve": _curve(rows, "random_pss", ratios) if cfg.random_control else None,
-        "peak": peak,
-        "peak_ratio": peak_ratio,
+        **{k: head[k] for k in ("curve", "curve_ci", "peak", "peak_ci", "peak_ratio", "random_curve",
+                                "random_curve_ci", "random_peak", "random_peak_ci")},
+        "floor": floor["mean"],
+        "floor_ci": floor["ci"],
+        "paper": blocks["paper"],
+        "delta": blocks["delta"],
         "curve_general": _curve(rows, "pss_general", ratios),
         "curve_overall": _curve(rows, "pss_overall", ratios) if overall_accuracy is not None else None,
         "cs_curve": _curve(rows, "cs", ratios),
         "g_curve": _curve(rows, "g", ratios),
+        "cs_before": float(np.mean([x["cs_before"] for x in rows])) if rows else float("nan"),
+        "g_before": float(np.nanmean([x["g_before"] for x in rows])) if rows else float("nan"),
+        "overall_accuracy": overall_accuracy,
         "denominator": cfg.denominator,
         "unrelated": cfg.unrelated,
         "selection": cfg.selection,
         "metric": cfg.metric,
         "concepts": n_concepts,
         "control_questions": n_control,
+        "bootstrap": cfg.bootstrap,
+        "ci_level": stats.CI_LEVEL,
     }
     for group in ("tier", "category"):
         by = {}
         for g in sorted({str(x[group]) for x in rows if x[group] is not None}):
             sub = [x for x in rows if str(x[group]) == g]
-            c = _curve(sub, "pss", ratios)
-            p, pr = _peak(c, ratios)
-            by[g] = {"curve": c, "peak": p, "peak_ratio": pr, "concepts": len({x["concept"] for x in sub})}
+            both = {sc: _scored(sub, "pss" if sc == "paper" else "pss_delta", ratios, cfg.bootstrap,
+                                _seed(cfg.seed, "bootstrap", sc, group, g)) for sc in SCORES}
+            by[g] = {**both[cfg.score], **both, "concepts": len({x["concept"] for x in sub})}
         out[f"by_{group}"] = by
     return out

@@ -78,9 +78,27 @@ def test_end_to_end(tmp_path, llama_dir, probe_file):
     rows = (out / "concepts.csv").read_text().splitlines()
     assert rows[0] == "concept,category,tier,questions,mcq,mcq_norm,open" and len(rows) == 10
     html = (out / "report.html").read_text()
-    assert html.count("<img") == 7 and "Parameter Specialization Score" in html
-    assert s["pss"]["ratios"] == [0.1, 0.5, 1.0, 2.0, 5.0, 10.0] and len(s["pss"]["random_curve"]) == 6
-    assert (out / "pss.csv").read_text().splitlines()[0].startswith("concept,category,tier,ratio,n_vectors,cs,g,pss,random_cs")
+    assert html.count("<img") == 8 and "Parameter Specialization Score" in html and "floor" in html
+    assert "Specialisation against its controls" in html
+    p = s["pss"]
+    assert p["ratios"] == [0.1, 0.5, 1.0, 2.0, 5.0, 10.0] and len(p["random_curve"]) == 6
+    assert p["denominator"] == "overall" and p["overall_accuracy"] == s["accuracy"]["mcq"] and p["score"] == "paper"
+    for sc in ("paper", "delta"):
+        b = p[sc]
+        for key in ("curve", "random_curve"):
+            for v, ci in zip(b[key], b[key + "_ci"]):
+                assert ci[0] <= v <= ci[1], (sc, key)
+        assert b["peak_ci"][0] <= b["peak"] + 1e-12 and b["peak_ratio"] in p["ratios"]
+    assert p["floor_ci"][0] <= p["floor"] <= p["floor_ci"][1] and p["bootstrap"] == 1000
+    assert (out / "pss.csv").read_text().splitlines()[0].startswith(
+        "concept,category,tier,ratio,n_vectors,cs,g,pss,pss_delta,pss_floor,random_cs")
+    curve = (out / "pss_curve.csv").read_text().splitlines()
+    assert curve[0] == "score,vectors,ratio,mean,ci_low,ci_high,headline" and len(curve) == 1 + 1 + 2 * 2 * 7
+    for k in ("gini_null", "excess_gini", "null_z", "above_null"):
+        assert n[k].shape == (2, 48), k
+    torch.testing.assert_close(n["excess_gini"], n["gini"] - n["gini_null"])
+    assert {"mean_gini_null", "mean_excess_gini", "share_above_null"} <= set(s["neurons"])
+    assert s["neurons"]["null_permutations"] == 8 and s["layers"][0]["categories_used"] == 3
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["options"]["positions"] == "question" and cfg["fingerprint"]["probe_sha256"]
     assert cfg["versions"]["transformers"] and cfg["model"]["down_proj"][0] == "model.layers.0.mlp.down_proj"
@@ -202,7 +220,34 @@ def test_nan_activations_are_counted_not_averaged(tmp_path, probe_file):
     assert s["nonfinite_prompt_layers"] == [12, 12]  # the 12 'river' prompts, in both layers
     assert s["empty_categories"] == ["river"] and s["categories_used"] == ["country", "person"]
     n = load_file(str(out / "neurons.safetensors"))
-    assert torch.isfinite(n["gini"]).all() and json.loads(load_file_meta(out / "neurons.safetensors")["categories"]) == ["country", "person"]
+    meta = load_file_meta(out / "neurons.safetensors")
+    assert torch.isfinite(n["gini"]).all() and json.loads(meta["categories"]) == ["country", "river", "person"]
+    assert json.loads(meta["categories_used_by_layer"]) == [[1, 0, 1], [1, 0, 1]]
+    assert set(n["top_category"].unique().tolist()) <= {0, 2}  # indices into the full list, never 'river'
+
+
+def test_category_missing_at_some_layers_is_dropped_there_only(caplog):
+    """A category without a usable prompt at layer 1 only: layer 1's neurons use the other
+    categories (not all dead), layer 0 keeps all three; counted and warned about."""
+    from specext.analyze import specialisation
+    from specext.probes import ProbeSet, Question
+    from specext.specialization import ConceptMass
+
+    qs = [Question(f"c{k}", cat, f"q{k}?", ("a", "b"), 0) for k, cat in enumerate(["x", "x", "y", "y", "z", "z"])]
+    probe = ProbeSet("p", qs)
+    g = torch.Generator().manual_seed(0)
+    mass = ConceptMass(6, 2, 40)
+    mass.counts.fill_(3.0)
+    mass.counts[4:, 1] = 0  # category z: no usable prompt at layer 1
+    mass.sums.copy_(torch.rand((6, 2, 40), generator=g) * mass.counts[..., None])
+    with caplog.at_level("WARNING"):
+        sp = specialisation(probe, mass, None, null_permutations=4, seed=0)
+    assert "layer 1: z" in caplog.text
+    assert sp.empty == [] and sp.dropped_by_layer == {1: ["z"]}
+    assert torch.isfinite(sp.table.gini).all()
+    assert [l["categories_used"] for l in sp.summary["layers"]] == [3, 2]
+    assert set(sp.table.top_category[1].tolist()) <= {0, 1} and 2 in set(sp.table.top_category[0].tolist())
+    assert torch.isfinite(sp.null.gini_null).all()
 
 
 def load_file_meta(path):

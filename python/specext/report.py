@@ -101,20 +101,88 @@ def plot_accuracy(summary: Dict, path: Path) -> None:
     _save(fig, path)
 
 
+def _band(ax, x, ci, color):
+    if not ci or all(c is None for c in ci):
+        return
+    lo = [np.nan if c is None else c[0] for c in ci]
+    hi = [np.nan if c is None else c[1] for c in ci]
+    ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
+
+
 def plot_pss_curve(pss: Dict, path: Path) -> None:
+    """Both scores side by side: the paper's (with its floor at ratio 0) and the
+    baseline-corrected delta, each against the random-vector control, with 95% bands."""
     plt = _plt()
     r = pss["ratios"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(r, pss["curve"], "o-", label="top differential vectors")
-    if pss.get("random_curve"):
-        ax.plot(r, pss["random_curve"], "s--", color="gray", label="random vectors (control)")
-    ax.set_xscale("log")
-    ax.set_xticks(r)
-    ax.set_xticklabels([f"{x:g}" for x in r])
-    ax.set_xlabel("masked value vectors (% of all)")
-    ax.set_ylabel(f"PSS (denominator: {pss['denominator']})")
-    ax.set_title(f"PSS vs masking ratio (mean over {pss['concepts']} concepts; peak {pss['peak']:.3f})")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=False)
+    for ax, sc in zip(axes, ("paper", "delta")):
+        b = pss.get(sc) or {}
+        if not b:
+            ax.set_visible(False)
+            continue
+        head = " (headline)" if pss.get("score") == sc else ""
+        ax.plot(r, b["curve"], "o-", color="C0", label="top differential vectors")
+        _band(ax, r, b.get("curve_ci"), "C0")
+        if b.get("random_curve"):
+            ax.plot(r, b["random_curve"], "s--", color="gray", label="random vectors (control)")
+            _band(ax, r, b.get("random_curve_ci"), "gray")
+        if sc == "paper" and pss.get("floor") is not None:
+            x0 = min(r) / 3
+            ax.errorbar([x0], [pss["floor"]], yerr=_yerr(pss["floor"], pss.get("floor_ci")), fmt="D", color="C3",
+                        capsize=3, label="floor: no mask (ratio 0)")
+            ax.axhline(pss["floor"], color="C3", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ticks = ([min(r) / 3] if sc == "paper" else []) + list(r)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels((["0"] if sc == "paper" else []) + [f"{x:g}" for x in r])
+        ax.set_xlabel("masked value vectors (% of all)")
+        ax.set_ylabel("PSS" if sc == "paper" else "PSS delta")
+        pk = b.get("peak")
+        pci = b.get("peak_ci")
+        pk_s = "n/a" if pk is None or pk != pk else f"{pk:.3f}" + (f" [{pci[0]:.3f}, {pci[1]:.3f}]" if pci else "")
+        ax.set_title(("paper: |G - CS| / A" if sc == "paper" else "delta: |dG - dCS| / A") + head
+                     + f"\npeak {pk_s}", fontsize=10)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"PSS vs masking ratio, mean over {pss['concepts']} concepts (bands: 95% bootstrap)", fontsize=10)
+    _save(fig, path)
+
+
+def _yerr(v, ci):
+    if not ci:
+        return None
+    return [[max(0.0, v - ci[0])], [max(0.0, ci[1] - v)]]
+
+
+def plot_gini_null(summary: Dict, path: Path) -> None:
+    """Per-layer mean Gini next to its permutation null and, when run, the random twin's."""
+    plt = _plt()
+    layers = summary["layers"]
+    x = [l["layer"] for l in layers]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    ax = axes[0]
+    ax.plot(x, [l["mean_gini"] for l in layers], "o-", color="C0", label="model")
+    ax.plot(x, [l.get("mean_gini_null") for l in layers], "s--", color="gray", label="null: categories permuted")
+    tw = summary.get("random_twin")
+    if tw:
+        ax.plot(x, [l.get("mean_gini") for l in tw["layers"]], "^-", color="C2", label="random-init twin")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean Gini over live neurons")
+    ax.set_title("Specialisation against its controls")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.bar(x, [l.get("share_above_null") for l in layers], color="C0", label="model")
+    if tw:
+        ax.plot(x, [l.get("share_above_null") for l in tw["layers"]], "^-", color="C2", label="random-init twin")
+    ax.axhline(0.01, color="C3", ls=":", label="1%: expected by chance")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of neurons")
+    ax.set_title("Neurons above their null's 99th percentile")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    for a in axes:
+        a.set_xticks(range(0, len(x), max(1, len(x) // 16)))
     _save(fig, path)
 
 
@@ -163,21 +231,61 @@ def _f(v) -> str:
     return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
+def _ci(v, c) -> str:
+    return _f(v) + ("" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]")
+
+
 def _pss_html(pss) -> str:
     if not pss:
         return ""
-    rows = [[f"{r:g}%", _f(c), _f(rc) if rc is not None else "n/a", _f(cs), _f(g)]
-            for r, c, rc, cs, g in zip(pss["ratios"], pss["curve"], pss.get("random_curve") or [None] * len(pss["ratios"]),
-                                       pss["cs_curve"], pss["g_curve"])]
-    return (f"<h2>Parameter Specialization Score</h2><p>Peak PSS <b>{_f(pss['peak'])}</b> at {pss['peak_ratio']}% of "
-            f"value vectors masked; {pss['concepts']} concepts, {pss['control_questions']} control questions, "
-            f"unrelated set '{html.escape(pss['unrelated'])}', {html.escape(pss['selection'])} selection, "
-            f"denominator '{html.escape(pss['denominator'])}', metric {html.escape(pss['metric'])}.</p>"
-            + _table(rows, ["ratio", "PSS", "random PSS", "mean CS", "mean G"]))
+    n = len(pss["ratios"])
+    none = [None] * n
+    pa, de = pss["paper"], pss["delta"]
+    rows = [["0 (no mask)", _ci(pss["floor"], pss.get("floor_ci")), "", "0", "", _f(pss.get("cs_before")),
+             _f(pss.get("g_before"))]]
+    for i, r in enumerate(pss["ratios"]):
+        rows.append([f"{r:g}%", _ci(pa["curve"][i], pa["curve_ci"][i]),
+                     _ci((pa["random_curve"] or none)[i], (pa["random_curve_ci"] or none)[i]),
+                     _ci(de["curve"][i], de["curve_ci"][i]),
+                     _ci((de["random_curve"] or none)[i], (de["random_curve_ci"] or none)[i]),
+                     _f(pss["cs_curve"][i]), _f(pss["g_curve"][i])])
+    head = {"paper": "the paper's PSS", "delta": "the baseline-corrected PSS delta"}[pss["score"]]
+    return (f"<h2>Parameter Specialization Score</h2><p>Headline ({html.escape(head)}): peak "
+            f"<b>{_ci(pss['peak'], pss.get('peak_ci'))}</b> at {pss['peak_ratio']}% of value vectors masked "
+            f"(random vectors: {_ci(pss.get('random_peak'), pss.get('random_peak_ci'))}). The paper's score has a "
+            f"<b>floor</b> of {_ci(pss['floor'], pss.get('floor_ci'))} before anything is masked (concepts easier or "
+            f"harder than the control set); the delta score subtracts it. {pss['concepts']} concepts, "
+            f"{pss['control_questions']} control questions, unrelated set '{html.escape(pss['unrelated'])}', "
+            f"{html.escape(pss['selection'])} selection, denominator '{html.escape(pss['denominator'])}', metric "
+            f"{html.escape(pss['metric'])}; brackets: 95% bootstrap intervals over concepts "
+            f"({pss.get('bootstrap')} resamples).</p>"
+            + _table(rows, ["ratio", "PSS (paper)", "random", "PSS delta", "random", "mean CS", "mean G"]))
+
+
+def _controls_html(summary) -> str:
+    n = summary["neurons"]
+    if "mean_gini_null" not in n:
+        return ""
+    rows = [["model", _f(n["mean_gini"]), _f(n["mean_gini_null"]), _f(n["mean_excess_gini"]),
+             _f(n["share_above_null"])]]
+    tw = summary.get("random_twin")
+    if tw:
+        rows.append(["random-init twin", _f(tw["mean_gini"]), _f(tw.get("mean_gini_null")),
+                     _f(tw.get("mean_excess_gini")), _f(tw.get("share_above_null"))])
+        r = tw["model_over_twin"]
+        rows.append(["model / twin", _f(r["mean_gini"]), "", _f(r["mean_excess_gini"]), ""])
+    return ("<h2>Specialisation against its controls</h2><p>The <b>null</b> reassigns concepts to categories at "
+            f"random ({n.get('null_permutations')} permutations, category sizes kept): the Gini that finite samples "
+            "give with no category structure. <b>Excess Gini</b> = Gini - null. A neuron is <b>above its null</b> when "
+            "its Gini, standardised against its own permutation draws, exceeds the 99th percentile of the layer's "
+            "pooled null draws (1% expected by chance)."
+            + (" The <b>random-init twin</b> is the same architecture with seeded random weights on the same probe "
+               "and positions: what template words alone give." if tw else "") + "</p>"
+            + _table(rows, ["", "mean Gini", "mean null Gini", "mean excess Gini", "share above null"]))
 
 
 def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, categories: List[str],
-                 pss_layers: Dict = None) -> Path:
+                 pss_layers: Dict = None, null=None, twin_gini: torch.Tensor = None) -> Path:
     """Write the PNGs and ``report.html`` into ``out``; returns the HTML path."""
     out = Path(out)
     plots = {
@@ -185,6 +293,8 @@ def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, catego
         "norm_entropy_hist.png": lambda p: plot_norm_entropy(table.norm_entropy.cpu(), p),
         "layer_category_mass.png": lambda p: plot_layer_category(cat_mass.cpu(), categories, p),
     }
+    if "mean_gini_null" in summary["neurons"]:
+        plots["gini_null.png"] = lambda p: plot_gini_null(summary, p)
     if summary["accuracy"].get("applicable"):
         plots["accuracy.png"] = lambda p: plot_accuracy(summary, p)
     pss = summary.get("pss")
@@ -198,14 +308,19 @@ def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, catego
     a, n = summary["accuracy"], summary["neurons"]
     acc_rows = [["mcq (acc)", _f(a["mcq"])], ["mcq_norm (acc_norm)", _f(a["mcq_norm"])], ["open-ended", _f(a["open"])]]
     neu_rows = [[k, _f(v)] for k, v in n.items()]
-    layer_rows = [[l["layer"], _f(l["mean_gini"]), _f(l["median_gini"]), _f(l["share_gini_above_0.3"]),
-                   _f(l["mean_norm_entropy"]), l["dead"]] for l in summary["layers"]]
+    layer_rows = [[l["layer"], _f(l["mean_gini"]), _f(l.get("mean_excess_gini")), _f(l.get("share_above_null")),
+                   _f(l["median_gini"]), _f(l["share_gini_above_0.3"]), _f(l["mean_norm_entropy"]), l["dead"],
+                   l.get("categories_used", "")] for l in summary["layers"]]
     captions = {
         "gini_by_layer.png": "How unevenly each neuron's mass spreads over categories, by layer (0 = even, 1 - 1/C = one category).",
         "norm_entropy_hist.png": "Category entropy of every live neuron, normalised by ln C.",
         "layer_category_mass.png": "Each layer's total MLP mass split over categories.",
         "accuracy.png": "Probe accuracy by category and frequency tier.",
-        "pss_curve.png": "Parameter Specialization Score as more value vectors are masked, against masking as many random vectors.",
+        "pss_curve.png": "Both PSS scores as more value vectors are masked, against masking as many random vectors; "
+                         "left the paper's score with its floor (no mask) at 0, right the baseline-corrected delta; "
+                         "bands are 95% bootstrap intervals over concepts.",
+        "gini_null.png": "Mean Gini per layer next to its permutation null (and the random-init twin, when run); "
+                         "right, the share of neurons above their null's 99th percentile.",
         "pss_groups.png": "PSS by frequency tier and by category (number of concepts in brackets).",
         "pss_layers.png": "Layer distribution of the masked (top differential) value vectors, per ratio.",
     }
@@ -223,13 +338,16 @@ th{{background:#f3f3f3}}figure{{margin:1em 0}}img{{max-width:100%}}code{{backgro
 Run time {summary['seconds']} s.</p>
 <h2>Accuracy</h2>{_table(acc_rows, ['metric', 'value']) if a.get('applicable') else '<p>Not applicable: the model has no language-model head (specialisation only).</p>'}
 {_pss_html(pss)}
+{_controls_html(summary)}
 <h2>Neurons</h2>{_table(neu_rows, ['aggregate (live neurons)', 'value'])}
 {('<p>Categories without usable prompts: ' + html.escape(', '.join(summary['empty_categories'])) + '</p>') if summary.get('empty_categories') else ''}
 {('<p>Non-finite activations (prompt-layers left out): ' + html.escape(json.dumps(summary['nonfinite_prompt_layers'])) + '</p>') if any(summary.get('nonfinite_prompt_layers', [])) else ''}
 <h2>Plots</h2>{imgs}
-<h2>Layers</h2>{_table(layer_rows, ['layer', 'mean Gini', 'median Gini', 'share Gini > 0.3', 'mean norm. entropy', 'dead'])}
+<h2>Layers</h2>{_table(layer_rows, ['layer', 'mean Gini', 'mean excess Gini', 'share above null', 'median Gini', 'share Gini > 0.3', 'mean norm. entropy', 'dead', 'categories'])}
+{('<p>Categories left out at some layers (no usable prompt there): ' + html.escape(json.dumps(summary['categories_dropped_by_layer'])) + '</p>') if summary.get('categories_dropped_by_layer') else ''}
 <p>Files: <code>summary.json</code>, <code>config.json</code> (all options and versions), <code>neurons.safetensors</code>,
-<code>mass.safetensors</code>, <code>concepts.csv</code>, <code>questions.jsonl</code>.</p>
+<code>mass.safetensors</code>, <code>concepts.csv</code>, <code>questions.jsonl</code>, <code>pss.csv</code> (per concept and ratio),
+<code>pss_curve.csv</code> (curves with intervals).</p>
 </body></html>
 """
     path = out / "report.html"

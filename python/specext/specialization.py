@@ -37,18 +37,28 @@ class ConceptMass:
         self.sums = torch.zeros((n_concepts, n_layers, d_ff), dtype=torch.float32, device=device)
         self.counts = torch.zeros((n_concepts, n_layers), dtype=torch.float32, device=device)
         self.nonfinite = torch.zeros((n_layers,), dtype=torch.int64, device=device)
+        self.unselected = torch.zeros((), dtype=torch.int64, device=device)
 
-    def add(self, concept_idx: torch.Tensor, prompt_stats: torch.Tensor) -> None:
-        """Fold a batch of prompt statistics ``(B, L, d_ff)`` into the concepts ``concept_idx (B,)``."""
-        ok = torch.isfinite(prompt_stats).all(-1)  # (B, L)
-        stats = torch.where(ok[..., None], prompt_stats, torch.zeros_like(prompt_stats))
-        idx = concept_idx.to(self.sums.device)
-        self.sums.index_add_(0, idx, stats.to(self.sums.device))
-        self.counts.index_add_(0, idx, ok.float().to(self.counts.device))
-        self.nonfinite += (~ok).sum(0).to(self.nonfinite.device)
+    def add(self, concept_idx: torch.Tensor, prompt_stats: torch.Tensor,
+            valid: Optional[torch.Tensor] = None) -> None:
+        """Fold a batch of prompt statistics ``(B, L, d_ff)`` into the concepts ``concept_idx (B,)``.
+
+        ``valid (B,)`` bool marks prompts that have tokens at the chosen positions (e.g. the
+        concept's name for ``--positions subject``); the others are left out and counted in
+        ``unselected``."""
+        dev = self.sums.device
+        finite = torch.isfinite(prompt_stats).all(-1).to(dev)  # (B, L)
+        sel = torch.ones(finite.shape[0], dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
+        ok = finite & sel[:, None]
+        stats = torch.where(ok[..., None], prompt_stats.to(dev), torch.zeros((), dtype=prompt_stats.dtype, device=dev))
+        idx = concept_idx.to(dev)
+        self.sums.index_add_(0, idx, stats)
+        self.counts.index_add_(0, idx, ok.float())
+        self.nonfinite += (~finite & sel[:, None]).sum(0)
+        self.unselected += (~sel).sum()
 
     def state(self) -> Dict[str, torch.Tensor]:
-        return {"sums": self.sums, "counts": self.counts, "nonfinite": self.nonfinite}
+        return {"sums": self.sums, "counts": self.counts, "nonfinite": self.nonfinite, "unselected": self.unselected}
 
     def load_state(self, st: Dict[str, torch.Tensor]) -> None:
         for k, v in st.items():
@@ -59,13 +69,20 @@ class ConceptMass:
         return self.sums / self.counts[..., None]
 
     def category_mass(self, concept_category: Sequence[int], n_categories: int) -> torch.Tensor:
-        """``(C, L, d_ff)``: each category's prompt-weighted mean over its concepts."""
+        """``(C, L, d_ff)``: each category's prompt-weighted mean over its concepts (NaN at the
+        layers where the category has no usable prompt)."""
         cat = torch.as_tensor(list(concept_category), dtype=torch.long, device=self.sums.device)
         sums = torch.zeros((n_categories,) + tuple(self.sums.shape[1:]), dtype=torch.float64, device=self.sums.device)
         sums.index_add_(0, cat, self.sums.double())
-        counts = torch.zeros((n_categories, self.sums.shape[1]), dtype=torch.float64, device=self.sums.device)
-        counts.index_add_(0, cat, self.counts.double())
+        counts = self.category_counts(concept_category, n_categories).to(sums.device)
         return (sums / counts[..., None]).float()
+
+    def category_counts(self, concept_category: Sequence[int], n_categories: int) -> torch.Tensor:
+        """``(C, L)`` float64: usable prompts per category and layer."""
+        cat = torch.as_tensor(list(concept_category), dtype=torch.long, device=self.counts.device)
+        counts = torch.zeros((n_categories, self.counts.shape[1]), dtype=torch.float64, device=self.counts.device)
+        counts.index_add_(0, cat, self.counts.double())
+        return counts
 
 
 @dataclass
@@ -84,18 +101,46 @@ class NeuronTable:
                 ("gini", "entropy", "norm_entropy", "top_category", "top_share", "total")}
 
 
-def neuron_table(category_mass: torch.Tensor, value_norms: Optional[torch.Tensor] = None) -> NeuronTable:
+def neuron_table(category_mass: torch.Tensor, value_norms: Optional[torch.Tensor] = None,
+                 usable: Optional[torch.Tensor] = None) -> NeuronTable:
     """Per-neuron statistics over categories from ``category_mass (C, L, d_ff)``; optional
-    ``value_norms (L, d_ff)`` scale the mass (``stat="contribution"``)."""
+    ``value_norms (L, d_ff)`` scale the mass (``stat="contribution"``).
+
+    ``usable (C, L)`` bool says which categories have usable prompts at each layer (default:
+    every category); a layer's statistics are computed over its usable categories only, so a
+    category missing at some layers does not make those layers' neurons look dead.
+    ``top_category`` always indexes the full category list. A layer without any usable
+    category has only dead (NaN) neurons."""
     C, L, D = category_mass.shape
     m = category_mass
     if value_norms is not None:
         m = m * value_norms.to(m.device)[None]
-    st = ops.neuron_specialization(m.reshape(C, L * D).float().contiguous())
-    return NeuronTable(**{k: v.reshape(L, D) for k, v in st._asdict().items()})
+    if usable is None:
+        usable = torch.ones((C, L), dtype=torch.bool)
+    usable = usable.to(torch.bool).cpu()
+    fields = ("gini", "entropy", "norm_entropy", "top_category", "top_share", "total")
+    out = {k: torch.full((L, D), -1 if k == "top_category" else float("nan"),
+                         dtype=torch.int64 if k == "top_category" else torch.float32, device=m.device) for k in fields}
+    out["total"].zero_()
+    groups: Dict[tuple, List[int]] = {}
+    for l in range(L):
+        groups.setdefault(tuple(int(c) for c in usable[:, l].nonzero().flatten().tolist()), []).append(l)
+    for keep, layers in groups.items():
+        if not keep:
+            continue
+        sub = m[list(keep)][:, layers, :]  # (C_keep, n_layers, D)
+        st = ops.neuron_specialization(sub.reshape(len(keep), len(layers) * D).float().contiguous())._asdict()
+        li = torch.as_tensor(layers, device=m.device)
+        for k in fields:
+            v = st[k].reshape(len(layers), D)
+            if k == "top_category":
+                kmap = torch.as_tensor(list(keep) + [-1], dtype=torch.int64, device=v.device)
+                v = kmap[torch.where(v < 0, torch.full_like(v, len(keep)), v)]
+            out[k][li] = v.to(out[k].dtype)
+    return NeuronTable(**out)
 
 
-def _agg(g: torch.Tensor, h: torch.Tensor, dead: torch.Tensor) -> Dict[str, float]:
+def _agg(g: torch.Tensor, h: torch.Tensor, dead: torch.Tensor, null=None) -> Dict[str, float]:
     live = ~dead
     gl, hl = g[live].double(), h[live].double()
     out: Dict[str, float] = {
@@ -107,19 +152,34 @@ def _agg(g: torch.Tensor, h: torch.Tensor, dead: torch.Tensor) -> Dict[str, floa
     }
     for t in GINI_THRESHOLDS:
         out[f"share_gini_above_{t}"] = float((gl > t).double().mean()) if gl.numel() else float("nan")
+    if null is not None:
+        gn, above = null
+        ok = live & ~gn.isnan()
+        out["mean_gini_null"] = float(gn[ok].double().mean()) if ok.any() else float("nan")
+        out["mean_excess_gini"] = float((g[ok].double() - gn[ok].double()).mean()) if ok.any() else float("nan")
+        out["share_above_null"] = float(above[ok].double().mean()) if ok.any() else float("nan")
     return out
 
 
-def summarize(table: NeuronTable) -> Dict[str, object]:
-    """Model-level and per-layer aggregates over live neurons (dead/invalid ones counted)."""
+def summarize(table: NeuronTable, null=None) -> Dict[str, object]:
+    """Model-level and per-layer aggregates over live neurons (dead/invalid ones counted).
+
+    With ``null`` (a :class:`specext.null_model.NullResult`) also the mean null Gini, the
+    mean excess Gini and the share of neurons above their null's 99th percentile."""
     dead = table.gini.isnan()
-    model = _agg(table.gini, table.norm_entropy, dead)
+    nt = None if null is None else (null.gini_null.to(table.gini.device), null.above_null.to(table.gini.device))
+    model = _agg(table.gini, table.norm_entropy, dead, nt)
     layers = []
     for l in range(table.gini.shape[0]):
-        d = _agg(table.gini[l], table.norm_entropy[l], dead[l])
+        d = _agg(table.gini[l], table.norm_entropy[l], dead[l], None if nt is None else (nt[0][l], nt[1][l]))
         d["layer"] = l
+        if null is not None:
+            d["null_z_threshold"] = null.thresholds[l]
         layers.append(d)
-    return {"neurons": model, "layers": layers}
+    out = {"neurons": model, "layers": layers}
+    if null is not None:
+        out["neurons"]["null_permutations"] = null.permutations
+    return out
 
 
 def accuracy_breakdown(rows: List[Dict[str, object]], keys=("mcq", "mcq_norm", "open")) -> Dict[str, object]:

@@ -1,0 +1,148 @@
+"""A permutation null for per-neuron specialisation.
+
+A neuron's Gini over categories is positive even when nothing is specialised: every
+category mass is an average of finitely many prompts, so the masses differ by chance. The
+null keeps everything but the link between concepts and categories: concepts are randomly
+reassigned to categories (each category keeps its number of concepts), the category masses
+are recomputed from the concept sums already accumulated, and so are the neurons' Ginis.
+
+Per neuron: ``gini_null`` (the mean over ``P`` permutations) and ``excess_gini = gini -
+gini_null``. Whether a neuron is more specialised than its null is decided by a
+*studentised, pooled* permutation test, because ``P`` is small (8 by default) and the
+empirical 99th percentile of 8 draws is their maximum (exceeded by chance 1 time in 9):
+
+- every draw ``x_i`` of a neuron (the observed Gini and its ``P`` null Ginis, ``P + 1``
+  exchangeable values when the labels carry no signal) is standardised against the other
+  ``P``: ``z_i = (x_i - mean_{j != i} x_j) / sd_{j != i} x_j``;
+- the null ``z`` of all live neurons of a layer are pooled, and the neuron is *above its
+  null* when its observed ``z`` exceeds the pool's 99th percentile.
+
+So each neuron is compared with its own null's location and spread, the shape of the tail
+is estimated from ``P x d_ff`` null draws, and under exchangeability the share of neurons
+above is 1 % in expectation, whatever ``P``. Concepts without a usable prompt at a layer and
+categories without one are left out at that layer, as in :func:`specialization.neuron_table`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import ops
+
+logger = logging.getLogger(__name__)
+
+NULL_QUANTILE = 0.99
+
+
+@dataclass
+class NullResult:
+    """Per-neuron results, each ``(L, d_ff)``, and the per-layer thresholds."""
+
+    gini_null: torch.Tensor  # mean Gini over the permutations (NaN for dead neurons)
+    excess_gini: torch.Tensor  # gini - gini_null
+    null_z: torch.Tensor  # the observed Gini standardised against its null draws
+    above_null: torch.Tensor  # bool: null_z above the layer's pooled 99th percentile
+    thresholds: List[float]  # per layer: the pooled 99th percentile of the null z
+    permutations: int
+    seed: int
+
+    def as_dict(self) -> Dict[str, torch.Tensor]:
+        return {"gini_null": self.gini_null.contiguous().cpu(), "excess_gini": self.excess_gini.contiguous().cpu(),
+                "null_z": self.null_z.contiguous().cpu(), "above_null": self.above_null.to(torch.uint8).contiguous().cpu()}
+
+
+def permutation_ginis(sums: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, n_categories: int,
+                      perms: torch.Tensor) -> torch.Tensor:
+    """Ginis of one layer's neurons for each relabelling of its concepts.
+
+    ``sums (K, d_ff)``, ``counts (K,)``: usable concepts' sums and prompt counts at this layer;
+    ``labels (K,)`` their categories in ``[0, n_categories)``, every category present;
+    ``perms (P, K)``: permutations of ``range(K)``; draw ``p`` gives concept ``k`` the label
+    ``labels[perms[p, k]]`` (category sizes kept). Returns ``(P, d_ff)`` float32.
+    """
+    K, D = sums.shape
+    out = torch.empty((perms.shape[0], D), dtype=torch.float32, device=sums.device)
+    s64, c64 = sums.double(), counts.double()
+    for p in range(perms.shape[0]):
+        lab = labels[perms[p]]
+        cs = torch.zeros((n_categories, D), dtype=torch.float64, device=sums.device).index_add_(0, lab, s64)
+        cc = torch.zeros((n_categories,), dtype=torch.float64, device=sums.device).index_add_(0, lab, c64)
+        out[p] = ops.neuron_specialization((cs / cc[:, None]).float().contiguous()).gini
+    return out
+
+
+def studentized(observed: torch.Tensor, null: torch.Tensor):
+    """Leave-one-out standardisation of ``P + 1`` exchangeable draws per neuron.
+
+    ``observed (D,)``, ``null (P, D)``; returns ``(z_observed (D,), z_null (P, D))`` where each
+    draw is standardised by the mean and sample sd of the *other* ``P`` draws. A draw equal to
+    the others' mean with zero spread gets 0; a different one +-inf.
+    """
+    x = torch.cat([observed[None], null], 0).double()  # (P+1, D)
+    n = x.shape[0] - 1  # size of each reference set
+    if n < 2:
+        raise ValueError(f"the null needs at least 2 permutations, got {n}")
+    s, q = x.sum(0), (x * x).sum(0)
+    m = (s[None] - x) / n
+    var = ((q[None] - x * x) - n * m * m) / (n - 1)
+    var = var.clamp_min(0)
+    diff = x - m
+    tol = 1e-12 * x.abs().amax(0).clamp_min(1e-30)[None]  # rounding noise of an all-equal set
+    z = torch.where(var.sqrt() > tol, diff / var.sqrt(), torch.where(diff.abs() <= tol, torch.zeros_like(diff),
+                                                                     diff.sign() * float("inf")))
+    return z[0], z[1:]
+
+
+def permutation_null(sums: torch.Tensor, counts: torch.Tensor, concept_category: Sequence[int], n_categories: int,
+                     gini: torch.Tensor, *, permutations: int = 8, seed: int = 0,
+                     quantile: float = NULL_QUANTILE) -> NullResult:
+    """The concept-permutation null of every neuron's Gini.
+
+    ``sums (K, L, d_ff)`` and ``counts (K, L)``: the concept sums and prompt counts the run
+    accumulated; ``gini (L, d_ff)``: the observed Ginis (:func:`specialization.neuron_table`).
+    Per layer, only concepts with a usable prompt take part and only the categories they
+    cover. Permutations come from ``torch.Generator().manual_seed(seed + layer)``.
+    """
+    if permutations < 2:
+        raise ValueError(f"--null-permutations must be 0 (off) or >= 2, got {permutations}")
+    K, L, D = sums.shape
+    dev = sums.device
+    cat = torch.as_tensor(list(concept_category), dtype=torch.long)
+    gini_null = torch.full((L, D), float("nan"), dtype=torch.float32, device=dev)
+    z_obs = torch.full((L, D), float("nan"), dtype=torch.float64, device=dev)
+    above = torch.zeros((L, D), dtype=torch.bool, device=dev)
+    thresholds: List[float] = []
+    counts_cpu = counts.detach().cpu()
+    for l in range(L):
+        ok = (counts_cpu[:, l] > 0).nonzero().flatten()
+        lab = cat[ok]
+        present = sorted(set(lab.tolist()))
+        if len(ok) < 2 or len(present) < 2:
+            thresholds.append(float("nan"))
+            continue
+        dense = torch.full((n_categories,), -1, dtype=torch.long)
+        dense[present] = torch.arange(len(present))
+        g = torch.Generator().manual_seed(seed + l)
+        perms = torch.stack([torch.randperm(len(ok), generator=g) for _ in range(permutations)])
+        okd = ok.to(dev)
+        null = permutation_ginis(sums[okd, l, :], counts[okd, l], dense[lab].to(dev), len(present), perms.to(dev))
+        obs = gini[l].to(dev)
+        live = torch.isfinite(obs) & torch.isfinite(null).all(0)
+        gini_null[l] = torch.where(live, null.mean(0), torch.full_like(obs, float("nan")))
+        zo, zn = studentized(torch.where(live, obs, torch.zeros_like(obs)),
+                             torch.where(live[None], null, torch.zeros_like(null)))
+        pool = zn[:, live].flatten()
+        pool = pool[~pool.isnan()]
+        if pool.numel() == 0:
+            thresholds.append(float("nan"))
+            continue
+        thr = float(torch.quantile(pool.clamp(-1e300, 1e300).cpu(), quantile))
+        thresholds.append(thr)
+        z_obs[l] = torch.where(live, zo, torch.full_like(zo, float("nan")))
+        above[l] = live & (zo > thr)
+    return NullResult(gini_null=gini_null, excess_gini=(gini.to(dev) - gini_null), null_z=z_obs.float(),
+                      above_null=above, thresholds=thresholds, permutations=permutations, seed=seed)

@@ -302,10 +302,17 @@ def test_compare_runs(tmp_path):
         d = tmp_path / f"run{i}"
         d.mkdir()
         acc, pss, gini = rng.uniform(0.3, 0.9), rng.uniform(0.01, 0.2), rng.uniform(0.1, 0.3)
+        delta = pss / 2
         (d / "summary.json").write_text(json.dumps({
             "model": f"m{i}", "architecture": "X", "parameters": 10 ** (6 + i), "accuracy": {"mcq": acc, "mcq_norm": acc, "open": 0.1},
-            "pss": {"peak": pss, "peak_ratio": 1.0}, "neurons": {"mean_gini": gini, "mean_norm_entropy": 0.9},
-            "probe": {"name": "world", "questions": 100}}))
+            "pss": {"score": "paper", "peak": pss, "peak_ratio": 1.0, "floor": 0.01,
+                    "paper": {"peak": pss, "peak_ratio": 1.0, "peak_ci": [pss - 0.01, pss + 0.02]},
+                    "delta": {"peak": delta, "peak_ratio": 2.0, "peak_ci": [delta - 0.01, delta + 0.01]}},
+            "neurons": {"mean_gini": gini, "mean_norm_entropy": 0.9, "mean_gini_null": 0.05,
+                        "mean_excess_gini": gini - 0.05, "share_above_null": 0.5},
+            "random_twin": {"mean_gini": 0.07, "mean_excess_gini": 0.02,
+                            "model_over_twin": {"mean_gini": gini / 0.07, "mean_excess_gini": (gini - 0.05) / 0.02}},
+            "probe": {"name": "world", "questions": 100}, "positions": "question"}))
         dirs.append(str(d))
     out = tmp_path / "cmp"
     assert main_compare(dirs + ["--out", str(out)]) == 0
@@ -315,9 +322,24 @@ def test_compare_runs(tmp_path):
     c = res["correlations"]["peak_pss_vs_mcq"]
     assert c["n"] == 5 and c["pearson"] == pytest.approx(scipy.stats.pearsonr(x, y).statistic)
     assert c["spearman_p"] == pytest.approx(scipy.stats.spearmanr(x, y).pvalue)
-    assert (out / "compare.csv").read_text().splitlines()[0].startswith("run,model,architecture,parameters,mcq")
+    assert c["pearson_ci"][0] <= c["pearson"] <= c["pearson_ci"][1] and c["bootstrap_resamples"] > 900
+    assert set(res["correlations"]) == {"peak_pss_vs_mcq", "mean_gini_vs_mcq", "mean_excess_gini_vs_mcq"}
+    r0 = res["runs"][0]
+    assert r0["pss_score"] == "paper" and r0["peak_pss_ci_low"] < r0["peak_pss"] < r0["peak_pss_ci_high"]
+    assert r0["gini_over_twin"] == pytest.approx(r0["mean_gini"] / 0.07)
+    header = (out / "compare.csv").read_text().splitlines()[0]
+    assert header.startswith("run,model,architecture,parameters,mcq") and "mean_excess_gini" in header
     assert "<img" in (out / "compare.html").read_text() and (out / "compare.png").is_file()
     assert main_compare([str(tmp_path / "nope"), "--out", str(out)]) == 2
+    # the delta score on request
+    assert main_compare(dirs + ["--out", str(out), "--pss-score", "delta"]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    assert res["pss_score"] == "delta" and res["runs"][0]["peak_pss"] == pytest.approx(x[0] / 2)
+    # runs whose headline scores differ are not mixed silently
+    s0 = json.loads((tmp_path / "run0" / "summary.json").read_text())
+    s0["pss"]["score"] = "delta"
+    (tmp_path / "run0" / "summary.json").write_text(json.dumps(s0))
+    assert main_compare(dirs + ["--out", str(out)]) == 2
 
 
 def main_compare(argv):

@@ -317,3 +317,53 @@ def test_resume_during_pss_equals_uninterrupted(tmp_path, llama_dir, probe_file)
     s1, _, _ = read_run(full)
     s2, _, _ = read_run(killed)
     assert s1 == s2 and s1["pss"]["concepts"] == 4
+
+
+def test_random_twin_and_subject_positions(tmp_path, llama_dir, caplog):
+    """--random-twin runs the architecture with seeded random weights on the same probe and
+    positions; --positions subject-last reads the concept name's last token, and prompts
+    without the name are left out of the mass, counted and warned about."""
+    qs = []
+    for k, cat in enumerate(["country", "river", "person"]):
+        for c in range(3):
+            name = f"{cat}{c}"
+            for j in range(4):
+                text = f"What is fact {j} of {name}?" if not (k == 2 and c == 2) else f"What is fact {j} of it?"
+                qs.append(Question(name, cat, text, ("Paris", "Gold", "Tallinn", "Physics"), j % 4))
+    probe = write_probe(tmp_path / "p.jsonl", qs)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        rc = main([str(llama_dir), "--probe", str(probe), "--out", str(out), "--device", "cpu", "--no-pss", "--no-open",
+                   "--random-twin", "--positions", "subject-last", "--null-permutations", "4", "-q"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["positions"] == "subject-last" and s["prompts_without_positions"] == 4
+    assert "4 of 36 prompts have no token at --positions subject-last" in caplog.text
+    m = load_file(str(out / "mass.safetensors"))
+    assert m["concept_counts"][8].tolist() == [0.0, 0.0] and (m["concept_counts"][:8] == 4).all()
+    tw = s["random_twin"]
+    assert tw["seed"] == 1 and 0 <= tw["accuracy"]["mcq"] <= 1
+    assert tw["model_over_twin"]["mean_gini"] == pytest.approx(s["neurons"]["mean_gini"] / tw["mean_gini"])
+    n = load_file(str(out / "neurons.safetensors"))
+    assert n["twin_gini"].shape == (2, 48) and not torch.equal(n["twin_gini"], n["gini"])
+    html = (out / "report.html").read_text()
+    assert "random-init twin" in html
+    # the twin is seeded: a second run gives the same twin numbers
+    out2 = tmp_path / "run2"
+    assert main([str(llama_dir), "--probe", str(probe), "--out", str(out2), "--device", "cpu", "--no-pss", "--no-open",
+                 "--random-twin", "--positions", "subject-last", "--null-permutations", "4", "-q"]) == 0
+    assert json.loads((out2 / "summary.json").read_text())["random_twin"] == tw
+
+
+def write_probe(path, qs):
+    write_jsonl(qs, path)
+    return path
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--null-permutations", "1"], "--null-permutations must be 0 (off) or >= 2"),
+    (["--bootstrap", "3"], "--bootstrap must be 0 (no intervals) or >= 10"),
+])
+def test_bad_control_options(tmp_path, llama_dir, probe_file, capsys, argv, msg):
+    assert main([str(llama_dir), "--probe", str(probe_file), "--out", str(tmp_path / "o"), "-q", *argv]) == 2
+    assert msg in capsys.readouterr().err

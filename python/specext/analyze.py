@@ -699,6 +699,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.demo and args.pss_concepts is None:
         args.pss_concepts = DEMO_PSS_CONCEPTS
+    if args.demo:
+        args.random_twin = True  # seconds on the demo model; its report shows every control
     pss_cfg = PSSConfig(ratios=ratios, unrelated=args.pss_unrelated, selection=args.pss_selection,
                         control_size=args.pss_control, denominator=args.pss_denominator, concepts=args.pss_concepts,
                         metric=args.pss_metric, random_control=not args.no_random_control, seed=args.seed,

@@ -144,7 +144,8 @@ def plot_pss_curve(pss: Dict, path: Path) -> None:
                      + f"\npeak {pk_s}", fontsize=10)
         ax.axhline(0, color="k", lw=0.5)
         ax.legend(fontsize=7)
-    fig.suptitle(f"PSS vs masking ratio, mean over {pss['concepts']} concepts (bands: 95% bootstrap)", fontsize=10)
+    fig.suptitle(f"PSS vs masking ratio, mean over {pss['concepts']} concepts (bands: 95% bootstrap)", fontsize=10,
+                 y=1.06)
     _save(fig, path)
 
 

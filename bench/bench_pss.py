@@ -126,11 +126,16 @@ def main():
             ("naive-1 (one mask at a time)", OneMaskAtATime(lm, batch_rows=args.batch_size))]
     if not args.skip_naive2:
         runs.append(("naive-2 (one mask, full sequence per option)", FullSequences(lm, batch_rows=args.batch_size)))
+    # The denominator (overall accuracy before masking) comes from analyze's scoring pass;
+    # measured once here, outside the timed region.
+    base = MaskedScorer(lm, batch_rows=args.batch_rows).correctness([(q, None) for q in range(len(probe.questions))],
+                                                                   {None: None}, probe.questions)
+    overall = sum(base.values()) / len(base)
     results = {}
     for name, scorer in runs:
         h.sync(device)
         t0 = time.perf_counter()
-        res = compute_pss(lm, probe, cm, cfg, scorer=scorer)
+        res = compute_pss(lm, probe, cm, cfg, scorer=scorer, overall_accuracy=overall)
         h.sync(device)
         results[name] = (time.perf_counter() - t0, res)
     ours_t, ours = results[runs[0][0]]

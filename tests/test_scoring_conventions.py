@@ -77,7 +77,7 @@ def test_synthetic_report_acc_norm_is_per_character(monkeypatch):
 
 
 def _q(*answers):
-    return Question("x", "c", "q?", (answers[0], "Zzyzx"), 0, aliases=tuple(answers[1:]))
+    return Question("x", "c", "q?", (answers[0], "Zzyzx", "Lyon"), 0, aliases=tuple(answers[1:]))
 
 
 PARIS, IODINE, HELIUM, IRON = _q("Paris"), _q("I"), _q("He"), _q("Fe")
@@ -96,13 +96,13 @@ def test_answer_span_strips_preambles():
 
 @pytest.mark.parametrize("text", ["Paris", "Paris.", "Paris, France", "paris", "The answer is Paris",
                                   "Answer: Paris", "It's Paris.", "I think it is Paris", "**Paris**",
-                                  "Paris is the capital of France.", "Paris\nQuestion: what else?"])
+                                  "Paris is the capital of France.", "Paris\nQuestion: what else?",
+                                  "The capital is Paris", "The capital of France is Paris."])
 def test_open_accepts_the_answer_at_the_head(text):
     assert open_answer_correct(text, PARIS)
 
 
-@pytest.mark.parametrize("text", ["Parisian", "Not Paris", "The capital is Paris", "Lyon\nParis", "Lyon, not Paris",
-                                  "", "   "])
+@pytest.mark.parametrize("text", ["Parisian", "Lyon\nParis", "Lyon, not Paris", "Paris or Lyon", "", "   "])
 def test_open_rejects_the_answer_elsewhere(text):
     assert not open_answer_correct(text, PARIS)
 
@@ -205,9 +205,13 @@ def test_subject_span():
 
 
 def test_subject_positions_cover_the_concept_name(llama, caplog):
+    import specext.scoring as scoring
+
+    scoring._WARNED_MISSING.clear()
     tok = llama.tokenizer
     with caplog.at_level(logging.WARNING, logger="specext.scoring"):
         b = encode_prompts(tok, SUBJECT_QS, "subject")
+        encode_prompts(tok, SUBJECT_QS, "subject")  # the same prompts again (as PSS does): no new warning
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "2 of 5 prompts" in warnings[0].getMessage()  # one summary, not one per prompt
     assert b.valid.tolist() == [True, True, True, False, False]

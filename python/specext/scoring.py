@@ -148,6 +148,9 @@ def _select_row(positions: str, template: str, question: str, concept: str, ids,
     return sel
 
 
+_WARNED_MISSING: set = set()
+
+
 def encode_prompts(tokenizer, questions: Sequence[Question], positions: str, template: str = MCQ_TEMPLATE,
                    device: torch.device = torch.device("cpu")) -> EncodedBatch:
     """Tokenise prompts, left-pad them, and mark the positions to reduce.
@@ -225,10 +228,13 @@ def encode_prompts(tokenizer, questions: Sequence[Question], positions: str, tem
         ids_l.append([pad] * off + list(x))
         att_l.append([0] * off + [1] * len(x))
         sel_l.append([False] * off + sel)
+    new = [c for c in dict.fromkeys(missing) if (positions, c) not in _WARNED_MISSING]
     if missing:
-        names = list(dict.fromkeys(missing))
+        # Once per concept and positions per process: PSS re-encodes the same prompts many times.
+        _WARNED_MISSING.update((positions, c) for c in new)
+        names = new or list(dict.fromkeys(missing))
         why = "the question does not contain its concept's name" if positions in _SUBJECT_POSITIONS else "only special tokens"
-        logger.warning("--positions %s: %d of %d prompts have no selected token (%s: %s%s); their rows are invalid "
+        (logger.warning if new else logger.debug)("--positions %s: %d of %d prompts have no selected token (%s: %s%s); their rows are invalid "
                        "(EncodedBatch.valid / PromptStats.valid False) and their statistic is zero", positions,
                        len(missing), len(questions), why, ", ".join(map(repr, names[:3])),
                        ", ..." if len(names) > 3 else "")
@@ -500,13 +506,15 @@ def _norm(s: str) -> str:
 
 def open_answer_correct(text: str, q: Question) -> bool:
     """Whether a generation answers ``q``: an accepted answer (the correct choice or an
-    alias) heads the generation's :func:`answer_span`.
+    alias) in the generation's :func:`answer_span` (its first line, preamble stripped).
 
     - Answers of more than two characters (after stripping surrounding punctuation): the
-      normalised span (casefolded, accents, punctuation and articles dropped) must *start
-      with* the normalised answer as whole words: "Paris", "Paris.", "Paris, France" and
-      "It is Paris" are accepted for "Paris"; "Parisian", "Not Paris" and "The capital is
-      Paris" are not (the answer must come first, as "Answer:" asks).
+      normalised answer (casefolded, accents, punctuation and articles dropped) occurs in the
+      normalised span as whole words, and no other choice of the question does (a hedge
+      such as "Lyon or Paris" names a distractor too): "Paris", "Paris, France", "It is
+      Paris" and "The capital of France is Paris" are accepted for "Paris"; "Parisian",
+      "Lyon, not Paris" and "Lyon\nParis" (not on the first line) are not. Base models often
+      restate the question before the answer, so the answer need not come first.
     - Answers of one or two characters ("I", "He", "Fe", "Au"): the span's first clause (up
       to , ; : ! ? ( [ / a sentence-ending full stop or a spaced dash), stripped of
       surrounding punctuation, must *equal* the answer, case-sensitively: "He", "He." and "He
@@ -517,6 +525,27 @@ def open_answer_correct(text: str, q: Question) -> bool:
     span = answer_span(text)
     if not span:
         return False
+    clause = None
+    got = None
+    for a in q.accepted_answers():
+        core = unicodedata.normalize("NFC", a.strip(_EDGE_PUNCT))
+        if not core:
+            continue
+        if len(core) <= SHORT_ANSWER_CHARS:
+            if clause is None:
+                clause = unicodedata.normalize("NFC", _CLAUSE_END.split(span, maxsplit=1)[0].strip(_EDGE_PUNCT))
+            if clause == core:
+                return True
+            continue
+        want = _norm(a)
+        got = f" {_norm(span)} " if got is None else got
+        if want and f" {want} " in got:
+            accepted = {_norm(x) for x in q.accepted_answers()}
+            others = [_norm(c) for i, c in enumerate(q.choices) if i != q.answer]
+            # a distractor named as well (and not itself one of the accepted names) is a hedge
+            if not any(o and o not in accepted and f" {o} " in got and o not in want for o in others):
+                return True
+    return False
     clause = None
     for a in q.accepted_answers():
         core = unicodedata.normalize("NFC", a.strip(_EDGE_PUNCT))

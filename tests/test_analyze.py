@@ -45,10 +45,13 @@ def probe_file(tmp_path_factory):
     return make_probe(tmp_path_factory.mktemp("p") / "probe.jsonl")
 
 
-def run_cli(args, env=None):
-    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "specext.analyze", *map(str, args)], capture_output=True, text=True,
-                          env=e, cwd=ROOT)
+def run_cli(args, kill_at=None):
+    """``python -m specext.analyze ARGS`` in a subprocess; ``kill_at=(stage, n)`` SIGKILLs it
+    right after that checkpoint (tests/kill_at_checkpoint.py)."""
+    e = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = ["-m", "specext.analyze"] if kill_at is None else [str(ROOT / "tests" / "kill_at_checkpoint.py"),
+                                                               kill_at[0], str(kill_at[1]), "--"]
+    return subprocess.run([sys.executable, *cmd, *map(str, args)], capture_output=True, text=True, env=e, cwd=ROOT)
 
 
 def read_run(out: Path):
@@ -176,7 +179,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, llama_dir, probe_file)
     r = run_cli(args + ["--out", full])
     assert r.returncode == 0, r.stderr
     killed = tmp_path / "killed"
-    r = run_cli(args + ["--out", killed], env={"SPECEXT_TEST_KILL_AFTER_CHUNK": "2"})
+    r = run_cli(args + ["--out", killed], kill_at=("scoring", 2))
     assert r.returncode == -signal.SIGKILL
     prog = json.loads((killed / ".state" / "progress.json").read_text())
     assert prog["next_question"] == 15 and prog["rows"] == 15 and not (killed / "summary.json").exists()
@@ -190,7 +193,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, llama_dir, probe_file)
     for k in n1:
         assert torch.equal(n1[k].nan_to_num(-7), n2[k].nan_to_num(-7)), k
     # --resume against changed options is refused: leave a checkpoint, then change --batch-size
-    r = run_cli(args + ["--out", killed], env={"SPECEXT_TEST_KILL_AFTER_CHUNK": "0"})
+    r = run_cli(args + ["--out", killed], kill_at=("scoring", 0))
     assert r.returncode == -signal.SIGKILL
     r = run_cli(args[:-6] + ["--batch-size", "2", "--chunk-size", "5", "-q", "--no-report", "--out", killed, "--resume"])
     assert r.returncode == 2 and "started with different inputs (options differ)" in r.stderr
@@ -260,14 +263,16 @@ def load_file_meta(path):
 def test_out_of_memory_halves_the_batch(tmp_path, llama_dir, probe_file, monkeypatch, caplog):
     ref = run_analysis(AnalyzeConfig(model_dir=str(llama_dir), probe=str(probe_file), out=str(tmp_path / "a"),
                                      device="cpu", batch_size=2, open_ended=False, report=False), progress=False)
-    real = analyze.Scorer.score
+    from specext.scoring import Scorer
+
+    real = Scorer.score
 
     def flaky(self, questions, **kw):
         if len(questions) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, questions, **kw)
 
-    monkeypatch.setattr(analyze.Scorer, "score", flaky)
+    monkeypatch.setattr(Scorer, "score", flaky)
     with caplog.at_level("WARNING"):
         got = run_analysis(AnalyzeConfig(model_dir=str(llama_dir), probe=str(probe_file), out=str(tmp_path / "b"),
                                          device="cpu", batch_size=8, open_ended=False, report=False), progress=False)
@@ -307,7 +312,7 @@ def test_resume_during_pss_equals_uninterrupted(tmp_path, llama_dir, probe_file)
     r = run_cli(args + ["--out", full])
     assert r.returncode == 0, r.stderr
     killed = tmp_path / "killed"
-    r = run_cli(args + ["--out", killed], env={"SPECEXT_TEST_KILL_AFTER_PSS_CONCEPTS": "1"})
+    r = run_cli(args + ["--out", killed], kill_at=("pss", 1))
     assert r.returncode == -signal.SIGKILL
     done = json.loads((killed / ".state" / "pss.json").read_text())
     assert len(done) == 2 and not (killed / "pss.csv").exists()

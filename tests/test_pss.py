@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 
 import tiny_models as T
-from specext import stats
+from specext import bootstrap, correlation
 from specext.analyze import AnalyzeConfig, main, run_analysis
 from specext.models import load_model
 from specext.probes import Question, load_probe, write_jsonl
@@ -131,10 +131,11 @@ def test_differential_scores_and_selection():
 
 
 def test_stratified_concept_sample():
-    from specext.pss import stratified_sample
+    from specext.probes import stratified_sample
 
     cats = [0] * 10 + [1] * 3 + [2] * 7
     s = stratified_sample(list(range(20)), cats, 9, seed=1)
+    assert stratified_sample(list(range(20)), cats, 25, seed=1) == list(range(20))
     assert len(s) == 9 and s == sorted(s) and s == stratified_sample(list(range(20)), cats, 9, seed=1)
     assert [sum(cats[k] == c for k in s) for c in range(3)] == [3, 3, 3]
 
@@ -267,15 +268,15 @@ def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_concepts(
     for K in (20, 80, 320):
         v = rng.normal(loc=[0.05, 0.1, 0.2], scale=0.1, size=(K, 3))
         v[rng.random(v.shape) < 0.05] = np.nan  # missing values are left out
-        b = stats.bootstrap_curve(v, 1000, seed=1)
-        assert b == stats.bootstrap_curve(v, 1000, seed=1)  # seeded
+        b = bootstrap.bootstrap_curve(v, 1000, seed=1)
+        assert b == bootstrap.bootstrap_curve(v, 1000, seed=1)  # seeded
         for c, ci in zip(b["curve"], b["curve_ci"]):
             assert ci[0] < c < ci[1]
         assert b["peak_index"] == 2 and b["peak_ci"][0] < b["peak"] < b["peak_ci"][1]
         widths.append(b["curve_ci"][2][1] - b["curve_ci"][2][0])
     assert widths[0] > widths[1] > widths[2]
     assert widths[0] / widths[2] == pytest.approx(4.0, rel=0.25)  # ~ 1/sqrt(K)
-    none = stats.bootstrap_curve(rng.normal(size=(5, 2)), 0)
+    none = bootstrap.bootstrap_curve(rng.normal(size=(5, 2)), 0)
     assert none["curve_ci"] == [None, None] and none["peak_ci"] is None
 
 
@@ -285,14 +286,14 @@ def test_correlations_match_scipy():
         x = rng.normal(size=n)
         y = 0.7 * x + rng.normal(size=n)
         y[0] = y[1]  # a tie for the ranks
-        r, p = stats.pearson(list(x), list(y))
+        r, p = correlation.pearson(list(x), list(y))
         ref = scipy.stats.pearsonr(x, y)
         assert r == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-15)
-        r, p = stats.spearman(list(x), list(y))
+        r, p = correlation.spearman(list(x), list(y))
         ref = scipy.stats.spearmanr(x, y)
         assert r == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-15)
-    assert all(np.isnan(v) for v in stats.pearson([1, 2], [3, 4]))
-    assert all(np.isnan(v) for v in stats.pearson([1, 1, 1], [3, 4, 5]))
+    assert all(np.isnan(v) for v in correlation.pearson([1, 2], [3, 4]))
+    assert all(np.isnan(v) for v in correlation.pearson([1, 1, 1], [3, 4, 5]))
 
 
 def test_compare_runs(tmp_path):
@@ -361,14 +362,14 @@ def main_compare(argv):
 ])
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
-        PSSConfig(**kw).validate()
+        PSSConfig(**kw)
 
 
 def test_probe_with_one_concept_is_refused(tmp_path):
     p = tmp_path / "one.jsonl"
     write_jsonl([q for q in hand_probe() if q.concept == "aldor"], p)
     with pytest.raises(ValueError, match="PSS needs at least 2 concepts"):
-        PSSConfig().validate(load_probe(p))
+        PSSConfig().check_probe(load_probe(p))
     r = main(["--demo", "--probe", str(p), "--out", str(tmp_path / "o"), "-q"])
     assert r == 2
 

@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import runio
-from .stats import bootstrap_correlation, pearson, spearman
+from . import rundir
+from .bootstrap import bootstrap_correlation
+from .correlation import pearson, spearman
 
 logger = logging.getLogger("specext.compare")
 
@@ -116,7 +117,7 @@ def _scatter(rows, accuracy, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    runio.write_bytes(path, buf.getvalue())
+    rundir.write_bytes(path, buf.getvalue())
 
 
 def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Optional[str] = None,
@@ -143,10 +144,10 @@ def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Option
     w.writerow(COLUMNS)
     for r in rows:
         w.writerow(["" if r[c] is None else r[c] for c in COLUMNS])
-    runio.write_text(out / "compare.csv", buf.getvalue())
+    rundir.write_text(out / "compare.csv", buf.getvalue())
     result = {"runs": rows, "correlations": corr, "accuracy": accuracy, "pss_score": used[0] if used else None,
               "bootstrap": bootstrap}
-    runio.write_json(out / "compare.json", result)
+    rundir.write_json(out / "compare.json", result)
     _scatter(rows, accuracy, out / "compare.png")
     f = lambda v: "n/a" if not _finite(v) else (f"{v:.4g}")  # noqa: E731
     trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]) if not isinstance(r[c], float) else f(r[c]))}</td>"
@@ -162,7 +163,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px}}</style></head><body><h1>specext: 
 Intervals: 95% bootstrap over runs ({bootstrap} resamples); p: two-sided.</p><table><tr><th>pair</th><th>n</th><th>Pearson r</th>
 <th>95% interval</th><th>p</th><th>Spearman rho</th><th>95% interval</th><th>p</th></tr>{crs}</table><img src="compare.png" style="max-width:100%">
 <h2>Runs</h2><table><tr>{''.join(f'<th>{c}</th>' for c in COLUMNS)}</tr>{trs}</table></body></html>"""
-    runio.write_text(out / "compare.html", doc)
+    rundir.write_text(out / "compare.html", doc)
     return result
 
 

@@ -248,28 +248,39 @@ def load_probe(spec: Union[str, os.PathLike], *, max_concepts: Optional[int] = N
     return probe
 
 
-def sample_concepts(probe: ProbeSet, n: int, *, seed: int = 0) -> ProbeSet:
-    """A seeded sample of ``n`` concepts, round-robin over categories (so each category
-    keeps at least one concept while ``n >= number of categories``), in original order."""
+def stratified_sample(items: Sequence, categories: Sequence, n: int, seed: int = 0) -> List:
+    """A seeded sample of ``n`` of ``items`` (``categories[i]`` is item i's category),
+    round-robin over the categories in sorted order so that every category is represented
+    as evenly as it can be; returned in input order. ``n >= len(items)`` returns them all.
+    The one sampler of the package: ``--max-concepts`` and ``--pss-concepts`` both use it."""
     import random
 
     if n < 1:
-        raise ValueError(f"max_concepts must be >= 1, got {n}")
-    if n >= len(probe.concepts):
-        return probe
+        raise ValueError(f"a sample needs n >= 1, got {n}")
+    if len(items) != len(categories):
+        raise ValueError(f"items and categories differ in length ({len(items)} vs {len(categories)})")
+    if n >= len(items):
+        return list(items)
     rng = random.Random(seed)
-    per_cat: Dict[int, List[str]] = {}
-    for c, k in zip(probe.concepts, probe.concept_category):
-        per_cat.setdefault(k, []).append(c)
+    per_cat: Dict[object, List[int]] = {}
+    for i, c in enumerate(categories):
+        per_cat.setdefault(c, []).append(i)
     for lst in per_cat.values():
         rng.shuffle(lst)
-    chosen: List[str] = []
+    chosen: List[int] = []
     while len(chosen) < n:
-        for k in sorted(per_cat):
-            if per_cat[k] and len(chosen) < n:
-                chosen.append(per_cat[k].pop())
-    keep = set(chosen)
-    return probe.subset_concepts([c for c in probe.concepts if c in keep])
+        for c in sorted(per_cat):
+            if per_cat[c] and len(chosen) < n:
+                chosen.append(per_cat[c].pop())
+    return [items[i] for i in sorted(chosen)]
+
+
+def sample_concepts(probe: ProbeSet, n: int, *, seed: int = 0) -> ProbeSet:
+    """The probe restricted to a seeded, category-stratified sample of ``n`` concepts
+    (:func:`stratified_sample`), in original order."""
+    if n < 1:
+        raise ValueError(f"max_concepts must be >= 1, got {n}")
+    return probe.subset_concepts(stratified_sample(probe.concepts, probe.concept_category, n, seed))
 
 
 def write_jsonl(questions: Iterable[Question], path: Union[str, os.PathLike]) -> None:

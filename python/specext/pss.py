@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from .models import LoadedModel
-from .probes import ProbeSet, Question
-from . import stats
-from .scoring import Scorer
+from .probes import ProbeSet, Question, stratified_sample
+from . import bootstrap
+from .scoring import HalvingBatches, Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,11 @@ class PSSConfig:
     score: str = "paper"  # which score is the headline: the paper's or the baseline-corrected delta
     bootstrap: int = 1000  # resamples of concepts for the 95% intervals (0: no intervals)
 
-    def validate(self, probe: Optional[ProbeSet] = None) -> None:
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The options' own checks; run once, when the config is built."""
         if not self.ratios:
             raise ValueError("--ratios needs at least one ratio")
         for r in self.ratios:
@@ -92,12 +96,14 @@ class PSSConfig:
             raise ValueError(f"--pss-concepts must be >= 1, got {self.concepts}")
         if self.batch_rows < 1:
             raise ValueError(f"--pss-batch-rows must be >= 1, got {self.batch_rows}")
-        if probe is not None:
-            if len(probe.concepts) < 2:
-                raise ValueError(f"PSS needs at least 2 concepts (unrelated questions form the control set); "
-                                 f"probe '{probe.name}' has {len(probe.concepts)}")
-            if self.unrelated == "other-category" and len(probe.categories) < 2:
-                raise ValueError("--pss-unrelated other-category needs at least 2 categories")
+
+    def check_probe(self, probe: ProbeSet) -> None:
+        """What PSS needs of a probe under these options (run before any scoring)."""
+        if len(probe.concepts) < 2:
+            raise ValueError(f"PSS needs at least 2 concepts (unrelated questions form the control set); "
+                             f"probe '{probe.name}' has {len(probe.concepts)}")
+        if self.unrelated == "other-category" and len(probe.categories) < 2:
+            raise ValueError("--pss-unrelated other-category needs at least 2 categories")
 
 
 # ---------------------------------------------------------------------------- vectors
@@ -165,23 +171,6 @@ def random_vectors(ratio: float, n_layers: int, d_ff: int, selection: str, seed:
     return torch.randperm(n_layers * d_ff, generator=g)[:k].sort().values
 
 
-def stratified_sample(concepts: Sequence[int], concept_category: Sequence[int], n: int, seed: int) -> List[int]:
-    """A seeded sample of ``n`` concept indices, round-robin over categories so that every
-    category is represented as evenly as it can be; returned sorted."""
-    rng = random.Random(seed)
-    by_cat: Dict[int, List[int]] = {}
-    for k in concepts:
-        by_cat.setdefault(concept_category[k], []).append(k)
-    for lst in by_cat.values():
-        rng.shuffle(lst)
-    chosen: List[int] = []
-    while len(chosen) < min(n, len(concepts)):
-        for c in sorted(by_cat):
-            if by_cat[c] and len(chosen) < n:
-                chosen.append(by_cat[c].pop())
-    return sorted(chosen)
-
-
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
@@ -216,19 +205,25 @@ class MaskedScorer:
     def __init__(self, lm: LoadedModel, *, batch_rows: int = 256, metric: str = "mcq", scorer: Optional[Scorer] = None):
         self.lm = lm
         self.scorer = scorer or Scorer(lm, open_ended=False)
-        self.batch_rows = batch_rows
+        self.batches = HalvingBatches(batch_rows, lm.device, "PSS")
         self.metric = metric
+
+    @property
+    def batch_rows(self) -> int:
+        return self.batches.size
+
+    @batch_rows.setter
+    def batch_rows(self, n: int) -> None:
+        self.batches.size = n
 
     def correctness(self, jobs: Sequence[Tuple[int, object]], masks: Dict[object, Optional[torch.Tensor]],
                     questions: Sequence[Question], progress: Optional[Callable[[int], None]] = None) -> Dict[Tuple[int, object], bool]:
         lm = self.lm
         L, D = lm.n_layers, lm.d_ff
-        order = sorted(range(len(jobs)), key=lambda j: (jobs[j][0], str(jobs[j][1])))
+        order = sorted(jobs, key=lambda j: (j[0], str(j[1])))
         out: Dict[Tuple[int, object], bool] = {}
-        s = 0
-        while s < len(order):
-            idx = order[s : s + self.batch_rows]
-            batch = [jobs[j] for j in idx]
+
+        def compute(batch):
             B = len(batch)
             mult = torch.ones((B, L * D), dtype=lm.dtype, device=lm.device)
             rows, cols = [], []
@@ -240,21 +235,15 @@ class MaskedScorer:
             if rows:
                 mult[torch.cat(rows).to(lm.device), torch.cat(cols).to(lm.device)] = 0
             mult = mult.view(B, L, D)
-            try:
-                res = self.scorer.score([questions[q] for q, _ in batch], row_masks=lambda l: mult[:, l, :])
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                if "out of memory" not in str(e).lower() or self.batch_rows == 1:
-                    raise
-                self.batch_rows = max(1, self.batch_rows // 2)
-                logger.warning("PSS: out of memory at %d rows; retrying with %d", B, self.batch_rows)
-                if lm.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
+            return self.scorer.score([questions[q] for q, _ in batch], row_masks=lambda l: mult[:, l, :])
+
+        def commit(batch, res):
             for (q, key), rr in zip(batch, res):
                 out[(q, key)] = rr.mcq_correct if self.metric == "mcq" else rr.mcq_norm_correct
             if progress:
-                progress(B)
-            s += B
+                progress(len(batch))
+
+        self.batches.run(order, compute, commit)
         return out
 
 
@@ -292,7 +281,7 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
     concepts finished by an earlier (killed) run; ``on_concept`` is called after each
     concept with its rows (for checkpoints).
     """
-    cfg.validate(probe)
+    cfg.check_probe(probe)
     if not lm.has_lm_head:
         raise ValueError("PSS needs a language-model head (multiple-choice scoring); this model has none")
     ms = scorer or MaskedScorer(lm, batch_rows=cfg.batch_rows, metric=cfg.metric)
@@ -310,7 +299,8 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
     if len(valid) < len(probe.concepts):
         logger.warning("PSS: %d concept(s) without a usable differential score are skipped",
                        len(probe.concepts) - len(valid))
-    chosen = stratified_sample(valid, probe.concept_category, cfg.concepts, cfg.seed) if cfg.concepts else valid
+    chosen = (stratified_sample(valid, [probe.concept_category[k] for k in valid], cfg.concepts, cfg.seed)
+              if cfg.concepts else valid)
     control = control_set(probe, cfg.control_size, cfg.seed)
     qidx_by_concept: Dict[int, List[int]] = {}
     for i, q in enumerate(probe.questions):
@@ -400,7 +390,7 @@ def _matrix(rows, key, ratios) -> np.ndarray:
 
 def _scored(rows, key, ratios, n_boot, seed) -> Dict[str, object]:
     """Curve, intervals and peak of one score over concepts."""
-    b = stats.bootstrap_curve(_matrix(rows, key, ratios), n_boot, seed)
+    b = bootstrap.bootstrap_curve(_matrix(rows, key, ratios), n_boot, seed)
     pi = b["peak_index"]
     return {"curve": b["curve"], "curve_ci": b["curve_ci"], "peak": b["peak"],
             "peak_ratio": ratios[pi] if pi is not None else None, "peak_ci": b["peak_ci"]}
@@ -429,7 +419,7 @@ def summarize_pss(rows: List[dict], cfg: PSSConfig, n_concepts: int, n_control: 
     ratios = [float(r) for r in cfg.ratios]
     blocks = {sc: _score_block(rows, sc, ratios, cfg, cfg.random_control) for sc in SCORES}
     floor_rows = list({x["concept"]: x.get("pss_floor") for x in rows}.values())
-    floor = stats.bootstrap_mean([np.nan if v is None else v for v in floor_rows], cfg.bootstrap,
+    floor = bootstrap.bootstrap_mean([np.nan if v is None else v for v in floor_rows], cfg.bootstrap,
                                  _seed(cfg.seed, "bootstrap", "floor"))
     head = blocks[cfg.score]
     out = {
@@ -455,7 +445,7 @@ def summarize_pss(rows: List[dict], cfg: PSSConfig, n_concepts: int, n_control: 
         "concepts": n_concepts,
         "control_questions": n_control,
         "bootstrap": cfg.bootstrap,
-        "ci_level": stats.CI_LEVEL,
+        "ci_level": bootstrap.CI_LEVEL,
     }
     for group in ("tier", "category"):
         by = {}

@@ -11,7 +11,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from . import runio
+from . import rundir
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _save(fig, path: Path) -> None:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    runio.write_bytes(path, buf.getvalue())
+    rundir.write_bytes(path, buf.getvalue())
     _plt().close(fig)
 
 
@@ -352,5 +352,5 @@ Run time {summary['seconds']} s.</p>
 </body></html>
 """
     path = out / "report.html"
-    runio.write_text(path, doc)
+    rundir.write_text(path, doc)
     return path

@@ -561,3 +561,45 @@ def open_answer_correct(text: str, q: Question) -> bool:
         if want and (got == want or got.startswith(want + " ")):
             return True
     return False
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A CUDA (or other device) out-of-memory error, as torch raises it."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+class HalvingBatches:
+    """Runs items through a computation in batches, halving the batch on out-of-memory.
+
+    ``run(items, compute, commit)`` calls ``compute(batch)`` on consecutive slices of at
+    most ``size`` items; when it raises an out-of-memory error the size is halved (down to
+    1, where the error propagates), the device cache emptied, and the same items retried.
+    ``commit(batch, result)`` runs only after ``compute`` succeeded, so a retried batch never
+    counts twice. The halved size is kept for later calls. The one batching loop of the
+    scoring pass and of PSS's masked scoring.
+    """
+
+    def __init__(self, size: int, device: torch.device, what: str = "scoring"):
+        if size < 1:
+            raise ValueError(f"batch size must be >= 1, got {size}")
+        self.size, self.device, self.what = size, torch.device(device), what
+
+    def run(self, items: Sequence, compute: Callable, commit: Callable) -> None:
+        i = 0
+        while i < len(items):
+            batch = items[i : i + self.size]
+            try:
+                result = compute(batch)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                if not is_out_of_memory(e) or self.size == 1:
+                    raise
+                self.size = max(1, self.size // 2)
+                logger.warning("%s: out of memory at batch size %d; retrying with %d", self.what, len(batch), self.size)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            commit(batch, result)
+            i += len(batch)

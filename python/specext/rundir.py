@@ -1,0 +1,234 @@
+"""The run directory of ``python -m specext.analyze``: atomic writers, the fingerprint that
+``--resume`` checks, the checkpoint state, and the CSV files.
+
+Nothing is ever written half: every file goes to a temporary name, is synced, and is
+renamed into place. A killed run leaves its last checkpoint in ``OUT/.state``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Iterable, List, Union
+
+import torch
+
+from .probes import ProbeSet
+
+STATE = ".state"
+
+PathLike = Union[str, os.PathLike]
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+    path = Path(path)
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text(path: PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=True) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def write_safetensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] = None) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    write_bytes(path, data)
+
+
+def read_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def sha256_file(path: PathLike, limit: int = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = limit
+        while True:
+            n = 1 << 20 if remaining is None else min(1 << 20, remaining)
+            if n == 0:
+                break
+            b = f.read(n)
+            if not b:
+                break
+            h.update(b)
+            if remaining is not None:
+                remaining -= len(b)
+    return h.hexdigest()
+
+
+def safetensors_fingerprint(files: Iterable[Path]) -> str:
+    """Hash of each safetensors file's name, size and header (tensor names, dtypes, shapes,
+    offsets): cheap for a 70B checkpoint, and changes whenever the weights' layout does."""
+    h = hashlib.sha256()
+    for p in sorted(files):
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(p.name.encode())
+            h.update(str(p.stat().st_size).encode())
+            h.update(f.read(min(n, 100 << 20)))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- fingerprint
+
+
+def fingerprint(cfg, probe: ProbeSet, model_dir: Path) -> Dict[str, object]:
+    """What must match for --resume to continue a run (anything that changes results)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    probe_src = probe.questions[0].source.rsplit(":", 1)[0] if probe.questions else ""
+    keys = ("probe", "dtype", "batch_size", "max_concepts", "positions", "stat", "seed", "open_ended",
+            "max_new_tokens", "chunk_size", "null_permutations", "random_twin")
+    opts = {k: getattr(cfg, k) for k in keys}
+    opts["pss"] = asdict(cfg.pss_config) if cfg.pss else None
+    fp = {
+        "options": opts,
+        "model_config_sha256": sha256_file(model_dir / "config.json"),
+        "weights_fingerprint": safetensors_fingerprint(files) if files else None,
+        "probe_sha256": sha256_file(probe_src) if probe_src and Path(probe_src).is_file() else None,
+        "questions": len(probe.questions),
+    }
+    return json.loads(json.dumps(fp))  # as it reads back from progress.json (tuples become lists)
+
+
+# ---------------------------------------------------------------------------- state
+
+
+class RunState:
+    """Checkpoint of a run in ``OUT/.state``: the accumulators (one file per checkpoint) and
+    an append-only ``rows.jsonl``, published by an atomic rewrite of ``progress.json``
+    (which names the accumulator file and how many rows are valid) after both are on disk.
+    Rows past that count (a write cut short by a kill) are dropped on resume."""
+
+    def __init__(self, out: Path):
+        self.dir = out / STATE
+        self.progress = self.dir / "progress.json"
+        self.rows_path = self.dir / "rows.jsonl"
+        self.rows_written = 0
+
+    def load(self, fingerprint: Dict[str, object]):
+        if not self.progress.is_file():
+            return None
+        prog = json.loads(self.progress.read_text())
+        if prog.get("fingerprint") != fingerprint:
+            diff = [k for k in fingerprint if prog.get("fingerprint", {}).get(k) != fingerprint[k]]
+            raise ValueError(f"--resume: the run in {self.dir.parent} was started with different inputs "
+                             f"({', '.join(diff)} differ); use another --out or drop --resume")
+        acc = read_safetensors(self.dir / prog["accumulators"])
+        n = prog["rows"]
+        with open(self.rows_path, "rb") as f:
+            lines = f.read().split(b"\n")[:n]
+        rows = [json.loads(l) for l in lines]
+        if len(rows) != n:
+            raise ValueError(f"--resume: {self.rows_path} holds {len(rows)} rows, progress.json says {n}")
+        write_bytes(self.rows_path, b"".join(l + b"\n" for l in lines))  # drop a torn tail
+        self.rows_written = n
+        return prog["next_question"], acc, rows
+
+    def save(self, k: int, next_question: int, fingerprint, accum: Dict[str, torch.Tensor], rows: List[dict]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.rows_path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows[self.rows_written:]))
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows_written = len(rows)
+        acc_name = f"accum-{k:06d}.safetensors"
+        write_safetensors(self.dir / acc_name, accum)
+        write_json(self.progress, {"next_question": next_question, "chunk": k, "accumulators": acc_name,
+                                         "rows": len(rows), "fingerprint": fingerprint})
+        for p in self.dir.iterdir():  # older accumulators are no longer referenced
+            if p.name.startswith("accum-") and p.name != acc_name:
+                p.unlink(missing_ok=True)
+
+    def load_pss(self) -> Dict[str, List[dict]]:
+        p = self.dir / "pss.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def save_pss(self, done: Dict[str, List[dict]]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / "pss.json", done)
+
+    def clear(self) -> None:
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                p.unlink(missing_ok=True)
+            self.dir.rmdir()
+
+
+PSS_COLUMNS = ["concept", "category", "tier", "ratio", "n_vectors", "cs", "g", "pss", "pss_delta", "pss_floor",
+               "random_cs", "random_g", "random_pss", "random_pss_delta", "cs_before", "g_before", "denominator",
+               "pss_general", "pss_overall"]
+
+
+def pss_csv(rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(PSS_COLUMNS)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else (f"{r[c]:.6f}" if isinstance(r[c], float) else r[c]) for c in PSS_COLUMNS])
+    return buf.getvalue()
+
+
+def pss_curve_csv(p: Dict[str, object]) -> str:
+    """The aggregates of pss.csv: mean over concepts with its 95% bootstrap interval, per
+    score (paper, delta), vectors (top, random) and ratio; the ``peak`` and the paper
+    score's ``floor`` (ratio 0) as rows of their own."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["score", "vectors", "ratio", "mean", "ci_low", "ci_high", "headline"])
+    fmt = lambda v: "" if v is None or v != v else f"{v:.6f}"  # noqa: E731
+    ci = lambda c, i: "" if c is None else fmt(c[i])  # noqa: E731
+    w.writerow(["paper", "none", 0, fmt(p["floor"]), ci(p["floor_ci"], 0), ci(p["floor_ci"], 1), 0])
+    for sc in [k for k in ("paper", "delta") if isinstance(p.get(k), dict)]:
+        b = p[sc]
+        head = int(sc == p["score"])
+        for kind, pre in (("top", ""), ("random", "random_")):
+            curve, cis = b[pre + "curve"], b[pre + "curve_ci"]
+            if curve is None:
+                continue
+            for r, v, c in zip(p["ratios"], curve, cis):
+                w.writerow([sc, kind, f"{r:g}", fmt(v), ci(c, 0), ci(c, 1), head])
+            pk, pc = b[pre + "peak"], b[pre + "peak_ci"]
+            w.writerow([sc, kind, "peak", fmt(pk), ci(pc, 0), ci(pc, 1), head])
+    return buf.getvalue()
+
+
+def concepts_csv(probe: ProbeSet, acc) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["concept", "category", "tier", "questions", "mcq", "mcq_norm", "open"])
+    by = acc["by_concept"]
+    for c, k, t in zip(probe.concepts, probe.concept_category, probe.concept_tier):
+        a = by.get(c, {})
+        fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+        w.writerow([c, probe.categories[k], t or "", a.get("questions", 0), fmt(a.get("mcq")),
+                    fmt(a.get("mcq_norm")), fmt(a.get("open"))])
+    return buf.getvalue()

@@ -24,9 +24,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .pss import DENOMINATORS, PSSConfig, RATIOS, SCORES
+from ._deps import require
+
+require("torch", "transformers", "tokenizers", "matplotlib", "tqdm", what="python -m specext.analyze")
+
+from .pss import DENOMINATORS, PSSConfig, RATIOS, SCORES  # noqa: E402
 from .run import STATS, AnalyzeConfig, Specialisation, run_analysis, specialisation  # noqa: F401  (public)
-from .scoring import POSITIONS
+from .scoring import POSITIONS  # noqa: E402
 
 DEMO_MODEL = Path(__file__).resolve().parent / "data" / "demo_model"
 # The demo evaluates PSS on a sample of concepts so that it stays within minutes on a CPU.

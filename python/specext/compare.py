@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import rundir
+from ._deps import require
 from .bootstrap import bootstrap_correlation
 from .correlation import pearson, spearman
 
@@ -122,6 +123,7 @@ def _scatter(rows, accuracy, path: Path) -> None:
 
 def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Optional[str] = None,
             bootstrap: int = 1000, seed: int = 0) -> Dict[str, object]:
+    require("matplotlib", what="specext.compare")
     if not run_dirs:
         raise ValueError("give at least one run directory")
     if score is not None and score not in SCORES:

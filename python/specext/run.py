@@ -25,6 +25,7 @@ import torch
 
 from . import __version__, build_info
 from . import rundir
+from ._deps import require
 from .accuracy import accuracy_by_group
 from .models import LoadedModel, load_model
 from .null_model import permutation_null
@@ -125,6 +126,7 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True,
 
     ``on_checkpoint(stage, n)`` is called after every checkpoint is on disk: ``("scoring",
     chunk)`` and ``("pss", concepts_done)`` (the kill-and-resume tests use it)."""
+    require("transformers", "tokenizers", "tqdm", *(("matplotlib",) if cfg.report else ()), what="run_analysis")
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     probe = load_probe(cfg.probe, max_concepts=cfg.max_concepts, seed=cfg.seed)

@@ -1,3 +1,5 @@
+// The CPU inner loops as a table of function pointers, one table per instruction set
+// (cpu_isa.h), chosen at run time by cpu_dispatch.cpp.
 #pragma once
 #include <cstdint>
 
@@ -9,7 +11,6 @@ namespace specext {
 // Neurons per neuron_specialization tile: one SIMD register of floats on AVX-512.
 constexpr int64_t kSpecTile = 16;
 
-// The inner loops of the CPU kernels for one instruction set.
 struct IsaTable {
   const char* name;
   void (*accum_row)(const void* a, DType dt, float* s, int64_t n, float w, Stat st);
@@ -25,5 +26,9 @@ extern const IsaTable kIsaScalar;
 extern const IsaTable kIsaAvx2;
 extern const IsaTable kIsaAvx512;
 #endif
+
+// The table in use: the best level this CPU supports, capped by SPECEXT_SIMD, or the one
+// set_simd_level chose.
+const IsaTable& isa_table();
 
 }  // namespace specext

@@ -1,0 +1,147 @@
+// category_accumulate on CUDA: label check, counts, and the accumulation kernel; same
+// contract as the CPU path (kernels.h), every launch on the caller's stream.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common.h"
+#include "cuda_common.cuh"
+#include "hostdevice.h"
+#include "kernels.h"
+
+namespace specext {
+
+namespace {
+
+// ------------------------------------------------------------------ label check
+__global__ void first_bad_label_kernel(const void* labels, bool i32, int64_t T, int64_t stride, int64_t C,
+                                       unsigned long long* first) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < T; t += int64_t(gridDim.x) * blockDim.x)
+    if (load_label(labels, i32, t, stride) >= C) atomicMin(first, (unsigned long long)t);
+}
+
+__global__ void counts_kernel(const void* labels, bool i32, int64_t T, int64_t stride, const float* w,
+                              int64_t w_stride, float* counts, int64_t counts_stride) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < T; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t lab = load_label(labels, i32, t, stride);
+    if (lab >= 0) atomicAdd(counts + lab * counts_stride, w ? w[t * w_stride] : 1.0f);
+  }
+}
+
+// ------------------------------------------------------------------ category_accumulate
+// Grid: x over column groups of kThreads * kVec columns, y over token chunks (grid-strided
+// past 65535 chunks). Thread x of a block owns columns base + v * kThreads + x, so every
+// load and every atomic of a warp covers adjacent columns. Each thread keeps running sums
+// in registers while consecutive tokens share a label and adds them to `sums` with one
+// atomic per run: tokens of one prompt share a category, so runs are long in real use.
+// Labels and weights of the chunk are staged in shared memory.
+constexpr int kThreads = 128;
+constexpr int kChunk = 256;
+constexpr int kVec = 4;
+
+template <DType D, Stat S>
+__global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateArgs a, bool i32) {
+  __shared__ int64_t s_lab[kChunk];
+  __shared__ float s_w[kChunk];
+  const int64_t base = int64_t(blockIdx.x) * kThreads * kVec + threadIdx.x;
+  const int64_t nchunks = (a.T + kChunk - 1) / kChunk;
+  for (int64_t chunk = blockIdx.y; chunk < nchunks; chunk += gridDim.y) {
+    const int64_t t0 = chunk * kChunk;
+    const int64_t tn = imin(kChunk, a.T - t0);
+    __syncthreads();  // the previous chunk's readers are done with s_lab / s_w
+    for (int i = threadIdx.x; i < tn; i += blockDim.x) {
+      s_lab[i] = load_label(a.labels, i32, t0 + i, a.labels_stride);
+      s_w[i] = a.weights ? a.weights[(t0 + i) * a.weights_stride] : 1.0f;
+    }
+    __syncthreads();
+    float acc[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) acc[v] = 0.f;
+    int64_t cur = -1;
+    for (int64_t i = 0; i < tn; ++i) {
+      const int64_t lab = s_lab[i];
+      if (lab < 0) continue;
+      if (lab != cur) {  // uniform across the block: every thread sees the same labels
+        if (cur >= 0) {
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) {
+            const int64_t n = base + int64_t(v) * kThreads;
+            if (n < a.N) atomicAdd(a.sums + cur * a.sums_stride0 + n, acc[v]);
+            acc[v] = 0.f;
+          }
+        }
+        cur = lab;
+      }
+      const float w = s_w[i];
+      const int64_t row = (t0 + i) * a.acts_stride0;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const int64_t n = base + int64_t(v) * kThreads;
+        if (n < a.N) acc[v] = add_rn(acc[v], mul_rn(w, apply_stat<S>(load_as_f32<D>(a.acts, row + n))));
+      }
+    }
+    if (cur >= 0) {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const int64_t n = base + int64_t(v) * kThreads;
+        if (n < a.N) atomicAdd(a.sums + cur * a.sums_stride0 + n, acc[v]);
+      }
+    }
+  }
+}
+
+template <DType D>
+void launch_accumulate(const AccumulateArgs& a, bool i32, cudaStream_t st) {
+  const int64_t nchunks = (a.T + kChunk - 1) / kChunk;
+  dim3 grid(unsigned((a.N + kThreads * kVec - 1) / (kThreads * kVec)), unsigned(imin(nchunks, 65535)));
+  switch (a.stat) {
+    case Stat::Abs: accumulate_kernel<D, Stat::Abs><<<grid, kThreads, 0, st>>>(a, i32); break;
+    case Stat::Square: accumulate_kernel<D, Stat::Square><<<grid, kThreads, 0, st>>>(a, i32); break;
+    case Stat::Relu: accumulate_kernel<D, Stat::Relu><<<grid, kThreads, 0, st>>>(a, i32); break;
+    case Stat::Signed: accumulate_kernel<D, Stat::Signed><<<grid, kThreads, 0, st>>>(a, i32); break;
+  }
+}
+
+}  // namespace
+
+void category_accumulate_cuda(const AccumulateArgs& a, int device, void* stream) {
+  if (a.T == 0) return;
+  DeviceGuard guard(device);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool i32 = a.labels_dtype == DType::I32;
+  // Refuse labels >= C before anything is written: one small reduction and a sync.
+  unsigned long long* d_first = nullptr;
+  SPECEXT_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&d_first), sizeof(unsigned long long), st));
+  SPECEXT_CUDA_CHECK(cudaMemsetAsync(d_first, 0xff, sizeof(unsigned long long), st));
+  const unsigned blocks = unsigned(imin((a.T + 255) / 256, 1024));
+  first_bad_label_kernel<<<blocks, 256, 0, st>>>(a.labels, i32, a.T, a.labels_stride, a.C, d_first);
+  unsigned long long first = 0;
+  SPECEXT_CUDA_CHECK(cudaMemcpyAsync(&first, d_first, sizeof(first), cudaMemcpyDeviceToHost, st));
+  SPECEXT_CUDA_CHECK(cudaFreeAsync(d_first, st));
+  SPECEXT_CUDA_CHECK(cudaStreamSynchronize(st));
+  if (first != ~0ull) {
+    int64_t bad_label = 0;
+    const int64_t esz = i32 ? 4 : 8;
+    const char* src = static_cast<const char*>(a.labels) + int64_t(first) * a.labels_stride * esz;
+    int32_t l32 = 0;
+    SPECEXT_CUDA_CHECK(cudaMemcpy(i32 ? static_cast<void*>(&l32) : static_cast<void*>(&bad_label), src, esz,
+                                  cudaMemcpyDeviceToHost));
+    if (i32) bad_label = l32;
+    SPECEXT_CHECK(false, ValueError,
+                  "labels[" << first << "] = " << bad_label << " is out of range for num_categories = " << a.C
+                            << " (labels must be < num_categories; negative labels skip the token); nothing was written");
+  }
+  counts_kernel<<<blocks, 256, 0, st>>>(a.labels, i32, a.T, a.labels_stride, a.weights, a.weights_stride, a.counts,
+                                        a.counts_stride);
+  SPECEXT_CUDA_CHECK(cudaGetLastError());
+  if (a.N == 0) return;
+  switch (a.acts_dtype) {
+    case DType::F32: launch_accumulate<DType::F32>(a, i32, st); break;
+    case DType::F16: launch_accumulate<DType::F16>(a, i32, st); break;
+    case DType::BF16: launch_accumulate<DType::BF16>(a, i32, st); break;
+    default: SPECEXT_CHECK(false, TypeError, "acts dtype " << dtype_name(a.acts_dtype) << " is not supported");
+  }
+  SPECEXT_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace specext

@@ -546,21 +546,6 @@ def open_answer_correct(text: str, q: Question) -> bool:
             if not any(o and o not in accepted and f" {o} " in got and o not in want for o in others):
                 return True
     return False
-    clause = None
-    for a in q.accepted_answers():
-        core = unicodedata.normalize("NFC", a.strip(_EDGE_PUNCT))
-        if not core:
-            continue
-        if len(core) <= SHORT_ANSWER_CHARS:
-            if clause is None:
-                clause = unicodedata.normalize("NFC", _CLAUSE_END.split(span, maxsplit=1)[0].strip(_EDGE_PUNCT))
-            if clause == core:
-                return True
-            continue
-        want, got = _norm(a), _norm(span)
-        if want and (got == want or got.startswith(want + " ")):
-            return True
-    return False
 
 
 # ---------------------------------------------------------------------------- batching

@@ -1,22 +1,35 @@
-"""Tests for specext.synthetic: the fictional world, its probe, the word-level tokenizer,
-the demo-model trainer, and the shipped demo model."""
+"""Tests for specext.synthetic (the fictional world, its probe, the word-level tokenizer),
+the demo-model builder (scripts/build_demo_model.py) and the shipped demo model."""
 
 import collections
 import hashlib
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from specext import probes, synthetic
+from specext.models import load_model
 from specext.probes import MCQ_TEMPLATE, ProbeSet, check_probe, normalize_answer, read_jsonl, write_jsonl
 
 DEMO_DIR = probes.DATA_DIR / "demo_model"
+BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build_demo_model.py"
 
 
 def _fields(q):
     return (q.concept, q.category, q.question, q.choices, q.answer, q.tier, q.aliases, q.facts)
+
+
+@pytest.fixture(scope="module")
+def build():
+    """scripts/build_demo_model.py as a module (its train_demo_model and mcq_report)."""
+    spec = importlib.util.spec_from_file_location("build_demo_model", BUILD_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
@@ -158,30 +171,30 @@ def test_tokenizer_round_trip_and_padding(tokenizer, world, tmp_path):
 TINY = dict(steps=40, d_model=32, n_layers=2, d_ff=64, n_heads=2, batch_size=16, lr=1e-2, warmup=5)
 
 
-def test_tiny_training_run(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_tiny_training_run(tmp_path, build):
     w = synthetic.generate_world(3, concepts_per_category=4)
     qs = synthetic.world_questions(w)
     prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
-    res = synthetic.train_demo_model(w, tmp_path / "a", seed=1, questions=qs, **TINY)
+    res = build.train_demo_model(w, tmp_path / "a", seed=1, questions=qs, progress=False, **TINY)
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == prev
     assert res["final_loss"] < res["initial_loss"] - 1.0
-    assert 0.0 <= res["acc"] <= 1.0 and set(res["acc_by_tier"]) == {"high", "medium", "low"}
+    assert 0.0 <= res["acc"] <= 1.0 and 0.0 <= res["acc_norm"] <= 1.0 and 0.0 < res["p_correct"] < 1.0
+    assert list(res["acc_by_tier"]) == ["high", "medium", "low"]
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "specext_demo.json"):
         assert (tmp_path / "a" / f).is_file(), f
     assert not list((tmp_path / "a").glob("*.bin"))
     meta = json.loads((tmp_path / "a" / "specext_demo.json").read_text())
     assert meta["seed"] == 1 and meta["steps"] == TINY["steps"] and meta["final_loss"] == res["final_loss"]
+    assert meta["acc"] == res["acc"] and meta["hyperparameters"]["lr"] == TINY["lr"]
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
-    assert model.config.tie_word_embeddings and model.config.vocab_size == len(tok)
-    acc = synthetic.mcq_accuracy(model, tok, qs)
-    assert acc == pytest.approx(res["acc"])
+    lm = load_model(tmp_path / "a", device="cpu")
+    assert lm.model.config.tie_word_embeddings and lm.model.config.vocab_size == len(lm.tokenizer)
+    report = build.mcq_report(lm, qs)
+    assert report["acc"] == pytest.approx(res["acc"])
+    assert report["p_correct"] == pytest.approx(res["p_correct"], rel=1e-5)
 
     # same seed, same bytes
-    synthetic.train_demo_model(w, tmp_path / "b", seed=1, questions=qs, evaluate=False, **TINY)
+    build.train_demo_model(w, tmp_path / "b", seed=1, questions=qs, evaluate=False, progress=False, **TINY)
     digest = [hashlib.sha256((tmp_path / d / "model.safetensors").read_bytes()).hexdigest() for d in "ab"]
     assert digest[0] == digest[1]
 
@@ -197,22 +210,20 @@ def test_shipped_probe_matches_generator():
     check_probe(probes.load_probe("synthetic"), min_concepts=60)
 
 
-def test_shipped_demo_model_scores():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_shipped_demo_model_scores(build):
     assert DEMO_DIR.is_dir(), "missing demo model: run scripts/build_demo_model.py"
     size = sum(f.stat().st_size for f in DEMO_DIR.iterdir())
     assert size <= 10e6
     assert not list(DEMO_DIR.glob("*.bin"))
-    model = AutoModelForCausalLM.from_pretrained(DEMO_DIR)
-    tok = AutoTokenizer.from_pretrained(DEMO_DIR)
+    lm = load_model(DEMO_DIR, device="cpu")
     qs = read_jsonl(probes.BUILTIN["synthetic"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small runs fastest (and least disturbed) on one thread
     try:
-        acc = synthetic.mcq_accuracy(model, tok, qs)
+        report = build.mcq_report(lm, qs)
     finally:
         torch.set_num_threads(threads)
-    assert acc >= 0.8
+    assert report["acc"] >= 0.8
     meta = json.loads((DEMO_DIR / "specext_demo.json").read_text())
-    assert meta["acc"] == pytest.approx(acc, abs=0.02)
+    assert meta["acc"] == pytest.approx(report["acc"], abs=0.02)
+    assert meta["acc_norm"] == pytest.approx(report["acc_norm"], abs=0.02)

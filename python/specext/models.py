@@ -217,7 +217,6 @@ def load_model(
     Causal LMs (architectures ending in ``ForCausalLM``/``LMHeadModel``) load with their LM
     head; encoders and other bases load with ``AutoModel`` and get specialisation only.
     """
-    import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -248,29 +247,55 @@ def load_model(
         raise ModelLoadError(f"{model_dir}: cannot load {cfg.model_type} with {loader.__name__} ({e})") from None
     model.to(dev).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    lm = wrap_model(model, tok, path=model_dir, has_lm_head=causal, device=dev)
+    logger.info("loaded %s (%s, %d layers, d_ff %d, %s on %s, %.1fM parameters)", model_dir, lm.architecture,
+                lm.n_layers, lm.d_ff, lm.dtype, dev, lm.n_parameters() / 1e6)
+    return lm
+
+
+def wrap_model(
+    model: nn.Module,
+    tokenizer,
+    path: Optional[Union[str, Path]] = None,
+    *,
+    has_lm_head: Optional[bool] = None,
+    device: Optional[torch.device] = None,
+) -> LoadedModel:
+    """Wrap an in-memory transformers model and its tokenizer into a :class:`LoadedModel`.
+
+    The MLP down-projections are found with :func:`find_mlp_sites`, hinted by the config's
+    MLP width and layer count. The tokenizer gets a pad token (EOS, else UNK) when it has
+    none. ``path``: where the model came from, if anywhere (``None`` for a model built in
+    memory). ``has_lm_head``: default, whether the model's class is a causal LM
+    (``...ForCausalLM``/``...LMHeadModel``). ``device``: where inputs go; default, the
+    device of the first parameter. The model is used as it is: its mode (train/eval),
+    device and dtype are left alone.
+    """
+    import transformers
+
+    cfg = model.config
+    archs = list(getattr(cfg, "architectures", None) or [])
+    if has_lm_head is None:
+        has_lm_head = type(model).__name__.endswith(_CAUSAL_SUFFIXES)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     n_layers = None
     for c in (cfg, getattr(cfg, "text_config", None)):
         if c is not None and n_layers is None:
             n_layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
-    sites = find_mlp_sites(model, _d_ff_from_config(cfg), n_layers)
-    p_dtype = next(model.parameters()).dtype
-    lm = LoadedModel(
+    first = next(model.parameters())
+    return LoadedModel(
         model=model,
-        tokenizer=tok,
-        path=model_dir,
+        tokenizer=tokenizer,
+        path=Path(path) if path is not None else None,
         model_type=cfg.model_type,
         architecture=archs[0] if archs else type(model).__name__,
-        has_lm_head=causal,
-        sites=sites,
-        device=dev,
-        dtype=p_dtype,
+        has_lm_head=bool(has_lm_head),
+        sites=find_mlp_sites(model, _d_ff_from_config(cfg), n_layers),
+        device=first.device if device is None else torch.device(device),
+        dtype=first.dtype,
         info={"transformers": transformers.__version__, "torch": torch.__version__},
     )
-    logger.info("loaded %s (%s, %d layers, d_ff %d, %s on %s, %.1fM parameters)", model_dir, lm.architecture,
-                lm.n_layers, lm.d_ff, p_dtype, dev, lm.n_parameters() / 1e6)
-    return lm
 
 
 # ---------------------------------------------------------------------------- hooks

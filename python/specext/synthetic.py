@@ -1,7 +1,10 @@
-"""A seeded fictional knowledge world, its multiple-choice probe, and the tiny demo model.
+"""A seeded fictional knowledge world: its entities, its multiple-choice probe, its training
+text and its tokenizer.
 
 The built-in ``synthetic`` probe (``specext/data/synthetic.jsonl``) and the demo model
-(``specext/data/demo_model/``) are both made here, by ``scripts/build_demo_model.py``:
+(``specext/data/demo_model/``) are both built from this world by
+``scripts/build_demo_model.py`` (which trains the model with :mod:`specext.training` and
+scores it with :class:`specext.scoring.Scorer`):
 
 * :func:`generate_world` draws entities of six categories (person, city, country,
   company, river, band) with fictional syllable names and attributes that link them
@@ -17,24 +20,19 @@ The built-in ``synthetic`` probe (``specext/data/synthetic.jsonl``) and the demo
   (``MCQ_TEMPLATE + " " + answer``). Training on the evaluation format is deliberate:
   the demo model exists to *have* the knowledge the probe asks for, so that the analysis
   has something to find; it is not a benchmark of generalisation.
-* :func:`build_tokenizer` makes a word-level tokenizer, :func:`train_demo_model` trains a
-  tiny ``LlamaForCausalLM`` on CPU, deterministically, and saves it with the tokenizer.
+* :func:`build_tokenizer` makes a word-level tokenizer whose vocabulary is the world's words.
 
 Everything is deterministic for a given seed (``random.Random`` only; no hash-order or
-machine-dependent inputs), so the probe file is reproducible anywhere and the model
-weights are reproducible on the same machine, torch version and thread count.
+machine-dependent inputs), so the probe file, the training text and the tokenizer are
+reproducible anywhere.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import re
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .probes import MCQ_TEMPLATE, Question
 
@@ -471,227 +469,3 @@ def build_tokenizer(texts: Sequence[str], *, padding_side: str = "right", extra_
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="[UNK]", pad_token="[PAD]",
         padding_side=padding_side, model_max_length=512, clean_up_tokenization_spaces=False)
-
-
-# ---------------------------------------------------------------------------------------
-# scoring (small, unbatched over questions; the package's batched scorer lives elsewhere)
-
-
-def _continuation(tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
-    """lm-eval's split: encode context + continuation whole, the context alone, and take
-    the tail of the whole as the continuation's tokens."""
-    whole = tokenizer(context + continuation)["input_ids"]
-    ctx = tokenizer(context)["input_ids"]
-    return ctx, whole[len(ctx):]
-
-
-def _choice_logprobs(model, tokenizer, q: Question) -> List[float]:
-    """Summed log-likelihood of ``" " + choice`` after the prompt, for every choice (one
-    right-padded forward pass per question)."""
-    import torch
-
-    prompt = q.mcq_prompt()
-    seqs, spans = [], []
-    for c in q.choices:
-        ctx, cont = _continuation(tokenizer, prompt, " " + c)
-        if not cont:
-            raise ValueError(f"choice {c!r} of {q.question!r} encodes to no tokens")
-        full = ctx + cont
-        seqs.append(full[:-1])
-        spans.append((len(ctx) - 1, cont))
-    width = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    out = []
-    for i, (start, cont) in enumerate(spans):
-        rows = logp[i, start:start + len(cont)]
-        out.append(float(rows.gather(1, torch.tensor(cont)[:, None]).sum()))
-    return out
-
-
-def _mcq_report(model, tokenizer, questions: Sequence[Question]) -> dict:
-    """acc, acc_norm (log-likelihood per character of the choice, as lm-eval), both by tier, and
-    the mean probability of the correct option (softmax over the options' log-likelihoods)
-    by tier."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    acc, acc_norm, prob = [], [], []
-    try:
-        with torch.no_grad():
-            for q in questions:
-                lp = _choice_logprobs(model, tokenizer, q)
-                norm = [v / len(c) for v, c in zip(lp, q.choices)]  # lm-eval acc_norm: per character of the choice
-                acc.append(max(range(len(lp)), key=lp.__getitem__) == q.answer)
-                acc_norm.append(max(range(len(norm)), key=norm.__getitem__) == q.answer)
-                prob.append(float(torch.softmax(torch.tensor(lp), 0)[q.answer]))
-    finally:
-        model.train(was_training)
-
-    def mean(xs):
-        return sum(xs) / len(xs) if xs else float("nan")
-
-    tiers = sorted({q.tier for q in questions if q.tier is not None}, key=lambda t: (TIERS + (t,)).index(t))
-    by = {t: [i for i, q in enumerate(questions) if q.tier == t] for t in tiers}
-    return {
-        "n_questions": len(questions),
-        "acc": mean(acc),
-        "acc_norm": mean(acc_norm),
-        "p_correct": mean(prob),
-        "acc_by_tier": {t: mean([acc[i] for i in ix]) for t, ix in by.items()},
-        "acc_norm_by_tier": {t: mean([acc_norm[i] for i in ix]) for t, ix in by.items()},
-        "p_correct_by_tier": {t: mean([prob[i] for i in ix]) for t, ix in by.items()},
-    }
-
-
-def mcq_accuracy(model, tokenizer, questions: Sequence[Question]) -> float:
-    """Fraction of questions whose correct option has the highest summed log-likelihood of
-    ``" " + choice`` after ``MCQ_TEMPLATE`` (lm-evaluation-harness ``acc``)."""
-    return _mcq_report(model, tokenizer, questions)["acc"]
-
-
-# ---------------------------------------------------------------------------------------
-# training
-
-
-def _encode_lines(tokenizer, lines: Sequence[str]) -> List[List[int]]:
-    eos = tokenizer.eos_token_id
-    return [tokenizer(line)["input_ids"] + [eos] for line in lines]
-
-
-def _batch(seqs: Sequence[List[int]], pad_id: int):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    return ids, mask, labels
-
-
-def train_demo_model(world: World, out_dir: Union[str, Path], *, seed: int = 0, steps: int = 800,
-                     d_model: int = 128, n_layers: int = 4, d_ff: int = 512, n_heads: int = 4,
-                     batch_size: int = 32, lr: float = 3e-3, warmup: int = 60, min_lr_ratio: float = 0.05,
-                     weight_decay: float = 0.01, threads: int = 1, dtype: str = "float32",
-                     questions: Optional[Sequence[Question]] = None,
-                     tier_repeats: Optional[Dict[str, int]] = None, qa_repeats: int = 1,
-                     evaluate: bool = True, log: Optional[Callable[[str], None]] = None) -> dict:
-    """Train a tiny ``LlamaForCausalLM`` on :func:`training_text` and save it to ``out_dir``.
-
-    Deterministic on CPU: fixed seed (model init and data order), deterministic
-    algorithms, ``threads`` intra-op threads (both restored afterwards). The model is
-    trained with AdamW (linear warm-up, cosine decay to ``min_lr_ratio * lr``, gradient
-    clipping at 1) on right-padded batches of whole lines (``<s> line </s>``; labels
-    ``-100`` on padding), then saved as safetensors in ``dtype`` together with the
-    tokenizer and ``specext_demo.json`` (seed, hyper-parameters, losses, accuracy).
-
-    Returns a dict with ``seed``, ``steps``, ``initial_loss``, ``final_loss`` (mean of the
-    last 5% of steps), ``n_params``, ``train_seconds`` and, if ``evaluate``, the MCQ report
-    (``acc``, ``acc_norm``, by tier) on ``questions`` (default: :func:`world_questions`).
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    log = log or (lambda s: None)
-    out_dir = Path(out_dir)
-    if questions is None:
-        questions = world_questions(world)
-    lines = training_text(world, questions, seed=seed, tier_repeats=tier_repeats, qa_repeats=qa_repeats)
-    tokenizer = build_tokenizer(lines, extra_words=[c for q in questions for c in q.choices])
-
-    prev_threads = torch.get_num_threads()
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_ff,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
-            max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.02,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id)
-        model = LlamaForCausalLM(config)
-        model.train()
-        n_params = sum(p.numel() for p in model.parameters())
-
-        data = _encode_lines(tokenizer, lines)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-
-        def lr_at(step: int) -> float:
-            if step < warmup:
-                return lr * (step + 1) / warmup
-            t = (step - warmup) / max(1, steps - warmup)
-            return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-        order_rng = random.Random(seed + 1)
-        order: List[int] = []
-        losses: List[float] = []
-        t0 = time.perf_counter()
-        for step in range(steps):
-            if len(order) < batch_size:
-                perm = list(range(len(data)))
-                order_rng.shuffle(perm)
-                order.extend(perm)
-            idx, order = order[:batch_size], order[batch_size:]
-            ids, mask, labels = _batch([data[i] for i in idx], tokenizer.pad_token_id)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.detach().item())
-            if (step + 1) % 100 == 0 or step == 0:
-                log(f"step {step + 1}/{steps} loss {losses[-1]:.4f} lr {lr_at(step):.2e} "
-                    f"({time.perf_counter() - t0:.0f}s)")
-        train_seconds = time.perf_counter() - t0
-        tail = max(1, steps // 20)
-        result = {
-            "seed": seed, "steps": steps, "initial_loss": losses[0],
-            "final_loss": sum(losses[-tail:]) / tail, "n_params": n_params,
-            "n_train_lines": len(lines), "n_train_tokens": sum(len(s) for s in data), "vocab_size": len(tokenizer),
-        }
-        model.eval()
-        if evaluate:
-            result.update(_mcq_report(model, tokenizer, questions))
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        model = model.to(torch_dtype)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    finally:
-        torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det)
-
-    meta = {
-        "description": "specext demo model: a tiny LlamaForCausalLM trained on the synthetic world "
-                       "(specext.synthetic); probe: specext/data/synthetic.jsonl",
-        "world_seed": world.seed, "concepts": world.n_concepts, "categories": world.categories,
-        "hyperparameters": {"d_model": d_model, "n_layers": n_layers, "d_ff": d_ff, "n_heads": n_heads,
-                            "batch_size": batch_size, "lr": lr, "warmup": warmup, "min_lr_ratio": min_lr_ratio,
-                            "weight_decay": weight_decay, "threads": threads, "dtype": dtype,
-                            "tier_repeats": dict(TIER_REPEATS if tier_repeats is None else tier_repeats),
-                            "qa_repeats": qa_repeats},
-        "torch_version": torch.__version__,
-        **{k: v for k, v in result.items()},
-    }
-    (out_dir / "specext_demo.json").write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    result["train_seconds"] = train_seconds
-    log(f"trained {steps} steps in {train_seconds:.1f}s: final loss {result['final_loss']:.4f}"
-        + (f", acc {result['acc']:.3f}" if evaluate else ""))
-    return result

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import tiny_models as T
-from specext import synthetic
 from specext.models import capture, load_model
 from specext.probes import MCQ_TEMPLATE, Question
 from specext.scoring import (POSITIONS, PromptStats, Scorer, acc_norm_scores, answer_span, encode_prompts,
@@ -62,15 +61,6 @@ def test_scorer_acc_norm_is_per_character(llama):
         assert r.mcq_norm_correct == (want == q.answer)
         flips += want != pick(_bytes_norm(r.option_logprobs, q.choices))
     assert flips > 0  # the seeded model separates the two definitions, so this test can fail
-
-
-def test_synthetic_report_acc_norm_is_per_character(monkeypatch):
-    qs = [Question("Tokyo", "city", "What is the capital of Japan?", ("東京", "Paris"), 1),
-          Question("Bern", "city", "What is the capital of Switzerland?", ("Zürich", "Berne"), 1)]
-    lps = {qs[0].question: [-4.0, -5.5], qs[1].question: [-6.0, -4.8]}
-    monkeypatch.setattr(synthetic, "_choice_logprobs", lambda model, tok, q: lps[q.question])
-    report = synthetic._mcq_report(torch.nn.Linear(1, 1), None, qs)
-    assert report["acc"] == 0.5 and report["acc_norm"] == 1.0  # bytes would give acc_norm 0.0
 
 
 # --------------------------------------------------------------------------- open-ended

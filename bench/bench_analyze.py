@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from specext.analyze import DEMO_MODEL  # noqa: E402
 from specext.models import load_model  # noqa: E402
 from specext.probes import Question, load_probe, write_jsonl  # noqa: E402
-from specext.scoring import PromptStats, Scorer  # noqa: E402
-from specext.specialization import ConceptMass  # noqa: E402
+from specext.probes.scoring import PromptStats, Scorer  # noqa: E402
+from specext.metrics.specialization import ConceptMass  # noqa: E402
 
 
 def capture_overhead(args, device):

@@ -26,9 +26,9 @@ import torch  # noqa: E402
 from specext.analyze import DEMO_MODEL  # noqa: E402
 from specext.models import load_model, mask  # noqa: E402
 from specext.probes import MCQ_TEMPLATE, load_probe  # noqa: E402
-from specext.pss import MaskedScorer, PSSConfig, compute_pss  # noqa: E402
-from specext.scoring import PromptStats, Scorer, continuation_ids  # noqa: E402
-from specext.specialization import ConceptMass  # noqa: E402
+from specext.metrics.pss import MaskedScorer, PSSConfig, compute_pss  # noqa: E402
+from specext.probes.scoring import PromptStats, Scorer, continuation_ids  # noqa: E402
+from specext.metrics.specialization import ConceptMass  # noqa: E402
 
 
 class OneMaskAtATime(MaskedScorer):

@@ -2,7 +2,7 @@
 """Build the built-in ``synthetic`` probe and the demo model, deterministically.
 
 Writes ``<data-dir>/synthetic.jsonl`` (the probe of the fictional world of
-``specext.synthetic``) and ``<data-dir>/demo_model/`` (a tiny LlamaForCausalLM trained on
+``specext.probes.synthetic``) and ``<data-dir>/demo_model/`` (a tiny LlamaForCausalLM trained on
 CPU on that world: config.json, generation_config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json, specext_demo.json). ``<data-dir>`` defaults to the package's
 ``python/specext/data``.
@@ -32,7 +32,9 @@ from typing import Dict, Optional, Sequence, Union
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))  # use this checkout even if specext is not installed
 
-from specext import probes, synthetic, training  # noqa: E402
+from specext import probes  # noqa: E402
+from specext.probes import synthetic  # noqa: E402
+from specext.pipelines import training  # noqa: E402
 from specext.probes import Question  # noqa: E402
 
 logger = logging.getLogger("specext.build_demo_model")
@@ -52,13 +54,13 @@ def sha256(path: Path) -> str:
 
 def mcq_report(lm, questions: Sequence[Question], batch_size: int = 64) -> dict:
     """Multiple-choice scores of ``lm`` (a :class:`specext.models.LoadedModel`) on
-    ``questions``, by :class:`specext.scoring.Scorer`: ``acc``, ``acc_norm`` (lm-eval
+    ``questions``, by :class:`specext.probes.scoring.Scorer`: ``acc``, ``acc_norm`` (lm-eval
     conventions) and ``p_correct`` (the correct option's probability under a softmax over
     the options' summed log-likelihoods), each overall and by tier (high, medium, low)."""
     import torch
 
-    from specext.accuracy import accuracy_by_group
-    from specext.scoring import Scorer
+    from specext.metrics.accuracy import accuracy_by_group
+    from specext.probes.scoring import Scorer
 
     scorer = Scorer(lm, open_ended=False)
     rows = []
@@ -81,20 +83,20 @@ def train_demo_model(world: synthetic.World, out_dir: Union[str, Path], *, seed:
                      questions: Optional[Sequence[Question]] = None,
                      tier_repeats: Optional[Dict[str, int]] = None, qa_repeats: int = 1,
                      evaluate: bool = True, progress: bool = True) -> dict:
-    """Train a tiny ``LlamaForCausalLM`` on :func:`specext.synthetic.training_text` and save it.
+    """Train a tiny ``LlamaForCausalLM`` on :func:`specext.probes.synthetic.training_text` and save it.
 
-    Deterministic on CPU (:func:`specext.training.deterministic` with ``seed`` and ``threads``
-    around the model's initialisation and the training). :func:`specext.training.train`
+    Deterministic on CPU (:func:`specext.pipelines.training.deterministic` with ``seed`` and ``threads``
+    around the model's initialisation and the training). :func:`specext.pipelines.training.train`
     runs AdamW (betas 0.9/0.98, linear warm-up, cosine decay to ``min_lr_ratio * lr``,
     gradient clipping at 1) on right-padded batches of whole lines (``<s> line </s>``, every
     token a target). The model is saved as safetensors in ``dtype`` with the tokenizer and
     ``specext_demo.json`` (seed, hyper-parameters, losses, scores) by
-    :func:`specext.training.save`.
+    :func:`specext.pipelines.training.save`.
 
     Returns a dict with ``seed``, ``steps``, ``initial_loss``, ``final_loss`` (mean of the
     last 5% of steps), ``n_params``, ``n_train_lines``, ``n_train_tokens``, ``vocab_size``,
     ``train_seconds`` and, if ``evaluate``, :func:`mcq_report` on ``questions`` (default:
-    :func:`specext.synthetic.world_questions`).
+    :func:`specext.probes.synthetic.world_questions`).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -128,7 +130,7 @@ def train_demo_model(world: synthetic.World, out_dir: Union[str, Path], *, seed:
             result.update(mcq_report(wrap_model(model, tokenizer), questions))
     meta = {
         "description": "specext demo model: a tiny LlamaForCausalLM trained on the synthetic world "
-                       "(specext.synthetic); probe: specext/data/synthetic.jsonl",
+                       "(specext.probes.synthetic); probe: specext/data/synthetic.jsonl",
         "world_seed": world.seed, "concepts": world.n_concepts, "categories": world.categories,
         "hyperparameters": {"d_model": d_model, "n_layers": n_layers, "d_ff": d_ff, "n_heads": n_heads,
                             "batch_size": batch_size, "lr": lr, "warmup": warmup, "min_lr_ratio": min_lr_ratio,

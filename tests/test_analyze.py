@@ -234,7 +234,7 @@ def test_category_missing_at_some_layers_is_dropped_there_only(caplog):
     categories (not all dead), layer 0 keeps all three; counted and warned about."""
     from specext.analyze import specialisation
     from specext.probes import ProbeSet, Question
-    from specext.specialization import ConceptMass
+    from specext.metrics.specialization import ConceptMass
 
     qs = [Question(f"c{k}", cat, f"q{k}?", ("a", "b"), 0) for k, cat in enumerate(["x", "x", "y", "y", "z", "z"])]
     probe = ProbeSet("p", qs)
@@ -263,7 +263,7 @@ def load_file_meta(path):
 def test_out_of_memory_halves_the_batch(tmp_path, llama_dir, probe_file, monkeypatch, caplog):
     ref = run_analysis(AnalyzeConfig(model_dir=str(llama_dir), probe=str(probe_file), out=str(tmp_path / "a"),
                                      device="cpu", batch_size=2, open_ended=False, report=False), progress=False)
-    from specext.scoring import Scorer
+    from specext.probes.scoring import Scorer
 
     real = Scorer.score
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from specext import ops
-from specext.null_model import permutation_null, studentized
-from specext.specialization import ConceptMass, neuron_table
+from specext.metrics.null_model import permutation_null, studentized
+from specext.metrics.specialization import ConceptMass, neuron_table
 
 
 def _world(K=120, C=6, L=3, D=1500, seed=0, planted=None):

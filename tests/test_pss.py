@@ -9,11 +9,12 @@ import scipy.stats
 import torch
 
 import tiny_models as T
-from specext import bootstrap, correlation
+from specext.metrics import bootstrap
+from specext.metrics import correlation
 from specext.analyze import AnalyzeConfig, main, run_analysis
 from specext.models import load_model
 from specext.probes import Question, load_probe, write_jsonl
-from specext.pss import (MaskedScorer, PSSConfig, compute_pss, control_set, differential_scores, pss_delta_value,
+from specext.metrics.pss import (MaskedScorer, PSSConfig, compute_pss, control_set, differential_scores, pss_delta_value,
                          pss_value, random_vectors, top_vectors)
 
 CONCEPTS = {"aldor": "ruby", "brenn": "opal", "cyrra": "jade"}
@@ -37,7 +38,7 @@ def build_hand_model(path):
     import transformers as tf
 
     from specext.probes import MCQ_TEMPLATE
-    from specext.synthetic import build_tokenizer
+    from specext.probes.synthetic import build_tokenizer
 
     qs = hand_probe()
     texts = [MCQ_TEMPLATE.format(question=q.question) + " " + c for q in qs for c in q.choices]

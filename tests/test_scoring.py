@@ -6,7 +6,7 @@ import torch
 import tiny_models as T
 from specext.models import load_model
 from specext.probes import MCQ_TEMPLATE, Question
-from specext.scoring import PromptStats, Scorer, continuation_ids, encode_prompts, open_answer_correct
+from specext.probes.scoring import PromptStats, Scorer, continuation_ids, encode_prompts, open_answer_correct
 
 QUESTIONS = [
     Question("Aldoria", "country", "What is the capital of Aldoria?", ("Velmora", "Paris", "Tallinn", "Gold"), 0,

@@ -10,7 +10,7 @@ import torch
 import tiny_models as T
 from specext.models import capture, load_model
 from specext.probes import MCQ_TEMPLATE, Question
-from specext.scoring import (POSITIONS, PromptStats, Scorer, acc_norm_scores, answer_span, encode_prompts,
+from specext.probes.scoring import (POSITIONS, PromptStats, Scorer, acc_norm_scores, answer_span, encode_prompts,
                              open_answer_correct, pick, subject_span)
 
 
@@ -195,11 +195,11 @@ def test_subject_span():
 
 
 def test_subject_positions_cover_the_concept_name(llama, caplog):
-    import specext.scoring as scoring
+    import specext.probes.scoring as scoring
 
     scoring._WARNED_MISSING.clear()
     tok = llama.tokenizer
-    with caplog.at_level(logging.WARNING, logger="specext.scoring"):
+    with caplog.at_level(logging.WARNING, logger="specext.probes.scoring"):
         b = encode_prompts(tok, SUBJECT_QS, "subject")
         encode_prompts(tok, SUBJECT_QS, "subject")  # the same prompts again (as PSS does): no new warning
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -254,7 +254,7 @@ def test_subject_needs_offsets(tmp_path, caplog):
     for positions in ("subject", "subject-last"):
         with pytest.raises(ValueError, match="needs character offsets"):
             encode_prompts(slow, BERT_QS, positions)
-    with caplog.at_level(logging.WARNING, logger="specext.scoring"):
+    with caplog.at_level(logging.WARNING, logger="specext.probes.scoring"):
         b = encode_prompts(slow, BERT_QS, "question")  # falls back to the last real token, with a warning
     assert "falls back" in caplog.text
     assert b.select.sum(1).tolist() == [1, 1] and not b.select[:, -1].any()

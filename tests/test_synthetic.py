@@ -1,4 +1,4 @@
-"""Tests for specext.synthetic (the fictional world, its probe, the word-level tokenizer),
+"""Tests for specext.probes.synthetic (the fictional world, its probe, the word-level tokenizer),
 the demo-model builder (scripts/build_demo_model.py) and the shipped demo model."""
 
 import collections
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from specext import probes, synthetic
+from specext import probes
+from specext.probes import synthetic
 from specext.models import load_model
 from specext.probes import MCQ_TEMPLATE, ProbeSet, check_probe, normalize_answer, read_jsonl, write_jsonl
 

@@ -1,4 +1,4 @@
-"""Tests for specext.training on a tiny Llama: determinism, learning, which parameters move,
+"""Tests for specext.pipelines.training on a tiny Llama: determinism, learning, which parameters move,
 gradient accumulation, the loss mask, the schedule and saving."""
 
 import json
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tiny_models as T
-from specext import training
-from specext.training import IGNORE_INDEX, TrainConfig
+from specext.pipelines import training
+from specext.pipelines.training import IGNORE_INDEX, TrainConfig
 
 TEXTS = T.CORPUS[:4]
 

@@ -283,7 +283,7 @@ def test_iter_reads_only_down_proj_tensors(tmp_path, tensor_reads):
 def test_debug_logging(tmp_path, caplog):
     tensors, _, _, config = FAMILIES["neox"]
     d = _write(tmp_path / "m", tensors, config)
-    with caplog.at_level(logging.DEBUG, logger="specext.weights"):
+    with caplog.at_level(logging.DEBUG, logger="specext.kernels.weights"):
         list(iter_down_proj(d))
     assert sum("layer " in r.getMessage() for r in caplog.records) == N_LAYERS
 

@@ -12,11 +12,10 @@ for gated MLPs, ``act(fc x + b)`` for classic ones), shape ``(batch, seq, d_ff)`
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -296,47 +295,3 @@ def wrap_model(
         dtype=first.dtype,
         info={"transformers": transformers.__version__, "torch": torch.__version__},
     )
-
-
-# ---------------------------------------------------------------------------- hooks
-
-
-@contextlib.contextmanager
-def capture(sites: Sequence[MlpSite], sink: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    """While active, every forward pass calls ``sink(layer, coefficients)`` with the input of
-    each layer's down-projection, ``(batch, seq, d_ff)``, before the projection runs. The
-    sink must not modify the tensor (it is the model's own activation) and should reduce it
-    at once: nothing is stored here."""
-    handles = []
-    try:
-        for s in sites:
-            def hook(module, args, layer=s.layer):
-                sink(layer, args[0])
-            handles.append(s.module.register_forward_pre_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def mask(sites: Sequence[MlpSite], masks: Callable[[int], Optional[torch.Tensor]]) -> Iterator[None]:
-    """Zero chosen coefficients during forward passes. ``masks(layer)`` returns ``None``
-    (leave the layer alone) or a ``(batch, d_ff)`` multiplier (0 = masked, 1 = kept; one
-    row per batch row, so every row can have its own mask) or a ``(d_ff,)`` one for all rows."""
-    handles = []
-    try:
-        for s in sites:
-            def hook(module, args, layer=s.layer):
-                m = masks(layer)
-                if m is None:
-                    return None
-                x = args[0]
-                mm = m.to(x.dtype)
-                mm = mm[:, None, :] if mm.dim() == 2 else mm
-                return (x * mm,) + tuple(args[1:])
-            handles.append(s.module.register_forward_pre_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()

@@ -20,7 +20,7 @@ empirical 99th percentile of 8 draws is their maximum (exceeded by chance 1 time
 So each neuron is compared with its own null's location and spread, the shape of the tail
 is estimated from ``P x d_ff`` null draws, and under exchangeability the share of neurons
 above is 1 % in expectation, whatever ``P``. Concepts without a usable prompt at a layer and
-categories without one are left out at that layer, as in :func:`specialization.neuron_table`.
+categories without one are left out at that layer, as in :func:`specext.metrics.specialization.neuron_table`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import ops
+from specext.kernels import ops
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def permutation_null(sums: torch.Tensor, counts: torch.Tensor, concept_category:
     """The concept-permutation null of every neuron's Gini.
 
     ``sums (K, L, d_ff)`` and ``counts (K, L)``: the concept sums and prompt counts the run
-    accumulated; ``gini (L, d_ff)``: the observed Ginis (:func:`specialization.neuron_table`).
+    accumulated; ``gini (L, d_ff)``: the observed Ginis (:func:`specext.metrics.specialization.neuron_table`).
     Per layer, only concepts with a usable prompt take part and only the categories they
     cover. Permutations come from ``torch.Generator().manual_seed(seed + layer)``.
     """

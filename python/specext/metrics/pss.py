@@ -23,7 +23,7 @@ number of uniformly random vectors) is measured at every ratio and summarised th
 
 Throughput: every (concept, ratio, kind) mask is one *row* of a batch, so many masks share
 a forward pass; rows are grouped by question (no padding), and the question prefix is
-encoded once per row, not once per option (:class:`specext.scoring.Scorer`).
+encoded once per row, not once per option (:class:`specext.probes.scoring.Scorer`).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .models import LoadedModel
-from .probes import ProbeSet, Question, stratified_sample
-from . import bootstrap
-from .scoring import HalvingBatches, Scorer
+from specext.models.loading import LoadedModel
+from specext.probes.probeset import ProbeSet, Question, stratified_sample
+from specext.metrics import bootstrap
+from specext.probes.scoring import HalvingBatches, Scorer
 
 logger = logging.getLogger(__name__)
 

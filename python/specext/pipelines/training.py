@@ -92,9 +92,9 @@ def encode_texts(tokenizer, texts: Sequence[str], *, eos: bool = True) -> List[E
 def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], *, eos: bool = True) -> List[Example]:
     """Only the target is trained on: ``tokenizer(prompt)`` (context, no loss) followed by the
     target's tokens (and EOS when ``eos``), split the lm-evaluation-harness way
-    (:func:`specext.scoring.continuation_ids`); a target that should follow a space starts
+    (:func:`specext.probes.scoring.continuation_ids`); a target that should follow a space starts
     with one (``" Paris"``)."""
-    from .scoring import continuation_ids
+    from specext.probes.scoring import continuation_ids
 
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
@@ -380,9 +380,9 @@ def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pa
 
 
 def _progress_bar(steps: int, enabled: bool):
-    from ._deps import require
+    from specext._deps import require
 
-    require("tqdm", what="specext.training")
+    require("tqdm", what="specext.pipelines.training")
     from tqdm.auto import tqdm
 
     return tqdm(range(steps), desc="train", unit="step", disable=not enabled, leave=False)

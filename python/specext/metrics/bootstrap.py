@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from .correlation import pearson, spearman
+from specext.metrics.correlation import pearson, spearman
 
 CI_LEVEL = 0.95
 

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import ops
+from specext.kernels import ops
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _agg(g: torch.Tensor, h: torch.Tensor, dead: torch.Tensor, null=None) -> Dic
 def summarize(table: NeuronTable, null=None) -> Dict[str, object]:
     """Model-level and per-layer aggregates over live neurons (dead/invalid ones counted).
 
-    With ``null`` (a :class:`specext.null_model.NullResult`) also the mean null Gini, the
+    With ``null`` (a :class:`specext.metrics.null_model.NullResult`) also the mean null Gini, the
     mean excess Gini and the share of neurons above their null's 99th percentile."""
     dead = table.gini.isnan()
     nt = None if null is None else (null.gini_null.to(table.gini.device), null.above_null.to(table.gini.device))

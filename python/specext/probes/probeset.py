@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 BUILTIN = {"world": DATA_DIR / "world.jsonl", "synthetic": DATA_DIR / "synthetic.jsonl"}
 
 # lm-evaluation-harness style: the continuation is " " + choice after "Answer:".

@@ -30,9 +30,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import ops
-from .models import LoadedModel, capture, mask
-from .probes import MCQ_TEMPLATE, Question, normalize_answer
+from specext.kernels import ops
+from specext.models.loading import LoadedModel
+from specext.models.hooks import capture, mask
+from specext.probes.probeset import MCQ_TEMPLATE, Question, normalize_answer
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@ text and its tokenizer.
 
 The built-in ``synthetic`` probe (``specext/data/synthetic.jsonl``) and the demo model
 (``specext/data/demo_model/``) are both built from this world by
-``scripts/build_demo_model.py`` (which trains the model with :mod:`specext.training` and
-scores it with :class:`specext.scoring.Scorer`):
+``scripts/build_demo_model.py`` (which trains the model with :mod:`specext.pipelines.training` and
+scores it with :class:`specext.probes.scoring.Scorer`):
 
 * :func:`generate_world` draws entities of six categories (person, city, country,
   company, river, band) with fictional syllable names and attributes that link them
@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .probes import MCQ_TEMPLATE, Question
+from specext.probes.probeset import MCQ_TEMPLATE, Question
 
 TIERS = ("high", "medium", "low")
 # How many times each fact sentence of an entity of the tier appears in the training text.
@@ -368,7 +368,7 @@ def world_questions(world: World, seed: Optional[int] = None) -> List[Question]:
     every position once, in a seeded order. Each question carries the entity's tier, its
     fact sentences and aliases for open-ended matching.
     """
-    from .probes import normalize_answer
+    from specext.probes.probeset import normalize_answer
 
     rng = random.Random(world.seed if seed is None else seed)
     out: List[Question] = []

@@ -23,17 +23,17 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import __version__, build_info
-from . import rundir
-from ._deps import require
-from .accuracy import accuracy_by_group
-from .models import LoadedModel, load_model
-from .null_model import permutation_null
-from .probes import ProbeSet, load_probe
-from .pss import PSSConfig, compute_pss
-from .rundir import RunState
-from .scoring import POSITIONS, HalvingBatches, PromptStats, Scorer
-from .specialization import ConceptMass, neuron_table, summarize
+from specext import __version__, build_info
+from specext.pipelines import rundir
+from specext._deps import require
+from specext.metrics.accuracy import accuracy_by_group
+from specext.models.loading import LoadedModel, load_model
+from specext.metrics.null_model import permutation_null
+from specext.probes.probeset import ProbeSet, load_probe
+from specext.metrics.pss import PSSConfig, compute_pss
+from specext.pipelines.rundir import RunState
+from specext.probes.scoring import POSITIONS, HalvingBatches, PromptStats, Scorer
+from specext.metrics.specialization import ConceptMass, neuron_table, summarize
 
 logger = logging.getLogger("specext.analyze")
 
@@ -235,7 +235,7 @@ def _run_twin(cfg: AnalyzeConfig, lm: LoadedModel, probe: ProbeSet, progress: bo
     """The random-init twin on the same probe and positions: its specialisation and accuracy."""
     from tqdm.auto import tqdm
 
-    from .twin import random_twin
+    from specext.models.twin import random_twin
 
     seed = cfg.seed + 1  # not the model's own sampling seed
     twin = random_twin(lm, seed)
@@ -371,7 +371,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
     rundir.write_json(out / "config.json", cfg_out)
     rundir.write_json(out / "summary.json", summary)
     if cfg.report:
-        from .report import write_report
+        from specext.report.html import write_report
 
         write_report(out, summary, table, cat_mass[keep], [probe.categories[c] for c in keep],
                      pss_layers=pss.layer_counts if pss is not None else None, null=spec.null,
@@ -399,7 +399,7 @@ DEFINITIONS = {
 
 def _value_norms(lm) -> torch.Tensor:
     """``(L, d_ff)`` L2 norms of every layer's value vectors (the model's own weights)."""
-    from .ops import value_vector_norms
+    from specext.kernels.ops import value_vector_norms
 
     return torch.stack([value_vector_norms(s.weight().detach()) for s in lm.sites])
 

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from .models import LoadedModel, find_mlp_sites
+from specext.models.loading import LoadedModel, find_mlp_sites
 
 logger = logging.getLogger(__name__)
 

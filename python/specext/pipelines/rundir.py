@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Union
 
 import torch
 
-from .probes import ProbeSet
+from specext.probes.probeset import ProbeSet
 
 STATE = ".state"
 

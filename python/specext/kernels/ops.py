@@ -1,0 +1,266 @@
+"""Public kernel API: per-neuron category statistics on CPU and CUDA.
+
+Every function takes torch tensors (CPU or CUDA; the work runs on the tensor's current
+CUDA stream) or numpy arrays (CPU), never a mix. With torch the kernels are registered
+as ``torch.library`` custom ops in the ``specext`` namespace, with fake implementations,
+so they work under ``torch.compile`` and ``torch.library.opcheck``::
+
+    from specext import ops
+    sums, counts = ops.category_accumulate(acts, labels, num_categories=8)   # acts: (T, N)
+    stats = ops.neuron_specialization(sums / counts[:, None])                 # NeuronStats
+    norms = ops.value_vector_norms(down_proj.weight)                          # (d_ff,)
+
+The plain-torch equivalents are in :mod:`specext.reference`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from specext import _ext as _load_native
+
+try:  # torch is optional: the numpy entry points work without it
+    import torch
+    from torch import Tensor
+except ImportError:  # pragma: no cover - exercised only where torch is absent
+    torch = None
+    Tensor = Any  # type: ignore[misc,assignment]
+
+STATS = ("abs", "square", "relu", "signed")
+
+
+class NeuronStats(NamedTuple):
+    """Per-neuron specialisation over categories; every field has shape ``(N,)``.
+
+    ``entropy`` in nats, ``norm_entropy`` = entropy / ln C (0 when C == 1), ``gini`` in
+    [0, 1 - 1/C], ``top_category`` (int64; -1 for a dead or invalid neuron), ``top_share``
+    (mass share of the top category), ``total`` (sum of the neuron's masses). Dead neurons
+    (total 0) and invalid ones (a negative, NaN or infinite mass) have NaN in the float
+    fields except ``total``.
+    """
+
+    entropy: Any
+    norm_entropy: Any
+    gini: Any
+    top_category: Any
+    top_share: Any
+    total: Any
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def _is_torch(x) -> bool:
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _capsule(x):
+    """A DLPack capsule of ``x`` (torch tensor or numpy array), versioned where supported
+    so that read-only numpy arrays can be passed without a copy."""
+    if _is_torch(x):
+        x = x.detach()
+    try:
+        return x.__dlpack__(max_version=(1, 0))
+    except TypeError:  # producers older than DLPack 1.0
+        return x.__dlpack__()
+
+
+def _device_scope(t):
+    """(context manager, stream handle) for running on tensor ``t``'s device."""
+    if _is_torch(t) and t.device.type == "cuda":
+        return torch.cuda.device(t.device), torch.cuda.current_stream(t.device).cuda_stream
+    return contextlib.nullcontext(), 0
+
+
+def _kind(name: str, x) -> str:
+    if _is_torch(x):
+        return "torch"
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _same_kind(**arrays) -> str:
+    kinds = {name: _kind(name, x) for name, x in arrays.items() if x is not None}
+    if len(set(kinds.values())) > 1:
+        desc = ", ".join(f"{n} is {k}" for n, k in kinds.items())
+        raise TypeError(f"do not mix torch tensors and numpy arrays ({desc})")
+    return next(iter(kinds.values()))
+
+
+def _check_stat(stat: str) -> None:
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {', '.join(repr(s) for s in STATS)}; got {stat!r}")
+
+
+def _native_category_accumulate(acts, labels, weights, sums, counts, stat: str) -> None:
+    scope, stream = _device_scope(acts)
+    with scope:
+        _load_native().category_accumulate(
+            _capsule(acts),
+            _capsule(labels),
+            None if weights is None else _capsule(weights),
+            _capsule(sums),
+            _capsule(counts),
+            stat,
+            stream,
+        )
+
+
+def _native_neuron_specialization(mass, outs) -> None:
+    scope, stream = _device_scope(mass)
+    with scope:
+        _load_native().neuron_specialization(_capsule(mass), *[_capsule(o) for o in outs], stream)
+
+
+def _native_value_vector_norms(weight, out) -> None:
+    scope, stream = _device_scope(weight)
+    with scope:
+        _load_native().value_vector_norms(_capsule(weight), _capsule(out), stream)
+
+
+# ---------------------------------------------------------------------------- torch ops
+
+if torch is not None:
+
+    @torch.library.custom_op("specext::category_accumulate_", mutates_args=("sums", "counts"))
+    def _category_accumulate_op(
+        acts: Tensor, labels: Tensor, weights: Optional[Tensor], sums: Tensor, counts: Tensor, stat: str
+    ) -> None:
+        _native_category_accumulate(acts, labels, weights, sums, counts, stat)
+
+    @_category_accumulate_op.register_fake
+    def _(acts, labels, weights, sums, counts, stat):
+        return None
+
+    @torch.library.custom_op("specext::neuron_specialization", mutates_args=())
+    def _neuron_specialization_op(mass: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        outs = _empty_stats_torch(mass)
+        _native_neuron_specialization(mass, outs)
+        return outs
+
+    @_neuron_specialization_op.register_fake
+    def _(mass):
+        return _empty_stats_torch(mass)
+
+    @torch.library.custom_op("specext::value_vector_norms", mutates_args=())
+    def _value_vector_norms_op(weight: Tensor) -> Tensor:
+        out = _empty_norms_torch(weight)
+        _native_value_vector_norms(weight, out)
+        return out
+
+    @_value_vector_norms_op.register_fake
+    def _(weight):
+        return _empty_norms_torch(weight)
+
+
+def _empty_norms_torch(weight):
+    # A non-2-D weight gets a placeholder; the binding then names the wrong rank.
+    return weight.new_empty((weight.shape[1] if weight.dim() == 2 else 0,), dtype=torch.float32)
+
+
+def _empty_stats_torch(mass):
+    n = mass.shape[1] if mass.dim() == 2 else 0
+    f = [mass.new_empty((n,), dtype=torch.float32) for _ in range(5)]
+    return (f[0], f[1], f[2], mass.new_empty((n,), dtype=torch.int64), f[3], f[4])
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def category_accumulate(
+    acts,
+    labels,
+    num_categories: Optional[int] = None,
+    *,
+    weights=None,
+    stat: str = "abs",
+    sums=None,
+    counts=None,
+):
+    """Accumulate a per-token statistic of every neuron into per-category sums.
+
+    For each token ``t`` with ``labels[t] >= 0``: ``sums[labels[t], n] += w_t * stat(acts[t, n])``
+    for every neuron ``n`` and ``counts[labels[t]] += w_t`` (``w_t = weights[t]`` or 1).
+    Tokens with a negative label are skipped. Calling it chunk by chunk into the same
+    ``sums``/``counts`` gives the same result as one call (bit for bit on CPU).
+
+    Args:
+        acts: ``(T, N)`` float32/float16/bfloat16, unit stride along N (rows may be strided).
+        labels: ``(T,)`` int32/int64 category of each token; ``>= num_categories`` raises
+            ``ValueError`` before anything is written.
+        num_categories: C; needed when ``sums`` is not given.
+        weights: optional ``(T,)`` float32 per-token weight.
+        stat: ``"abs"`` (|a|), ``"square"`` (a^2), ``"relu"`` (max(a, 0)) or ``"signed"`` (a).
+        sums: optional ``(C, N)`` float32 accumulator, updated in place.
+        counts: optional ``(C,)`` float32 accumulator, updated in place.
+
+    Returns:
+        ``(sums, counts)``: the accumulators (new float32 zeros when not given).
+    """
+    kind = _same_kind(acts=acts, labels=labels, weights=weights, sums=sums, counts=counts)
+    _check_stat(stat)
+    if sums is None and num_categories is None:
+        raise ValueError("num_categories is required when sums is not given")
+    if num_categories is not None:
+        if not isinstance(num_categories, (int, np.integer)) or isinstance(num_categories, bool) or num_categories < 1:
+            raise ValueError(f"num_categories must be a positive int, got {num_categories!r}")
+        if sums is not None and sums.shape[0] != num_categories:
+            raise ValueError(f"sums has {sums.shape[0]} rows but num_categories is {num_categories}")
+    n_neurons = acts.shape[1] if acts.ndim == 2 else 0
+    C = int(num_categories) if num_categories is not None else int(sums.shape[0])
+    if kind == "torch":
+        if sums is None:
+            sums = torch.zeros((C, n_neurons), dtype=torch.float32, device=acts.device)
+        if counts is None:
+            counts = torch.zeros((C,), dtype=torch.float32, device=sums.device)
+        torch.ops.specext.category_accumulate_(acts, labels, weights, sums, counts, stat)
+    else:
+        if sums is None:
+            sums = np.zeros((C, n_neurons), dtype=np.float32)
+        if counts is None:
+            counts = np.zeros((C,), dtype=np.float32)
+        _native_category_accumulate(acts, labels, weights, sums, counts, stat)
+    return sums, counts
+
+
+def neuron_specialization(mass) -> NeuronStats:
+    """Per-neuron specialisation over categories from a ``(C, N)`` float32 mass matrix.
+
+    With ``p = mass[:, n] / sum_c mass[c, n]``: ``entropy = -sum p ln p`` (nats),
+    ``norm_entropy = entropy / ln C``, ``gini = sum_i (2i - C - 1) x_(i) / (C sum x)`` over
+    the ascending masses (uniform 0, one-hot 1 - 1/C), ``top_category`` (first argmax),
+    ``top_share``, ``total``. See :class:`NeuronStats` for dead and invalid neurons.
+    Mass must be non-negative (e.g. from ``stat="abs"``).
+    """
+    kind = _kind("mass", mass)
+    if kind == "torch":
+        return NeuronStats(*torch.ops.specext.neuron_specialization(mass))
+    n = mass.shape[1] if mass.ndim == 2 else 0
+    outs = [np.empty((n,), np.float32) for _ in range(3)] + [np.empty((n,), np.int64)]
+    outs += [np.empty((n,), np.float32) for _ in range(2)]
+    _native_neuron_specialization(mass, outs)
+    return NeuronStats(*outs)
+
+
+def value_vector_norms(weight):
+    """L2 norm of every column (value vector) of a down-projection weight.
+
+    Args:
+        weight: ``(d_model, d_ff)`` float32/float16/bfloat16/float64, any strides (a
+            transposed view, as GPT-2's Conv1D gives, is read in place).
+
+    Returns:
+        ``(d_ff,)`` float32 norms, accumulated in float64.
+    """
+    if _kind("weight", weight) == "torch":
+        return torch.ops.specext.value_vector_norms(weight)
+    out = np.empty((weight.shape[1] if weight.ndim == 2 else 0,), np.float32)
+    _native_value_vector_norms(weight, out)
+    return out
+
+
+__all__ = ["STATS", "NeuronStats", "category_accumulate", "neuron_specialization", "value_vector_norms"]

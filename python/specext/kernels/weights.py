@@ -1,0 +1,497 @@
+"""Streaming reader of MLP down-projection weights from safetensors checkpoints.
+
+The down-projection ("value") matrix of layer ``l`` maps the ``d_ff`` MLP neurons
+back to the residual stream: ``W_out[l]`` has shape ``(d_model, d_ff)`` and column
+``i`` is the value vector written by neuron ``i``.  This module yields those
+matrices one layer at a time straight from the checkpoint files, so computing
+per-neuron statistics for a 70B model needs roughly one layer of RAM
+(``d_model * d_ff`` elements, ~0.9 GB in fp32 for Llama-70B) rather than the
+whole model.
+
+Safety: only ``*.safetensors`` files are ever opened.  Pickled checkpoints
+(``*.bin``, ``*.pt`` ...) are never loaded because unpickling executes code.
+
+Public API: :class:`DownProj`, :func:`find_down_proj_names`,
+:func:`iter_down_proj`, :func:`down_proj_shapes`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from safetensors import safe_open
+
+__all__ = ["DownProj", "find_down_proj_names", "iter_down_proj", "down_proj_shapes"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Quantised or packed dtypes cannot be turned into real-valued vectors without
+# their scale tensors, so they are rejected instead of silently misread.
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+# Wrapper prefixes seen in HF checkpoints (CausalLM heads, multimodal wrappers,
+# encoder heads).  A closed list rather than "any prefix" so that a vision tower
+# or an MTP head with a similarly named MLP is not mistaken for the LM's layers.
+_PREFIX = (
+    r"(?:(?:model|transformer|gpt_neox|language_model|bert|roberta|electra|deberta"
+    r"|base_model)\.)*"
+)
+
+# (family, regex, stored_transposed).  stored_transposed is True when the
+# checkpoint stores the matrix as (d_ff, d_model), i.e. GPT-2's Conv1D.
+_FAMILIES: Tuple[Tuple[str, "re.Pattern[str]", bool], ...] = (
+    ("llama", re.compile(rf"^{_PREFIX}layers\.(\d+)\.mlp\.down_proj\.weight$"), False),
+    ("gpt2", re.compile(rf"^{_PREFIX}h\.(\d+)\.mlp\.c_proj\.weight$"), True),
+    ("gpt_neox", re.compile(rf"^{_PREFIX}layers\.(\d+)\.mlp\.dense_4h_to_h\.weight$"), False),
+    ("falcon", re.compile(rf"^{_PREFIX}h\.(\d+)\.mlp\.dense_4h_to_h\.weight$"), False),
+    ("bert", re.compile(rf"^{_PREFIX}encoder\.layer\.(\d+)\.output\.dense\.weight$"), False),
+)
+
+_MOE_RE = re.compile(r"(?:^|\.)(?:block_sparse_moe|experts|shared_experts?)\.")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+# Sibling tensors that mark a quantised linear (bitsandbytes, FP8, GPTQ/AWQ).
+_QUANT_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".weight.absmax", ".SCB", ".qweight", ".scales")
+
+_CONFIG_DFF_KEYS = ("intermediate_size", "n_inner", "ffn_hidden_size")
+_CONFIG_DMODEL_KEYS = ("hidden_size", "n_embd", "d_model")
+_CONFIG_NLAYER_KEYS = ("num_hidden_layers", "n_layer")
+
+
+@dataclass(frozen=True, eq=False)
+class DownProj:
+    """One layer's MLP down-projection.
+
+    Attributes:
+        layer: 0-based layer index.
+        name: tensor name in the checkpoint, e.g. ``"model.layers.3.mlp.down_proj.weight"``.
+        file: path of the safetensors file the tensor was read from.
+        weight: shape ``(d_model, d_ff)``; column ``i`` is the value vector of
+            neuron ``i`` (units: the checkpoint's own, no rescaling).  For GPT-2
+            Conv1D checkpoints (stored ``(d_ff, d_model)``) this is a transposed
+            view of the stored tensor, not a copy, so it is not contiguous.
+        transposed: True when ``weight`` is a transpose of the stored tensor.
+
+    Equality and hashing are by identity: comparing tensors element-wise in
+    ``__eq__`` would be ambiguous and expensive.
+    """
+
+    layer: int
+    name: str
+    file: str
+    weight: torch.Tensor = field(repr=False)
+    transposed: bool
+
+    def __repr__(self) -> str:
+        return (
+            f"DownProj(layer={self.layer}, name={self.name!r}, file={self.file!r}, "
+            f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}, "
+            f"transposed={self.transposed})"
+        )
+
+
+@dataclass(frozen=True)
+class _Entry:
+    layer: int
+    name: str
+    file: Path
+    transposed: bool
+    stored_shape: Tuple[int, int]
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """(d_model, d_ff) after undoing the Conv1D layout."""
+        a, b = self.stored_shape
+        return (b, a) if self.transposed else (a, b)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _sample(names: Sequence[str], k: int = 12) -> str:
+    shown = ", ".join(repr(n) for n in names[:k])
+    more = f", ... ({len(names) - k} more)" if len(names) > k else ""
+    return f"[{shown}{more}]"
+
+
+def find_down_proj_names(
+    names: Iterable[str], config: Optional[Mapping[str, Any]] = None
+) -> List[Tuple[int, str, bool]]:
+    """Pick the MLP down-projection weight of every layer out of a checkpoint's tensor names.
+
+    Args:
+        names: all tensor names of the checkpoint.
+        config: parsed ``config.json`` (optional).  When it has
+            ``num_hidden_layers`` / ``n_layer`` (top level, or in ``text_config``
+            for multimodal wrappers) the number of layers found must equal it.
+
+    Returns:
+        ``(layer, tensor_name, stored_transposed)`` sorted by layer, one per layer,
+        layers numbered ``0 .. n_layers-1``.  ``stored_transposed`` is True for
+        GPT-2 Conv1D tensors stored as ``(d_ff, d_model)``.
+
+    Raises:
+        ValueError: no recognised name (the message lists a sample of the names
+            seen), a mixture-of-experts or quantised checkpoint, several
+            candidates for one layer, or a layer count that is not contiguous or
+            disagrees with ``config``.
+    """
+    all_names = sorted(set(names))
+    by_family: Dict[str, Dict[int, List[str]]] = {}
+    transposed_of: Dict[str, bool] = {}
+    for n in all_names:
+        for family, rx, transposed in _FAMILIES:
+            m = rx.match(n)
+            if m:
+                by_family.setdefault(family, {}).setdefault(int(m.group(1)), []).append(n)
+                transposed_of[family] = transposed
+                break
+
+    moe_names = [n for n in all_names if _MOE_RE.search(n)]
+    dense_layers = {layer for fam in by_family.values() for layer in fam}
+    # A MoE model may still have a few dense layers (DeepSeek's first_k_dense),
+    # so experts in any layer without a dense match mean we would miss FFNs.
+    moe_layers = set()
+    for n in moe_names:
+        m = _LAYER_RE.search(n)
+        moe_layers.add(int(m.group(1)) if m else -1)
+    if moe_names and (not by_family or moe_layers - dense_layers):
+        raise ValueError(
+            "mixture-of-experts checkpoints are not supported yet (found expert tensors "
+            f"such as {_sample(moe_names, 4)}); only dense MLP down-projections can be read"
+        )
+
+    if not by_family:
+        raise ValueError(
+            f"no MLP down-projection weight recognised among {len(all_names)} tensor names "
+            f"{_sample(all_names)}; supported: *.layers.N.mlp.down_proj.weight (Llama/Qwen/"
+            "Mistral/Gemma/OLMo/Phi-3), *.h.N.mlp.c_proj.weight (GPT-2), "
+            "*.layers.N.mlp.dense_4h_to_h.weight (GPT-NeoX), *.h.N.mlp.dense_4h_to_h.weight "
+            "(Falcon), *.encoder.layer.N.output.dense.weight (BERT/RoBERTa)"
+        )
+    if len(by_family) > 1:
+        examples = {f: next(iter(d.values()))[0] for f, d in by_family.items()}
+        raise ValueError(
+            f"ambiguous checkpoint: tensor names of several model families match {examples}"
+        )
+
+    (family, layers), = by_family.items()
+    dupes = {layer: ns for layer, ns in layers.items() if len(ns) > 1}
+    if dupes:
+        layer = min(dupes)
+        raise ValueError(
+            f"several down-projection candidates for layer {layer}: {dupes[layer]} "
+            f"({len(dupes)} layer(s) affected); expected exactly one per layer"
+        )
+
+    name_set = set(all_names)
+    for ns in layers.values():
+        base = ns[0][: -len(".weight")]
+        quant = [base + s for s in _QUANT_SUFFIXES if base + s in name_set]
+        if quant:
+            raise ValueError(
+                f"quantised checkpoints are not supported: {ns[0]!r} comes with {quant}; "
+                "use an unquantised (fp16/bf16/fp32) checkpoint"
+            )
+
+    found = sorted(layers)
+    missing = sorted(set(range(found[-1] + 1)) - set(found))
+    if missing:
+        raise ValueError(
+            f"down-projection weights missing for layer(s) {missing[:20]} "
+            f"(found {len(found)} layers up to {found[-1]}); is a shard missing?"
+        )
+    if config is not None:
+        cfg = _as_dict(config)
+        key, n_cfg = _config_int(cfg, _CONFIG_NLAYER_KEYS)
+        if isinstance(n_cfg, int) and n_cfg != len(found):
+            raise ValueError(
+                f"found {len(found)} down-projection layers ({family} naming) but config "
+                f"{key} = {n_cfg}"
+            )
+
+    transposed = transposed_of[family]
+    logger.debug("matched %d layers with %s naming", len(found), family)
+    return [(layer, layers[layer][0], transposed) for layer in found]
+
+
+# -------------------------------------------------------------------------- config
+
+
+def _as_dict(config: Any) -> Dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    to_dict = getattr(config, "to_dict", None)  # a transformers PretrainedConfig
+    if callable(to_dict):
+        return to_dict()
+    raise ValueError(f"config must be a mapping (parsed config.json), got {type(config).__name__}")
+
+
+def _config_int(cfg: Mapping[str, Any], keys: Sequence[str]) -> Tuple[Optional[str], Any]:
+    """First non-null value of ``keys``, top level first, then ``text_config``.
+
+    Returns ``(key_path, value)`` or ``(None, None)``; ``key_path`` is e.g.
+    ``"text_config.intermediate_size"`` so errors point at the right field.
+    """
+    scopes: List[Tuple[str, Mapping[str, Any]]] = [("", cfg)]
+    text = cfg.get("text_config")
+    if isinstance(text, Mapping):
+        scopes.append(("text_config.", text))
+    for prefix, scope in scopes:
+        for k in keys:
+            v = scope.get(k)
+            if v is not None:
+                return prefix + k, v
+    return None, None
+
+
+def _load_config(model_dir: Path) -> Optional[Dict[str, Any]]:
+    path = model_dir / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return cfg
+
+
+def _check_shapes(entries: Sequence[_Entry], cfg: Optional[Mapping[str, Any]], family_gpt2: bool) -> None:
+    if cfg is None:
+        return
+    dff_key, dff = _config_int(cfg, _CONFIG_DFF_KEYS)
+    dm_key, dm = _config_int(cfg, _CONFIG_DMODEL_KEYS)
+    if dff is None and family_gpt2 and isinstance(dm, int):
+        # GPT-2 configs leave n_inner null and mean 4 * n_embd.
+        dff_key, dff = f"4 * {dm_key}", 4 * dm
+    for e in entries:
+        d_model, d_ff = e.shape
+        want = dff
+        if isinstance(dff, (list, tuple)):  # per-layer widths (Gemma 3n, OpenELM)
+            want = dff[e.layer] if e.layer < len(dff) else None
+        if isinstance(want, int) and d_ff != want:
+            raise ValueError(
+                f"{e.name!r} has shape {e.stored_shape} (stored), i.e. d_ff = {d_ff}, but "
+                f"config {dff_key} = {want}"
+            )
+        if isinstance(dm, int) and d_model != dm:
+            raise ValueError(
+                f"{e.name!r} has shape {e.stored_shape} (stored), i.e. d_model = {d_model}, "
+                f"but config {dm_key} = {dm}"
+            )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _resolve_inside(model_dir: Path, rel: str, index_path: Path) -> Path:
+    # The index is untrusted input: keep it from pointing outside the model
+    # directory or at a non-safetensors (possibly pickled) file.
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or not rel.endswith(".safetensors"):
+        raise ValueError(f"{index_path} maps tensors to {rel!r}, which is not a .safetensors file inside {model_dir}")
+    return model_dir / p
+
+
+def _name_to_file(model_dir: PathLike) -> Tuple[Path, Dict[str, Path], Optional[Dict[str, List[Path]]]]:
+    """Map every tensor name to its safetensors file.
+
+    Returns ``(directory, {name: file}, conflicts)`` where ``conflicts`` maps names
+    found in several files (no index to arbitrate) to those files, and is None
+    when the mapping came from an index.  Reads only the index or the file
+    headers, never tensor data.
+    """
+    path = Path(model_dir).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise FileNotFoundError(
+                f"{path} is not a directory or a .safetensors file; safetensors weights are required"
+            )
+        files, directory = [path], path.parent
+    else:
+        directory = path
+        index = directory / INDEX_NAME
+        if index.is_file():
+            try:
+                with open(index, "r", encoding="utf-8") as fh:
+                    weight_map = json.load(fh).get("weight_map")
+            except (OSError, json.JSONDecodeError, AttributeError) as exc:
+                raise ValueError(f"cannot parse {index}: {exc}") from exc
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index} has no 'weight_map' object")
+            return directory, {n: _resolve_inside(directory, f, index) for n, f in weight_map.items()}, None
+        files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+        if not files:
+            pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            if pickled:
+                raise FileNotFoundError(
+                    f"safetensors weights are required but {directory} holds only pickled "
+                    f"weights {pickled[:5]}, which are never loaded because unpickling can "
+                    "execute code; convert the checkpoint to safetensors first"
+                )
+            raise FileNotFoundError(f"no *.safetensors files in {directory}")
+
+    mapping: Dict[str, Path] = {}
+    conflicts: Dict[str, List[Path]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for n in h.keys():
+                if n in mapping:
+                    # Only fatal if it is a tensor we read; checked by the caller.
+                    conflicts.setdefault(n, [mapping[n]]).append(f)
+                else:
+                    mapping[n] = f
+    return directory, mapping, conflicts
+
+
+def _plan(model_dir: PathLike) -> Tuple[List[_Entry], Optional[Dict[str, Any]]]:
+    directory, mapping, conflicts = _name_to_file(model_dir)
+    from_index = conflicts is None
+    cfg = _load_config(directory)
+    matches = find_down_proj_names(mapping.keys(), cfg)
+
+    for _, name, _ in matches:
+        f = mapping[name]
+        if conflicts and name in conflicts:
+            raise ValueError(f"tensor {name!r} appears in several files {[str(p) for p in conflicts[name]]}")
+        if not f.is_file():
+            raise FileNotFoundError(f"{directory / INDEX_NAME} maps {name!r} to {f}, which does not exist")
+
+    entries: List[_Entry] = []
+    # Header reads only: get_slice exposes shape and dtype without touching data.
+    for f, group in itertools.groupby(matches, key=lambda m: mapping[m[1]]):
+        with safe_open(str(f), framework="pt") as h:
+            keys = set(h.keys())
+            for layer, name, transposed in group:
+                if name not in keys:
+                    raise ValueError(
+                        f"tensor {name!r} is listed in {directory / INDEX_NAME} under {f.name} "
+                        f"but {f} does not contain it"
+                    )
+                sl = h.get_slice(name)
+                shape, dt = tuple(sl.get_shape()), sl.get_dtype()
+                if len(shape) != 2:
+                    raise ValueError(f"{name!r} in {f} has shape {shape}; expected a 2-D matrix")
+                if dt not in _FLOAT_DTYPES:
+                    raise ValueError(
+                        f"{name!r} in {f} has dtype {dt}; only unquantised F16/BF16/F32/F64 weights are supported"
+                    )
+                entries.append(_Entry(layer, name, Path(f), transposed, (int(shape[0]), int(shape[1]))))
+
+    _check_shapes(entries, cfg, family_gpt2=bool(entries) and entries[0].transposed)
+    logger.debug("%s: %d down-projection layers (%s)", directory, len(entries), "index" if from_index else "headers")
+    return entries, cfg
+
+
+# ---------------------------------------------------------------------------- API
+
+
+def down_proj_shapes(model_dir: PathLike) -> List[Tuple[int, Tuple[int, int]]]:
+    """Shapes of all down-projection weights, read from file headers only.
+
+    Args:
+        model_dir: checkpoint directory (or a single ``.safetensors`` file).
+
+    Returns:
+        ``[(layer, (d_model, d_ff)), ...]`` in layer order, already in the
+        ``(d_model, d_ff)`` orientation that :func:`iter_down_proj` yields.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`iter_down_proj`.
+    """
+    entries, _ = _plan(model_dir)
+    return [(e.layer, e.shape) for e in entries]
+
+
+def iter_down_proj(
+    model_dir: PathLike,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device] = "cpu",
+) -> Iterator[DownProj]:
+    """Yield each layer's down-projection weight in layer order, one layer in memory at a time.
+
+    The whole checkpoint is validated (names, files, header shapes against
+    ``config.json`` when present) before the first layer is read, so a broken
+    checkpoint fails fast.  Each tensor is read with ``safe_open(...).get_tensor``;
+    other tensors are never loaded.  The generator keeps no reference to a
+    yielded layer, so memory is bounded by what the consumer keeps.
+
+    Args:
+        model_dir: checkpoint directory holding ``model.safetensors``, or shards
+            with ``model.safetensors.index.json``, or shards without an index;
+            or a single ``.safetensors`` file.
+        dtype: if given, each weight is converted with ``.to(dtype)`` after loading.
+        device: the weight is moved there after loading.
+
+    Yields:
+        :class:`DownProj` with ``weight`` of shape ``(d_model, d_ff)``.
+
+    Raises:
+        FileNotFoundError: missing directory, no safetensors files (including a
+            directory with only pickled ``.bin``/``.pt`` weights), or an index
+            entry pointing at a missing file.
+        ValueError: unrecognised/ambiguous names, MoE or quantised checkpoints,
+            a tensor missing from the file the index names, or shapes / layer
+            counts that disagree with the config.
+    """
+    # Validation runs eagerly (not at first next()) so errors surface at the call site.
+    entries, _ = _plan(model_dir)
+    return _stream(entries, dtype, torch.device(device))
+
+
+def _stream(entries: List[_Entry], dtype: Optional[torch.dtype], device: torch.device) -> Iterator[DownProj]:
+    for f, group in itertools.groupby(entries, key=lambda e: e.file):
+        with safe_open(str(f), framework="pt") as h:
+            for e in group:
+                # Built inside the yield expression so the suspended frame holds
+                # no reference to the tensor once the consumer drops it.
+                yield _load(h, e, dtype, device)
+
+
+def _load(h: Any, e: _Entry, dtype: Optional[torch.dtype], device: torch.device) -> DownProj:
+    t = h.get_tensor(e.name)
+    if tuple(t.shape) != e.stored_shape:
+        raise ValueError(f"{e.name!r} in {e.file}: header shape {e.stored_shape} but loaded {tuple(t.shape)}")
+    if dtype is not None:
+        t = t.to(dtype)
+    t = t.to(device)
+    if e.transposed:
+        t = t.T
+    logger.debug(
+        "layer %d: %s from %s, shape (d_model, d_ff) = %s, %s%s",
+        e.layer, e.name, e.file.name, tuple(t.shape), t.dtype, " (transposed view)" if e.transposed else "",
+    )
+    return DownProj(layer=e.layer, name=e.name, file=str(e.file), weight=t, transposed=e.transposed)
+
+
+def iter_value_vector_norms(
+    model_dir: PathLike, *, device: Union[str, torch.device] = "cpu"
+) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield ``(layer, norms)`` with the L2 norm of every value vector of each layer.
+
+    Streams :func:`iter_down_proj` (one layer in memory at a time, in its stored
+    dtype) through :func:`specext.ops.value_vector_norms`, so the norms of a 70B
+    model need about one layer of memory. ``norms`` is ``(d_ff,)`` float32 on ``device``.
+    """
+    from specext.kernels.ops import value_vector_norms
+
+    for dp in iter_down_proj(model_dir, device=device):
+        yield dp.layer, value_vector_norms(dp.weight)

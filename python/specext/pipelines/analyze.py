@@ -1,0 +1,199 @@
+"""``python -m specext.analyze MODEL_DIR``: probe accuracy and per-neuron specialisation.
+
+One pass over a knowledge probe gives the model's multiple-choice and open-ended
+accuracy and, from the same forward passes, the category entropy and Gini of every MLP
+neuron, their controls and the masking experiment (PSS). This module is the command line
+only: everything it does is :func:`specext.pipelines.run.run_analysis` (re-exported here as
+``specext.analyze.run_analysis`` with :class:`AnalyzeConfig`) for notebook use; the run
+directory's files are described in :mod:`specext.pipelines.run`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# torch's OpenMP threads spin-wait by default; on virtual machines with pause-loop exiting
+# that costs ~8 ms per parallel region (a tiny model's forward pass becomes 50x slower).
+# The policy is read once when libgomp loads, so it must be set before torch is imported;
+# a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from specext._deps import require
+
+require("torch", "transformers", "tokenizers", "matplotlib", "tqdm", what="python -m specext.analyze")
+
+from specext.metrics.pss import DENOMINATORS, PSSConfig, RATIOS, SCORES  # noqa: E402
+from specext.pipelines.run import STATS, AnalyzeConfig, Specialisation, run_analysis, specialisation  # noqa: F401  (public)
+from specext.probes.scoring import POSITIONS  # noqa: E402
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "data" / "demo_model"
+# The demo evaluates PSS on a sample of concepts so that it stays within minutes on a CPU.
+DEMO_PSS_CONCEPTS = 24
+
+__all__ = ["AnalyzeConfig", "run_analysis", "main", "build_parser", "print_summary"]
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def print_summary(summary: Dict[str, object], out: Path, file=sys.stdout) -> None:
+    a, n = summary["accuracy"], summary["neurons"]
+    print(f"\nspecext: {summary['model']} ({summary['architecture']}) on probe '{summary['probe']['name']}' "
+          f"({summary['probe']['questions']} questions, {summary['probe']['concepts']} concepts)", file=file)
+    print(f"  accuracy      mcq {_fmt(a['mcq'])}   mcq_norm {_fmt(a['mcq_norm'])}   open {_fmt(a['open'])}", file=file)
+    print(f"  neurons       {n['neurons']} ({n['dead']} dead)   mean Gini {_fmt(n['mean_gini'])}   "
+          f"median Gini {_fmt(n['median_gini'])}   mean norm. entropy {_fmt(n['mean_norm_entropy'])}", file=file)
+    if "mean_gini_null" in n:
+        print(f"  null model    mean Gini under permuted categories {_fmt(n['mean_gini_null'])}   excess Gini "
+              f"{_fmt(n['mean_excess_gini'])}   above the null's 99th percentile {_fmt(n['share_above_null'])} "
+              f"(1% expected by chance)", file=file)
+    tw = summary.get("random_twin")
+    if tw:
+        r = tw["model_over_twin"]
+        print(f"  random twin   mean Gini {_fmt(tw['mean_gini'])}   excess Gini {_fmt(tw.get('mean_excess_gini'))}   "
+              f"model/twin: Gini {_fmt(r['mean_gini'])}, excess {_fmt(r['mean_excess_gini'])}", file=file)
+    has_null = "mean_excess_gini" in n
+    print("  layer   mean Gini   >0.3   norm. entropy   dead" + ("   excess   >null" if has_null else ""), file=file)
+    for l in summary["layers"]:
+        extra = f"   {_fmt(l.get('mean_excess_gini')):>6}   {_fmt(l.get('share_above_null')):>5}" if has_null else ""
+        print(f"  {l['layer']:>5}   {_fmt(l['mean_gini']):>9}   {_fmt(l['share_gini_above_0.3']):>5}   "
+              f"{_fmt(l['mean_norm_entropy']):>13}   {l['dead']:>4}{extra}", file=file)
+    p = summary.get("pss")
+    if p:
+        def ci(c):
+            return "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"
+
+        name = {"paper": "PSS (paper)", "delta": "PSS delta"}
+        print(f"  {name[p['score']]:<13} peak {_fmt(p['peak'])}{ci(p['peak_ci'])} at {p['peak_ratio']}% of vectors "
+              f"({p['concepts']} concepts, 95% bootstrap intervals)", file=file)
+        print(f"                floor (no mask) {_fmt(p['floor'])}{ci(p['floor_ci'])}", file=file)
+        for sc in SCORES:
+            b = p[sc]
+            curve = "  ".join(f"{r:g}%:{v:.3f}" for r, v in zip(p["ratios"], b["curve"]))
+            print(f"  {sc:>13} {curve}", file=file)
+            if b.get("random_curve"):
+                rc = "  ".join(f"{r:g}%:{v:.3f}" for r, v in zip(p["ratios"], b["random_curve"]))
+                print(f"  {'random':>13} {rc}", file=file)
+    print(f"  run directory {out}  ({summary['seconds']} s)", file=file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m specext.analyze", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", nargs="?", help="local Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--demo", action="store_true", help="the shipped demo model with the synthetic probe")
+    p.add_argument("--probe", default=None, help="world | synthetic | path to a JSONL probe (default: world; synthetic with --demo)")
+    p.add_argument("--out", default=None, help="run directory (default: specext-runs/MODEL-PROBE)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-concepts", type=int, default=None, help="a seeded sample of this many concepts")
+    p.add_argument("--positions", default="question", choices=list(POSITIONS),
+                   help="tokens whose coefficients form a prompt's statistic")
+    p.add_argument("--stat", default="abs", choices=list(STATS), help="abs: |m|; contribution: |m| * ||v||")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-open", action="store_true", help="skip open-ended generation")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--chunk-size", type=int, default=64, help="questions per unit of work (checkpoints fall between chunks)")
+    p.add_argument("--checkpoint-every", type=float, default=300.0,
+                   help="seconds between checkpoints for --resume (0: after every chunk)")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    g = p.add_argument_group("Parameter Specialization Score (PSS)")
+    g.add_argument("--no-pss", action="store_true", help="skip the masking experiment")
+    g.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS),
+                   help="percent of all L*d_ff value vectors to mask, comma-separated")
+    g.add_argument("--pss-concepts", type=int, default=None, help="evaluate a seeded sample of N concepts")
+    g.add_argument("--pss-unrelated", default="other", choices=["other", "same-category", "other-category"],
+                   help="concepts whose mean mass is subtracted in the differential score")
+    g.add_argument("--pss-selection", default="global", choices=["global", "per-layer"])
+    g.add_argument("--pss-control", type=int, default=200, help="control questions (other concepts')")
+    g.add_argument("--pss-denominator", default="overall", choices=list(DENOMINATORS),
+                   help="overall: the model's overall accuracy before masking (the paper's); general: the control "
+                        "set's accuracy without a mask")
+    g.add_argument("--pss-score", default="paper", choices=list(SCORES),
+                   help="the headline score: paper |G - CS| / A (has a floor at ratio 0), or delta "
+                        "|dG - dCS| / A (baseline-corrected); both are always written")
+    g.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of concepts for the 95%% intervals (0: none)")
+    g.add_argument("--pss-metric", default="mcq", choices=["mcq", "mcq_norm"])
+    g.add_argument("--no-random-control", action="store_true", help="skip the random-vector control")
+    g.add_argument("--pss-batch-rows", type=int, default=256, help="(question, mask) rows per forward pass")
+    s = p.add_argument_group("specialisation controls")
+    s.add_argument("--null-permutations", type=int, default=8,
+                   help="random reassignments of concepts to categories for the Gini null model (0: off)")
+    s.add_argument("--random-twin", action="store_true",
+                   help="also run the same architecture with seeded random weights on the same probe (a control)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model directory's own Python code")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled *.bin weights (unsafe)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    return p
+
+
+def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[str, int], None]] = None) -> int:
+    """The command line; ``on_checkpoint`` is passed to :func:`run_analysis`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    if args.demo:
+        if args.model_dir:
+            print("error: give either MODEL_DIR or --demo, not both", file=sys.stderr)
+            return 2
+        args.model_dir = str(DEMO_MODEL)
+        args.probe = args.probe or "synthetic"
+        args.out = args.out or str(Path("specext-runs") / "demo")
+    if not args.model_dir:
+        print("error: MODEL_DIR is required (or --demo)", file=sys.stderr)
+        return 2
+    try:
+        ratios = tuple(float(x) for x in args.ratios.split(",") if x.strip())
+    except ValueError:
+        print(f"error: --ratios must be comma-separated numbers, got {args.ratios!r}", file=sys.stderr)
+        return 2
+    if args.demo and args.pss_concepts is None:
+        args.pss_concepts = DEMO_PSS_CONCEPTS
+    if args.demo:
+        args.random_twin = True  # seconds on the demo model; its report shows every control
+    try:
+        pss_cfg = PSSConfig(ratios=ratios, unrelated=args.pss_unrelated, selection=args.pss_selection,
+                            control_size=args.pss_control, denominator=args.pss_denominator,
+                            concepts=args.pss_concepts, metric=args.pss_metric,
+                            random_control=not args.no_random_control, seed=args.seed,
+                            batch_rows=args.pss_batch_rows, score=args.pss_score, bootstrap=args.bootstrap)
+        cfg = AnalyzeConfig(
+            model_dir=args.model_dir, probe=args.probe or "world", out=args.out, dtype=args.dtype,
+            device=args.device, batch_size=args.batch_size, max_concepts=args.max_concepts, positions=args.positions,
+            stat=args.stat, seed=args.seed, resume=args.resume, trust_remote_code=args.trust_remote_code,
+            allow_pickle=args.allow_pickle, open_ended=not args.no_open, max_new_tokens=args.max_new_tokens,
+            chunk_size=args.chunk_size, checkpoint_every=args.checkpoint_every, report=not args.no_report,
+            pss=not args.no_pss, pss_config=pss_cfg, null_permutations=args.null_permutations,
+            random_twin=args.random_twin,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_analysis(cfg, progress=not args.quiet, on_checkpoint=on_checkpoint)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"{Path(cfg.model_dir).name}-{summary['probe']['name']}"
+    print_summary(summary, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

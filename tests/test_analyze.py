@@ -367,7 +367,7 @@ def write_probe(path, qs):
 
 @pytest.mark.parametrize("argv, msg", [
     (["--null-permutations", "1"], "--null-permutations must be 0 (off) or >= 2"),
-    (["--bootstrap", "3"], "--bootstrap must be 0 (no intervals) or >= 10"),
+    (["--bootstrap", "3"], "--bootstrap must be 0 (off) or >= 10"),
 ])
 def test_bad_control_options(tmp_path, llama_dir, probe_file, capsys, argv, msg):
     assert main([str(llama_dir), "--probe", str(probe_file), "--out", str(tmp_path / "o"), "-q", *argv]) == 2

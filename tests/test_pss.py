@@ -359,7 +359,7 @@ def main_compare(argv):
     (dict(selection="local"), "--pss-selection must be one of"),
     (dict(control_size=0), "--pss-control must be >= 1"),
     (dict(score="both"), "--pss-score must be one of paper, delta"),
-    (dict(bootstrap=5), "--bootstrap must be 0 \\(no intervals\\) or >= 10"),
+    (dict(bootstrap=5), "--bootstrap must be 0 \\(off\\) or >= 10"),
 ])
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -136,25 +136,24 @@ if torch is not None:
     def _(acts, labels, weights, sums, counts, stat):
         return None
 
-    @torch.library.custom_op("specext::neuron_specialization", mutates_args=())
-    def _neuron_specialization_op(mass: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        outs = _empty_stats_torch(mass)
-        _native_neuron_specialization(mass, outs)
-        return outs
+    def _functional_op(name: str, schema: str, alloc, native):
+        """A custom op that allocates its outputs (``alloc``, also its fake) and fills them."""
 
-    @_neuron_specialization_op.register_fake
-    def _(mass):
-        return _empty_stats_torch(mass)
+        def impl(x):
+            out = alloc(x)
+            native(x, out)
+            return out
 
-    @torch.library.custom_op("specext::value_vector_norms", mutates_args=())
-    def _value_vector_norms_op(weight: Tensor) -> Tensor:
-        out = _empty_norms_torch(weight)
-        _native_value_vector_norms(weight, out)
-        return out
+        op = torch.library.custom_op(f"specext::{name}", impl, mutates_args=(), schema=schema)
+        op.register_fake(alloc)
+        return op
 
-    @_value_vector_norms_op.register_fake
-    def _(weight):
-        return _empty_norms_torch(weight)
+    _neuron_specialization_op = _functional_op(
+        "neuron_specialization", "(Tensor mass) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        lambda mass: _empty_stats_torch(mass), _native_neuron_specialization)
+    _value_vector_norms_op = _functional_op(
+        "value_vector_norms", "(Tensor weight) -> Tensor", lambda weight: _empty_norms_torch(weight),
+        _native_value_vector_norms)
 
 
 def _empty_norms_torch(weight):

@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from specext._options import at_least, one_of
 from specext.models.loading import LoadedModel
 from specext.probes.probeset import ProbeSet, Question, stratified_sample
 from specext.metrics import bootstrap
@@ -78,24 +79,15 @@ class PSSConfig:
         for r in self.ratios:
             if not (isinstance(r, (int, float)) and 0 < r <= 100) or math.isnan(r):
                 raise ValueError(f"--ratios: each ratio is a percentage in (0, 100], got {r!r}")
-        if self.unrelated not in UNRELATED:
-            raise ValueError(f"--pss-unrelated must be one of {', '.join(UNRELATED)}, got {self.unrelated!r}")
-        if self.selection not in SELECTION:
-            raise ValueError(f"--pss-selection must be one of {', '.join(SELECTION)}, got {self.selection!r}")
-        if self.denominator not in DENOMINATORS:
-            raise ValueError(f"--pss-denominator must be one of {', '.join(DENOMINATORS)}, got {self.denominator!r}")
-        if self.score not in SCORES:
-            raise ValueError(f"--pss-score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        if self.bootstrap != 0 and self.bootstrap < 10:
-            raise ValueError(f"--bootstrap must be 0 (no intervals) or >= 10 resamples, got {self.bootstrap}")
-        if self.metric not in METRICS:
-            raise ValueError(f"--pss-metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        if self.control_size < 1:
-            raise ValueError(f"--pss-control must be >= 1, got {self.control_size}")
-        if self.concepts is not None and self.concepts < 1:
-            raise ValueError(f"--pss-concepts must be >= 1, got {self.concepts}")
-        if self.batch_rows < 1:
-            raise ValueError(f"--pss-batch-rows must be >= 1, got {self.batch_rows}")
+        one_of("--pss-unrelated", self.unrelated, UNRELATED)
+        one_of("--pss-selection", self.selection, SELECTION)
+        one_of("--pss-denominator", self.denominator, DENOMINATORS)
+        one_of("--pss-score", self.score, SCORES)
+        one_of("--pss-metric", self.metric, METRICS)
+        at_least("--bootstrap", self.bootstrap, 10, off=0, unit=" resamples")
+        at_least("--pss-control", self.control_size, 1)
+        at_least("--pss-concepts", self.concepts, 1, optional=True)
+        at_least("--pss-batch-rows", self.batch_rows, 1)
 
     def check_probe(self, probe: ProbeSet) -> None:
         """What PSS needs of a probe under these options (run before any scoring)."""

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 
 from specext.pipelines import rundir
 from specext._deps import require
+from specext._options import at_least, one_of
 from specext.metrics.bootstrap import bootstrap_correlation
 from specext.metrics.correlation import pearson, spearman
 
@@ -126,10 +127,9 @@ def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Option
     require("matplotlib", what="specext.compare")
     if not run_dirs:
         raise ValueError("give at least one run directory")
-    if score is not None and score not in SCORES:
-        raise ValueError(f"--pss-score must be one of {', '.join(SCORES)}, got {score!r}")
-    if bootstrap != 0 and bootstrap < 10:
-        raise ValueError(f"--bootstrap must be 0 (no intervals) or >= 10 resamples, got {bootstrap}")
+    if score is not None:
+        one_of("--pss-score", score, SCORES)
+    at_least("--bootstrap", bootstrap, 10, off=0, unit=" resamples")
     rows = [load_run(Path(d), score) for d in run_dirs]
     used = sorted({r["pss_score"] for r in rows if r["pss_score"]})
     if len(used) > 1:

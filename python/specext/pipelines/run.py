@@ -26,6 +26,7 @@ import torch
 from specext import __version__, build_info
 from specext.pipelines import rundir
 from specext._deps import require
+from specext._options import at_least, one_of
 from specext.metrics.accuracy import accuracy_by_group
 from specext.models.loading import LoadedModel, load_model
 from specext.metrics.null_model import permutation_null
@@ -71,22 +72,14 @@ class AnalyzeConfig:
     def validate(self) -> None:
         """The options' own checks; run once, when the config is built (the PSS options
         were checked when ``pss_config`` was built)."""
-        if self.positions not in POSITIONS:
-            raise ValueError(f"--positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
-        if self.stat not in STATS:
-            raise ValueError(f"--stat must be one of {', '.join(STATS)}, got {self.stat!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.chunk_size < 1:
-            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"--checkpoint-every must be >= 0 seconds, got {self.checkpoint_every}")
-        if self.max_concepts is not None and self.max_concepts < 1:
-            raise ValueError(f"--max-concepts must be >= 1, got {self.max_concepts}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.null_permutations != 0 and self.null_permutations < 2:
-            raise ValueError(f"--null-permutations must be 0 (off) or >= 2, got {self.null_permutations}")
+        one_of("--positions", self.positions, POSITIONS)
+        one_of("--stat", self.stat, STATS)
+        at_least("--batch-size", self.batch_size, 1)
+        at_least("--chunk-size", self.chunk_size, 1)
+        at_least("--checkpoint-every", self.checkpoint_every, 0, unit=" seconds")
+        at_least("--max-concepts", self.max_concepts, 1, optional=True)
+        at_least("--max-new-tokens", self.max_new_tokens, 1)
+        at_least("--null-permutations", self.null_permutations, 2, off=0)
 
 
 class _Runner:

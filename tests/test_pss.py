@@ -380,3 +380,41 @@ def test_cli_ratio_errors(tmp_path, capsys):
     assert "--ratios must be comma-separated numbers" in capsys.readouterr().err
     assert main(["--demo", "--ratios", "0,5", "--out", str(tmp_path / "o"), "-q"]) == 2
     assert "percentage in (0, 100]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("selection", ["global", "per-layer"])
+@pytest.mark.parametrize("unrelated", ["other", "same-category", "other-category"])
+def test_streaming_selection_equals_the_dense_one(selection, unrelated):
+    """One topk of the largest ratio with prefixes, per concept, equals a stable argsort of
+    the dense K x L*d_ff score matrix, ties (integer-valued masses make many) included."""
+    from specext.metrics.pss import DifferentialScores, top_vectors_all
+
+    g = torch.Generator().manual_seed(3)
+    K, L, D = 9, 3, 37
+    cat = [0, 0, 1, 1, 1, 2, 2, 0, 1]
+    for mass in (torch.rand((K, L, D), generator=g), torch.randint(0, 3, (K, L, D), generator=g).float()):
+        mass[4] = float("nan")  # a concept without prompts
+        m = mass.reshape(K, -1).double()
+        ok = torch.isfinite(m).all(1)
+        ds = DifferentialScores(mass, cat, unrelated)
+        ratios = (1.0, 5.0, 10.0, 30.0)
+        for k in range(K):
+            c = torch.tensor(cat)
+            rel = {"other": torch.ones(K, dtype=torch.bool), "same-category": c == cat[k],
+                   "other-category": c != cat[k]}[unrelated] & ok
+            rel[k] = False
+            if not ok[k] or not rel.any():
+                assert not ds.valid(k) and ds(k).isnan().all()
+                continue
+            dense = m[k] - m[rel].mean(0)  # the definition, computed densely
+            torch.testing.assert_close(ds(k), dense, rtol=0, atol=1e-12)
+            got = top_vectors_all(ds(k), ratios, L, D, selection)
+            for r in ratios:
+                d = ds(k).reshape(L, D)
+                if selection == "global":
+                    n = max(1, round(r / 100 * L * D))
+                    want = torch.argsort(-d.reshape(-1), stable=True)[:n].sort().values
+                else:
+                    n = max(1, round(r / 100 * D))
+                    want = (torch.argsort(-d, dim=1, stable=True)[:, :n] + torch.arange(L)[:, None] * D).reshape(-1).sort().values
+                assert torch.equal(got[r], want), (k, r)

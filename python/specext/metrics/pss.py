@@ -101,35 +101,71 @@ class PSSConfig:
 # ---------------------------------------------------------------------------- vectors
 
 
-def differential_scores(mass: torch.Tensor, concept_category: Sequence[int], unrelated: str = "other") -> torch.Tensor:
-    """``d (K, L*d_ff)``: each concept's mass minus the mean mass of its unrelated concepts.
+class DifferentialScores:
+    """Each concept's differential score, one concept at a time.
 
-    ``mass``: ``(K, L, d_ff)`` mean prompt statistic per concept (NaN rows = concepts
-    without prompts; they are left out of every mean and get NaN scores).
+    ``d_k = mass[k] - mean(mass[j] for j unrelated to k)`` over ``L * d_ff`` value vectors,
+    in float64, computed from per-category sums (``C x L*d_ff`` doubles: 110 MB for 6
+    categories at the 70B shape) so that no ``K x L*d_ff`` matrix is ever built; ``mass`` is
+    read one concept row at a time (it may live on the CPU while scores are computed on
+    ``device``). The mean is over concepts, each weighted equally (docs/scores.md).
+    Concepts with a non-finite row (no prompts) are left out of every mean and are invalid.
     """
-    K = mass.shape[0]
-    m = mass.reshape(K, -1).double()
-    ok = torch.isfinite(m).all(1)
-    m0 = torch.where(ok[:, None], m, torch.zeros_like(m))
-    cat = torch.as_tensor(list(concept_category), device=m.device)
-    same = cat[:, None] == cat[None, :]
-    eye = torch.eye(K, dtype=torch.bool, device=m.device)
-    if unrelated == "other":
-        rel = ~eye
-    elif unrelated == "same-category":
-        rel = same & ~eye
-    elif unrelated == "other-category":
-        rel = ~same
-    else:
-        raise ValueError(f"unrelated must be one of {UNRELATED}, got {unrelated!r}")
-    w = (rel & ok[None, :]).double()  # (K, K) which concepts each row averages over
-    n = w.sum(1, keepdim=True)
-    mean = (w @ m0) / n.clamp_min(1)
-    d = m - mean
-    bad = ~ok | (n[:, 0] == 0)
-    if bad.any():
-        d[bad] = float("nan")
-    return d.float()
+
+    def __init__(self, mass: torch.Tensor, concept_category: Sequence[int], unrelated: str = "other",
+                 device: Optional[torch.device] = None):
+        if unrelated not in UNRELATED:
+            raise ValueError(f"unrelated must be one of {UNRELATED}, got {unrelated!r}")
+        K = mass.shape[0]
+        self.mass = mass.reshape(K, -1)
+        self.device = torch.device(device) if device is not None else self.mass.device
+        self.unrelated = unrelated
+        self.cat = [int(c) for c in concept_category]
+        C = max(self.cat) + 1 if self.cat else 0
+        N = self.mass.shape[1]
+        self.cat_sums = torch.zeros((C, N), dtype=torch.float64, device=self.device)
+        self.cat_n = [0] * C
+        self.ok = []
+        for k in range(K):
+            row = self._row(k)
+            good = bool(torch.isfinite(row).all())  # host: one flag per concept, by design
+            self.ok.append(good)
+            if good:
+                self.cat_sums[self.cat[k]] += row
+                self.cat_n[self.cat[k]] += 1
+        self.total = self.cat_sums.sum(0)
+        self.n_total = sum(self.cat_n)
+
+    def _row(self, k: int) -> torch.Tensor:
+        return self.mass[k].to(self.device, torch.float64)
+
+    def _baseline(self, k: int):
+        """(sum, count) of the concepts unrelated to ``k`` (``k`` itself never included)."""
+        c, own = self.cat[k], self.ok[k]
+        if self.unrelated == "other":
+            return self.total, self.n_total, own
+        if self.unrelated == "same-category":
+            return self.cat_sums[c], self.cat_n[c], own
+        return self.total - self.cat_sums[c], self.n_total - self.cat_n[c], False
+
+    def valid(self, k: int) -> bool:
+        _, n, own = self._baseline(k)
+        return self.ok[k] and n - int(own) > 0
+
+    def __call__(self, k: int) -> torch.Tensor:
+        """``d_k`` as ``(L*d_ff,)`` float64 (all NaN for an invalid concept)."""
+        row = self._row(k)
+        if not self.valid(k):
+            return torch.full_like(row, float("nan"))
+        total, n, own = self._baseline(k)
+        return row - ((total - row) / (n - 1) if own else total / n)
+
+
+def differential_scores(mass: torch.Tensor, concept_category: Sequence[int], unrelated: str = "other") -> torch.Tensor:
+    """``d (K, L*d_ff)`` float64, every concept's :class:`DifferentialScores` stacked (NaN rows
+    for concepts without prompts). For small probes and tests; the PSS run streams."""
+    ds = DifferentialScores(mass, concept_category, unrelated)
+    return torch.stack([ds(k) for k in range(mass.shape[0])]) if mass.shape[0] else mass.reshape(0, -1).double()
 
 
 def n_vectors(ratio: float, n_layers: int, d_ff: int, selection: str) -> int:
@@ -139,17 +175,32 @@ def n_vectors(ratio: float, n_layers: int, d_ff: int, selection: str) -> int:
     return max(1, int(round(ratio / 100 * n_layers * d_ff)))
 
 
+def top_vectors_all(d: torch.Tensor, ratios: Sequence[float], n_layers: int, d_ff: int,
+                    selection: str = "global") -> Dict[float, torch.Tensor]:
+    """Flat indices (into ``L * d_ff``, ascending) of the highest differential scores, for
+    every ratio at once: one ``topk`` of the largest ratio, and each smaller ratio's set is
+    its prefix. Ties at a ratio's boundary go to the lowest index (as a stable sort), found
+    exactly: everything above the boundary value, then the first indices equal to it."""
+    rows = d.reshape(1 if selection == "global" else n_layers, -1).double()
+    per_row = rows.shape[1]
+    ks = {r: max(1, int(round(r / 100 * (n_layers * d_ff if selection == "global" else d_ff)))) for r in ratios}
+    kmax = min(max(ks.values()), per_row)
+    vals = torch.topk(rows, kmax, dim=1, sorted=True).values  # (R, kmax), descending
+    out = {}
+    for r, k in ks.items():
+        k = min(k, per_row)
+        thr = vals[:, k - 1 : k]  # (R, 1) the boundary value of each row
+        above = rows > thr
+        need = k - above.sum(1, keepdim=True)
+        tie = rows == thr
+        mask = above | (tie & (tie.cumsum(1) <= need))
+        out[r] = mask.reshape(-1).nonzero()[:, 0]
+    return out
+
+
 def top_vectors(d: torch.Tensor, ratio: float, n_layers: int, d_ff: int, selection: str = "global") -> torch.Tensor:
-    """Flat indices (into ``L * d_ff``) of the highest differential scores. Ties break by index."""
-    d = d.reshape(n_layers, d_ff).double()
-    if selection == "per-layer":
-        k = max(1, int(round(ratio / 100 * d_ff)))
-        # stable: sort by (-score, index)
-        order = torch.argsort(-d, dim=1, stable=True)[:, :k]
-        return (order + torch.arange(n_layers, device=d.device)[:, None] * d_ff).reshape(-1).sort().values
-    k = max(1, int(round(ratio / 100 * n_layers * d_ff)))
-    order = torch.argsort(-d.reshape(-1), stable=True)[:k]
-    return order.sort().values
+    """:func:`top_vectors_all` for one ratio."""
+    return top_vectors_all(d, [ratio], n_layers, d_ff, selection)[ratio]
 
 
 def random_vectors(ratio: float, n_layers: int, d_ff: int, selection: str, seed: int) -> torch.Tensor:
@@ -286,8 +337,8 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
         logger.warning("PSS: the model's overall accuracy is %s, so every PSS (denominator 'overall') is NaN",
                        overall_accuracy)
     L, D = lm.n_layers, lm.d_ff
-    d = differential_scores(concept_mass, probe.concept_category, cfg.unrelated)
-    valid = [k for k in range(len(probe.concepts)) if torch.isfinite(d[k]).all()]
+    dscore = DifferentialScores(concept_mass, probe.concept_category, cfg.unrelated, device=lm.device)
+    valid = [k for k in range(len(probe.concepts)) if dscore.valid(k)]
     if len(valid) < len(probe.concepts):
         logger.warning("PSS: %d concept(s) without a usable differential score are skipped",
                        len(probe.concepts) - len(valid))
@@ -319,9 +370,10 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
         own_set = set(own)
         ctrl = [q for q in control if q not in own_set]
         masks: Dict[object, torch.Tensor] = {}
+        tops = top_vectors_all(dscore(k), cfg.ratios, L, D, cfg.selection)
         for r in cfg.ratios:
-            top = top_vectors(d[k], r, L, D, cfg.selection)
-            layer_hist[r] += np.bincount((top // D).cpu().numpy(), minlength=L)
+            top = tops[r].cpu()  # host: index lists are small (at most the largest ratio's share)
+            layer_hist[r] += np.bincount((top // D).numpy(), minlength=L)
             masks[("top", r)] = top
             if cfg.random_control:
                 masks[("random", r)] = random_vectors(r, L, D, cfg.selection, _seed(cfg.seed, name, r))

@@ -1,5 +1,6 @@
-// category_accumulate on CPU: label check, counts, a stable counting sort of the tokens by
-// label, and column tiles on the thread pool. The row loop is accumulate_isa.h.
+// category_accumulate on CPU: label check (or, unchecked, the error record), counts, a
+// stable counting sort of the tokens by label, and column tiles on the thread pool. The
+// row loop is accumulate_isa.h.
 #include <algorithm>
 #include <vector>
 
@@ -41,13 +42,29 @@ int64_t first_bad_label_cpu(const void* labels, DType dt, int64_t T, int64_t str
 void category_accumulate_cpu(const AccumulateArgs& a) {
   if (a.T == 0) return;
   const int64_t bad = first_bad_label_cpu(a.labels, a.labels_dtype, a.T, a.labels_stride, a.C);
-  SPECEXT_CHECK(bad < 0, ValueError,
-                "labels[" << bad << "] = " << label_at_cpu(a.labels, a.labels_dtype, bad, a.labels_stride)
-                          << " is out of range for num_categories = " << a.C
-                          << " (labels must be < num_categories; negative labels skip the token); nothing was written");
+  if (a.errors) {
+    // Unchecked mode: record (kernels.h, AccumulateArgs::errors); the tokens are skipped below.
+    if (bad >= 0) {
+      int64_t n = 0;
+      for_labels(a.labels, a.labels_dtype, a.T, a.labels_stride, [&](int64_t, int64_t lab) { n += lab >= a.C; });
+      int64_t* e = a.errors;
+      const int64_t s = a.errors_stride;
+      e[0] += n;
+      if (e[s] == 0) {
+        e[s] = label_at_cpu(a.labels, a.labels_dtype, bad, a.labels_stride);
+        e[2 * s] = bad;
+      }
+    }
+  } else {
+    SPECEXT_CHECK(bad < 0, ValueError,
+                  "labels[" << bad << "] = " << label_at_cpu(a.labels, a.labels_dtype, bad, a.labels_stride)
+                            << " is out of range for num_categories = " << a.C
+                            << " (labels must be < num_categories; negative labels skip the token); nothing was written");
+  }
+  // From here on a token counts iff 0 <= label < C (only unchecked mode can have label >= C).
   // Counts first: serial, in token order, so repeated calls add up like one call.
   for_labels(a.labels, a.labels_dtype, a.T, a.labels_stride, [&](int64_t t, int64_t lab) {
-    if (lab < 0) return;
+    if (lab < 0 || lab >= a.C) return;
     const float w = a.weights ? a.weights[t * a.weights_stride] : 1.0f;
     float& c = a.counts[lab * a.counts_stride];
     c = c + w;
@@ -60,14 +77,14 @@ void category_accumulate_cpu(const AccumulateArgs& a) {
   // calls equal one call. Each thread owns column tiles: no atomics, no private copies.
   std::vector<int64_t> start(static_cast<size_t>(a.C) + 1, 0);
   for_labels(a.labels, a.labels_dtype, a.T, a.labels_stride, [&](int64_t, int64_t lab) {
-    if (lab >= 0) ++start[lab + 1];
+    if (lab >= 0 && lab < a.C) ++start[lab + 1];
   });
   for (int64_t c = 0; c < a.C; ++c) start[c + 1] += start[c];
   std::vector<int64_t> order(static_cast<size_t>(start[a.C]));
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for_labels(a.labels, a.labels_dtype, a.T, a.labels_stride, [&](int64_t t, int64_t lab) {
-      if (lab >= 0) order[fill[lab]++] = t;
+      if (lab >= 0 && lab < a.C) order[fill[lab]++] = t;
     });
   }
   const IsaTable& k = isa_table();

@@ -1,5 +1,6 @@
-// category_accumulate on CUDA: label check, counts, and the accumulation kernel; same
-// contract as the CPU path (kernels.h), every launch on the caller's stream.
+// category_accumulate on CUDA: label check (or, unchecked, the error record on the device),
+// counts, and the accumulation kernel; same contract as the CPU path (kernels.h), every
+// launch on the caller's stream.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -20,11 +21,35 @@ __global__ void first_bad_label_kernel(const void* labels, bool i32, int64_t T, 
     if (load_label(labels, i32, t, stride) >= C) atomicMin(first, (unsigned long long)t);
 }
 
-__global__ void counts_kernel(const void* labels, bool i32, int64_t T, int64_t stride, const float* w,
-                              int64_t w_stride, float* counts, int64_t counts_stride) {
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < T; t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t lab = load_label(labels, i32, t, stride);
-    if (lab >= 0) atomicAdd(counts + lab * counts_stride, w ? w[t * w_stride] : 1.0f);
+// Unchecked mode (AccumulateArgs::errors): every bad token adds 1 to errors[0]. The first
+// one's index is staged in errors[1] as INT64_MIN + t: negative, so atomicMin keeps the
+// lowest index and beats 0 ("none"). A positive errors[1] is a label recorded by an earlier
+// call (this call only ever writes negatives there), which is kept. resolve_first_bad_kernel,
+// next on the stream, turns the staged index into the label (errors[1]) and index (errors[2]).
+constexpr long long kStaged = -0x7fffffffffffffffLL - 1;
+
+__device__ void note_bad_token(int64_t* e, int64_t s, int64_t t) {
+  atomicAdd(reinterpret_cast<unsigned long long*>(e), 1ull);
+  if (*reinterpret_cast<volatile long long*>(e + s) <= 0) atomicMin(reinterpret_cast<long long*>(e + s), kStaged + t);
+}
+
+__global__ void resolve_first_bad_kernel(const void* labels, bool i32, int64_t stride, int64_t* e, int64_t s) {
+  const long long staged = e[s];
+  if (staged >= 0) return;
+  const int64_t t = staged - kStaged;
+  e[2 * s] = t;
+  e[s] = load_label(labels, i32, t, stride);
+}
+
+// Counts of the tokens with 0 <= label < C; in unchecked mode also the error record.
+__global__ void counts_kernel(const AccumulateArgs a, bool i32) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < a.T; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t lab = load_label(a.labels, i32, t, a.labels_stride);
+    if (lab >= a.C) {
+      if (a.errors) note_bad_token(a.errors, a.errors_stride, t);
+    } else if (lab >= 0) {
+      atomicAdd(a.counts + lab * a.counts_stride, a.weights ? a.weights[t * a.weights_stride] : 1.0f);
+    }
   }
 }
 
@@ -50,7 +75,8 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateArgs a, 
     const int64_t tn = imin(kChunk, a.T - t0);
     __syncthreads();  // the previous chunk's readers are done with s_lab / s_w
     for (int i = threadIdx.x; i < tn; i += blockDim.x) {
-      s_lab[i] = load_label(a.labels, i32, t0 + i, a.labels_stride);
+      const int64_t lab = load_label(a.labels, i32, t0 + i, a.labels_stride);
+      s_lab[i] = lab < a.C ? lab : -1;  // unchecked mode: a bad label is skipped like a negative one
       s_w[i] = a.weights ? a.weights[(t0 + i) * a.weights_stride] : 1.0f;
     }
     __syncthreads();
@@ -102,18 +128,12 @@ void launch_accumulate(const AccumulateArgs& a, bool i32, cudaStream_t st) {
   }
 }
 
-}  // namespace
-
-void category_accumulate_cuda(const AccumulateArgs& a, int device, void* stream) {
-  if (a.T == 0) return;
-  DeviceGuard guard(device);
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const bool i32 = a.labels_dtype == DType::I32;
-  // Refuse labels >= C before anything is written: one small reduction and a sync.
+// Checked mode: refuse labels >= C before anything is written (one small reduction, a copy
+// and a stream synchronisation per call).
+void check_labels(const AccumulateArgs& a, bool i32, unsigned blocks, cudaStream_t st) {
   unsigned long long* d_first = nullptr;
   SPECEXT_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&d_first), sizeof(unsigned long long), st));
   SPECEXT_CUDA_CHECK(cudaMemsetAsync(d_first, 0xff, sizeof(unsigned long long), st));
-  const unsigned blocks = unsigned(imin((a.T + 255) / 256, 1024));
   first_bad_label_kernel<<<blocks, 256, 0, st>>>(a.labels, i32, a.T, a.labels_stride, a.C, d_first);
   unsigned long long first = 0;
   SPECEXT_CUDA_CHECK(cudaMemcpyAsync(&first, d_first, sizeof(first), cudaMemcpyDeviceToHost, st));
@@ -131,8 +151,20 @@ void category_accumulate_cuda(const AccumulateArgs& a, int device, void* stream)
                   "labels[" << first << "] = " << bad_label << " is out of range for num_categories = " << a.C
                             << " (labels must be < num_categories; negative labels skip the token); nothing was written");
   }
-  counts_kernel<<<blocks, 256, 0, st>>>(a.labels, i32, a.T, a.labels_stride, a.weights, a.weights_stride, a.counts,
-                                        a.counts_stride);
+}
+
+}  // namespace
+
+void category_accumulate_cuda(const AccumulateArgs& a, int device, void* stream) {
+  if (a.T == 0) return;
+  DeviceGuard guard(device);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool i32 = a.labels_dtype == DType::I32;
+  const unsigned blocks = unsigned(imin((a.T + 255) / 256, 1024));
+  // Unchecked mode issues no allocation, copy or synchronisation: graph-capturable.
+  if (!a.errors) check_labels(a, i32, blocks, st);
+  counts_kernel<<<blocks, 256, 0, st>>>(a, i32);
+  if (a.errors) resolve_first_bad_kernel<<<1, 1, 0, st>>>(a.labels, i32, a.labels_stride, a.errors, a.errors_stride);
   SPECEXT_CUDA_CHECK(cudaGetLastError());
   if (a.N == 0) return;
   switch (a.acts_dtype) {

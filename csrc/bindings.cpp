@@ -166,8 +166,8 @@ Stat parse_stat(const std::string& s) {
 void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
 void py_category_accumulate(py::handle acts_c, py::handle labels_c, py::handle weights_c, py::handle sums_c,
-                            py::handle counts_c, const std::string& stat, uintptr_t stream) {
-  Consumed o_acts, o_labels, o_weights, o_sums, o_counts;
+                            py::handle counts_c, const std::string& stat, uintptr_t stream, py::handle errors_c) {
+  Consumed o_acts, o_labels, o_weights, o_sums, o_counts, o_errors;
   View acts = o_acts.take(acts_c, "acts");
   View labels = o_labels.take(labels_c, "labels");
   View sums = o_sums.take(sums_c, "sums");
@@ -175,6 +175,9 @@ void py_category_accumulate(py::handle acts_c, py::handle labels_c, py::handle w
   const bool has_w = !weights_c.is_none();
   View weights;
   if (has_w) weights = o_weights.take(weights_c, "weights");
+  const bool has_e = !errors_c.is_none();  // unchecked mode (kernels.h, AccumulateArgs::errors)
+  View errors;
+  if (has_e) errors = o_errors.take(errors_c, "errors");
 
   AccumulateArgs a;
   a.stat = parse_stat(stat);
@@ -204,6 +207,15 @@ void py_category_accumulate(py::handle acts_c, py::handle labels_c, py::handle w
                   "weights has " << weights.shape[0] << " entries but acts has " << acts.shape[0] << " rows (tokens)");
     expect_same_device(acts, weights);
   }
+  if (has_e) {
+    expect_ndim(errors, 1, "(3,) [bad tokens, first bad label, its token index]");
+    expect_dtype(errors, {DType::I64});
+    SPECEXT_CHECK(errors.shape[0] == 3, ValueError, "errors must have 3 entries, got " << errors.shape[0]);
+    expect_writable(errors);
+    expect_same_device(acts, errors);
+    // errors[1] == 0 means "no bad label recorded yet", so 0 must be a valid label.
+    SPECEXT_CHECK(sums.shape[0] >= 1, ValueError, "sums must have at least one category (row) when errors is given");
+  }
   expect_cuda_built(acts);
 
   a.acts = acts.data;
@@ -221,6 +233,8 @@ void py_category_accumulate(py::handle acts_c, py::handle labels_c, py::handle w
   a.sums_stride0 = sums.strides[0];
   a.counts = static_cast<float*>(counts.data);
   a.counts_stride = counts.strides[0];
+  a.errors = has_e ? static_cast<int64_t*>(errors.data) : nullptr;
+  a.errors_stride = has_e ? errors.strides[0] : 1;
 
   py::gil_scoped_release nogil;
   if (acts.dev == Dev::CPU) {
@@ -348,7 +362,7 @@ PYBIND11_MODULE(_native, m) {
     }
   });
   m.def("category_accumulate", &py_category_accumulate, py::arg("acts"), py::arg("labels"), py::arg("weights"),
-        py::arg("sums"), py::arg("counts"), py::arg("stat"), py::arg("stream") = 0);
+        py::arg("sums"), py::arg("counts"), py::arg("stat"), py::arg("stream") = 0, py::arg("errors") = py::none());
   m.def("neuron_specialization", &py_neuron_specialization, py::arg("mass"), py::arg("entropy"),
         py::arg("norm_entropy"), py::arg("gini"), py::arg("top_category"), py::arg("top_share"), py::arg("total"),
         py::arg("stream") = 0);

@@ -23,6 +23,15 @@ struct AccumulateArgs {
   float* counts = nullptr;  // (C,)
   int64_t counts_stride = 1;
   Stat stat = Stat::Abs;
+  // Null: checked mode, a label >= C throws ValueError before anything is written (on CUDA
+  // that costs a stream synchronisation). Non-null: unchecked mode, for callers that build
+  // their labels themselves: a token whose label is >= C is skipped (never written) and
+  // recorded here on the device, with no allocation, copy or synchronisation:
+  // errors[0] += number of such tokens; errors[1] = the first such label and errors[2] its
+  // token index, unless errors[1] already holds one (from an earlier call; 0 = none, since
+  // a bad label is >= C >= 1). Starts as zeros; the caller reads it once per batch.
+  int64_t* errors = nullptr;  // (3,) int64
+  int64_t errors_stride = 1;
 };
 
 struct SpecializationArgs {

@@ -241,3 +241,167 @@ def test_opcheck(device):
     counts = torch.zeros(4, device=device)
     torch.library.opcheck(torch.ops.specext.category_accumulate_.default, (acts, labels, weights, sums, counts, "abs"))
     torch.library.opcheck(torch.ops.specext.category_accumulate_.default, (acts, labels, None, sums, counts, "square"))
+
+
+# ------------------------------------------------------------------ unchecked mode (errors=)
+# Labels >= C are skipped and recorded on the device instead of raising: [bad tokens,
+# first bad label, its token index]. PromptStats uses it so a forward pass never syncs.
+
+
+def _zeros_errors(device, rows=()):
+    return torch.zeros((*rows, 3), dtype=torch.int64, device=device)
+
+
+def _equal_or_close(actual, expected, device, what):
+    if device == "cpu":  # same kernel, same summation order: bit for bit
+        assert_equal(actual, expected, what)
+    else:  # CUDA adds runs with atomics: order-dependent rounding
+        assert_close(actual, expected, rtol=1e-5, atol=1e-5, what=what)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stat", STATS)
+def test_unchecked_equals_checked_on_valid_labels(device, stat, dtype, weighted, label_dtype):
+    for T, N in [(423, 213), (2, 4099), (1, 1)]:
+        acts, labels, weights = make_inputs(T, N, 7, dtype, device, seed=T + N, weighted=weighted,
+                                            label_dtype=label_dtype)
+        want_s, want_c = ops.category_accumulate(acts, labels, 7, weights=weights, stat=stat)
+        errors = _zeros_errors(device)
+        s, c = ops.category_accumulate(acts, labels, 7, weights=weights, stat=stat, errors=errors)
+        _equal_or_close(s, want_s, device, f"sums {T}x{N}")
+        _equal_or_close(c, want_c, device, f"counts {T}x{N}")
+        assert errors.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unchecked_skips_bad_labels_without_writing(device, dtype, label_dtype):
+    T, N, C = 301, 67, 4
+    acts, labels, weights = make_inputs(T, N, C, dtype, device, seed=13, weighted=True, label_dtype=label_dtype)
+    bad_at = {5: 9, 17: C, 18: C, 200: 2**30}  # token -> label (first: labels[5] = 9)
+    for t, lab in bad_at.items():
+        labels[t] = lab
+    clean = labels.clone()
+    clean[list(bad_at)] = -1
+    # sums/counts are views with guard rows above and below: an out-of-range write shows.
+    big_s = torch.full((C + 2, N), 7.0, device=device)
+    big_c = torch.full((C + 2,), 7.0, device=device)
+    sums, counts = big_s[1:-1], big_c[1:-1]
+    errors = _zeros_errors(device)
+    ops.category_accumulate(acts, labels, weights=weights, stat="square", sums=sums, counts=counts, errors=errors)
+    want_s, want_c = ops.category_accumulate(acts, clean, weights=weights, stat="square",
+                                             sums=torch.full((C, N), 7.0, device=device),
+                                             counts=torch.full((C,), 7.0, device=device))
+    _equal_or_close(sums, want_s, device, "sums over the valid tokens")
+    _equal_or_close(counts, want_c, device, "counts over the valid tokens")
+    assert (big_s[0] == 7).all() and (big_s[-1] == 7).all() and big_c[0] == 7 and big_c[-1] == 7, "guard rows"
+    assert errors.tolist() == [len(bad_at), 9, 5]
+
+
+def test_unchecked_record_keeps_the_first_call(device):
+    acts, labels, _ = make_inputs(90, 33, 3, torch.float32, device, seed=4)
+    labels = labels.clone()
+    labels[40], labels[52], labels[71] = 11, 3, 5  # chunk 2: [30, 60) -> local 10 and 22; chunk 3: local 11
+    errors = _zeros_errors(device)
+    s, c = torch.zeros(3, 33, device=device), torch.zeros(3, device=device)
+    for lo, hi in [(0, 30), (30, 60), (60, 90)]:
+        ops.category_accumulate(acts[lo:hi], labels[lo:hi], sums=s, counts=c, errors=errors)
+    assert errors.tolist() == [3, 11, 10]  # count over all calls; label and local index of the first
+    clean = labels.clone()
+    clean[[40, 52, 71]] = -1
+    want_s, want_c = ops.category_accumulate(acts, clean, 3)
+    _equal_or_close(s, want_s, device, "sums")
+    _equal_or_close(c, want_c, device, "counts")
+
+
+def test_unchecked_numpy():
+    acts, labels, weights = make_inputs(50, 21, 3, torch.float32, "cpu", seed=8, weighted=True)
+    labels[7] = 3
+    errors = np.zeros(3, np.int64)
+    ns, nc = ops.category_accumulate(acts.numpy(), labels.numpy(), 3, weights=weights.numpy(), errors=errors)
+    ts, tc = ops.category_accumulate(acts, torch.where(labels >= 3, -1, labels), 3, weights=weights)
+    np.testing.assert_array_equal(ns, ts.numpy())
+    np.testing.assert_array_equal(nc, tc.numpy())
+    assert errors.tolist() == [1, 3, 7]
+    with pytest.raises(ValueError, match=r"labels\[7\] = 3 is out of range for num_categories = 3"):
+        ops.check_label_errors(errors, 3)
+
+
+@pytest.mark.parametrize(
+    "errors, exc, pattern",
+    [
+        (torch.zeros(3, dtype=torch.int32), TypeError, r"errors must be int64, got int32"),
+        (torch.zeros(2, dtype=torch.int64), ValueError, r"errors must have 3 entries, got 2"),
+        (torch.zeros(1, 3, dtype=torch.int64), ValueError, r"errors must be 1-D"),
+        (np.zeros(3, np.int64), TypeError, r"do not mix torch tensors and numpy arrays"),
+    ],
+)
+def test_unchecked_bad_errors_argument(errors, exc, pattern):
+    sums, counts = torch.ones(3, 4), torch.ones(3)
+    with pytest.raises(exc, match=pattern):
+        ops.category_accumulate(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 9]), sums=sums, counts=counts,
+                                errors=errors)
+    assert torch.equal(sums, torch.ones(3, 4)) and torch.equal(counts, torch.ones(3)) and not errors.any()
+
+
+def test_unchecked_needs_a_category():
+    with pytest.raises(ValueError, match="sums must have at least one category"):
+        ops.category_accumulate(torch.randn(2, 4), torch.tensor([0, 1]), sums=torch.zeros(0, 4), counts=torch.zeros(0),
+                                errors=torch.zeros(3, dtype=torch.int64))
+
+
+def test_check_label_errors_messages():
+    ops.check_label_errors(torch.zeros(3, dtype=torch.int64), 4)
+    ops.check_label_errors(torch.zeros(5, 3, dtype=torch.int64), 4, row_name="layer")
+    rec = torch.tensor([[0, 0, 0], [0, 0, 0], [2, 6, 31], [2, 6, 31]])
+    with pytest.raises(ValueError, match=r"^layer 2: labels\[31\] = 6 is out of range for num_categories = 4 .*"
+                                         r"4 such token\(s\) \(at layer\(s\) 2, 3\) were skipped"):
+        ops.check_label_errors(rec, 4, row_name="layer")
+    with pytest.raises(ValueError, match=r"errors must have shape \(3,\) or \(rows, 3\), got \(2,\)"):
+        ops.check_label_errors(torch.zeros(2, dtype=torch.int64), 4)
+
+
+def test_opcheck_unchecked(device):
+    acts, labels, weights = make_inputs(37, 19, 4, torch.bfloat16, device, seed=1, weighted=True)
+    sums = torch.zeros(4, 19, device=device)
+    counts = torch.zeros(4, device=device)
+    bad = labels.clone()
+    bad[3] = 6
+    op = torch.ops.specext.category_accumulate_unchecked_.default
+    for lab, w, stat in [(labels, weights, "abs"), (labels, None, "square"), (bad, weights, "relu")]:
+        torch.library.opcheck(op, (acts, lab, w, sums, counts, _zeros_errors(device), stat))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("conftest").CUDA, reason="no CUDA device")
+def test_unchecked_cuda_does_not_synchronise():
+    """No host sync (torch's sync debug mode raises on torch-side ones) and capturable in a
+    CUDA graph (a cudaStreamSynchronize, cudaMemcpy or cudaMalloc of ours would break the
+    capture); the replayed graph gives the eager result and records the error."""
+    acts, labels, weights = make_inputs(1000, 515, 6, torch.bfloat16, "cuda", seed=21, weighted=True)
+    labels[123] = 8
+    sums, counts, errors = torch.zeros(6, 515, device="cuda"), torch.zeros(6, device="cuda"), _zeros_errors("cuda")
+    ops.category_accumulate(acts, labels, weights=weights, sums=sums, counts=counts, errors=errors)  # warm-up (op load)
+    torch.cuda.synchronize()
+    want_s, want_c, want_e = sums.clone(), counts.clone(), errors.clone()
+    for t in (sums, counts, errors):
+        t.zero_()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.category_accumulate(acts, labels, weights=weights, sums=sums, counts=counts, errors=errors)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for t in (sums, counts, errors):
+        t.zero_()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.category_accumulate(acts, labels, weights=weights, sums=sums, counts=counts, errors=errors)
+    for t in (sums, counts, errors):
+        t.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(sums, want_s, rtol=1e-5, atol=1e-5, what="graph-replayed sums")
+    assert_close(counts, want_c, rtol=1e-6, atol=1e-6, what="graph-replayed counts")
+    assert errors.tolist() == want_e.tolist() == [1, 8, 123]

@@ -59,13 +59,21 @@ def _is_torch(x) -> bool:
 
 def _capsule(x):
     """A DLPack capsule of ``x`` (torch tensor or numpy array), versioned where supported
-    so that read-only numpy arrays can be passed without a copy."""
+    so that read-only numpy arrays can be passed without a copy.
+
+    CUDA tensors are exported with ``stream=-1`` (no synchronisation): the kernels run on
+    the tensor's current stream, which is already ordered after its producers. The
+    default (``stream=None``) would make the legacy default stream wait on an event per
+    tensor and call, which is work for nothing and breaks CUDA-graph capture."""
+    kw = {}
     if _is_torch(x):
         x = x.detach()
+        if x.device.type == "cuda":
+            kw["stream"] = -1
     try:
-        return x.__dlpack__(max_version=(1, 0))
+        return x.__dlpack__(max_version=(1, 0), **kw)
     except TypeError:  # producers older than DLPack 1.0
-        return x.__dlpack__()
+        return x.__dlpack__(**kw)
 
 
 def _device_scope(t):
@@ -96,7 +104,7 @@ def _check_stat(stat: str) -> None:
         raise ValueError(f"stat must be one of {', '.join(repr(s) for s in STATS)}; got {stat!r}")
 
 
-def _native_category_accumulate(acts, labels, weights, sums, counts, stat: str) -> None:
+def _native_category_accumulate(acts, labels, weights, sums, counts, stat: str, errors=None) -> None:
     scope, stream = _device_scope(acts)
     with scope:
         _load_native().category_accumulate(
@@ -107,6 +115,7 @@ def _native_category_accumulate(acts, labels, weights, sums, counts, stat: str) 
             _capsule(counts),
             stat,
             stream,
+            None if errors is None else _capsule(errors),
         )
 
 
@@ -134,6 +143,18 @@ if torch is not None:
 
     @_category_accumulate_op.register_fake
     def _(acts, labels, weights, sums, counts, stat):
+        return None
+
+    # The unchecked variant (``category_accumulate(..., errors=)``): its own op, so that the
+    # checked op's schema stays as it was and each declares exactly what it mutates.
+    @torch.library.custom_op("specext::category_accumulate_unchecked_", mutates_args=("sums", "counts", "errors"))
+    def _category_accumulate_unchecked_op(
+        acts: Tensor, labels: Tensor, weights: Optional[Tensor], sums: Tensor, counts: Tensor, errors: Tensor, stat: str
+    ) -> None:
+        _native_category_accumulate(acts, labels, weights, sums, counts, stat, errors)
+
+    @_category_accumulate_unchecked_op.register_fake
+    def _(acts, labels, weights, sums, counts, errors, stat):
         return None
 
     def _functional_op(name: str, schema: str, alloc, native):
@@ -179,6 +200,7 @@ def category_accumulate(
     stat: str = "abs",
     sums=None,
     counts=None,
+    errors=None,
 ):
     """Accumulate a per-token statistic of every neuron into per-category sums.
 
@@ -190,17 +212,27 @@ def category_accumulate(
     Args:
         acts: ``(T, N)`` float32/float16/bfloat16, unit stride along N (rows may be strided).
         labels: ``(T,)`` int32/int64 category of each token; ``>= num_categories`` raises
-            ``ValueError`` before anything is written.
+            ``ValueError`` before anything is written (unless ``errors`` is given).
         num_categories: C; needed when ``sums`` is not given.
         weights: optional ``(T,)`` float32 per-token weight.
         stat: ``"abs"`` (|a|), ``"square"`` (a^2), ``"relu"`` (max(a, 0)) or ``"signed"`` (a).
         sums: optional ``(C, N)`` float32 accumulator, updated in place.
         counts: optional ``(C,)`` float32 accumulator, updated in place.
+        errors: optional ``(3,)`` int64 error record, zeros to start with, on the device of
+            ``acts``; selects the *unchecked* mode for callers that build their labels
+            themselves (a forward hook, once per layer): a token whose label is
+            ``>= num_categories`` is skipped, never written, and recorded on the device
+            instead of raising: ``errors[0]`` += the number of such tokens, ``errors[1]`` /
+            ``errors[2]`` = the first such label / its token index, unless an earlier call
+            already recorded one. No allocation, copy or host synchronisation on CUDA (the
+            checked mode synchronises once per call to raise before writing), so the call
+            can be captured in a CUDA graph. Read it once per batch with
+            :func:`check_label_errors`.
 
     Returns:
         ``(sums, counts)``: the accumulators (new float32 zeros when not given).
     """
-    kind = _same_kind(acts=acts, labels=labels, weights=weights, sums=sums, counts=counts)
+    kind = _same_kind(acts=acts, labels=labels, weights=weights, sums=sums, counts=counts, errors=errors)
     _check_stat(stat)
     if sums is None and num_categories is None:
         raise ValueError("num_categories is required when sums is not given")
@@ -216,14 +248,47 @@ def category_accumulate(
             sums = torch.zeros((C, n_neurons), dtype=torch.float32, device=acts.device)
         if counts is None:
             counts = torch.zeros((C,), dtype=torch.float32, device=sums.device)
-        torch.ops.specext.category_accumulate_(acts, labels, weights, sums, counts, stat)
+        if errors is None:
+            torch.ops.specext.category_accumulate_(acts, labels, weights, sums, counts, stat)
+        else:
+            torch.ops.specext.category_accumulate_unchecked_(acts, labels, weights, sums, counts, errors, stat)
     else:
         if sums is None:
             sums = np.zeros((C, n_neurons), dtype=np.float32)
         if counts is None:
             counts = np.zeros((C,), dtype=np.float32)
-        _native_category_accumulate(acts, labels, weights, sums, counts, stat)
+        _native_category_accumulate(acts, labels, weights, sums, counts, stat, errors)
     return sums, counts
+
+
+def check_label_errors(errors, num_categories: int, *, row_name: str = "row") -> None:
+    """Raise ``ValueError`` if an error record of :func:`category_accumulate` holds a bad label.
+
+    Args:
+        errors: ``(3,)`` int64 record of one series of calls, or ``(R, 3)``, one record per
+            row (e.g. per layer); torch tensor (any device) or numpy array.
+        num_categories: the C the calls accumulated into, for the message.
+        row_name: what a row of a 2-D record is, for the message (``"layer"``).
+
+    Reads ``errors`` once (on CUDA one copy to the host, i.e. one synchronisation): call it
+    once per batch, after the calls, not after each call. The message names the first bad
+    label, its token index and (2-D) its row, and the number of tokens that were skipped.
+    """
+    if errors.ndim not in (1, 2) or errors.shape[-1] != 3:
+        raise ValueError(f"errors must have shape (3,) or (rows, 3), got {tuple(errors.shape)}")
+    rows = errors.tolist()  # host: the one read of the record (a sync on CUDA), once per batch
+    rows = [rows] if errors.ndim == 1 else rows
+    bad = [i for i, r in enumerate(rows) if r[0] > 0]
+    if not bad:
+        return
+    _, label, token = rows[bad[0]]
+    where = f"{row_name} {bad[0]}: " if errors.ndim == 2 else ""
+    total = sum(rows[i][0] for i in bad)
+    at = f" (at {row_name}(s) {', '.join(map(str, bad))})" if errors.ndim == 2 else ""
+    raise ValueError(
+        f"{where}labels[{token}] = {label} is out of range for num_categories = {num_categories} "
+        f"(labels must be < num_categories; negative labels skip the token); {total} such token(s){at} "
+        f"were skipped, nothing was written for them")
 
 
 def neuron_specialization(mass) -> NeuronStats:
@@ -262,4 +327,5 @@ def value_vector_norms(weight):
     return out
 
 
-__all__ = ["STATS", "NeuronStats", "category_accumulate", "neuron_specialization", "value_vector_norms"]
+__all__ = ["STATS", "NeuronStats", "category_accumulate", "check_label_errors", "neuron_specialization",
+           "value_vector_norms"]

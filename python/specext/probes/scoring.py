@@ -265,14 +265,19 @@ class PromptStats:
 
     ``valid`` (``(B,)`` bool, set by :meth:`begin`) is False for prompts with no selected
     token (``subject`` positions on a question that does not name its concept): their
-    ``sums`` rows are zero and must not enter a mean over prompts."""
+    ``sums`` rows are zero and must not enter a mean over prompts.
+
+    The hooks call the kernel's unchecked mode (``category_accumulate(errors=)``): a bad
+    label is skipped and recorded on the device, so the forward pass issues no host
+    synchronisation from specext; :meth:`end` reads the ``(n_layers, 3)`` record once per
+    batch and raises ``ValueError`` naming the label and the layer."""
 
     def __init__(self, n_layers: int, d_ff: int, stat: str = "abs"):
         self.n_layers, self.d_ff, self.stat = n_layers, d_ff, stat
         self.sums: Optional[torch.Tensor] = None
         self.counts: Optional[torch.Tensor] = None
         self.valid: Optional[torch.Tensor] = None
-        self._labels = self._weights = None
+        self._labels = self._weights = self._errors = None
 
     def begin(self, batch: EncodedBatch) -> None:
         B, S = batch.select.shape
@@ -283,6 +288,7 @@ class PromptStats:
         self._weights = (batch.select.float() / n_sel).reshape(-1)
         self.sums = torch.zeros((B, self.n_layers, self.d_ff), dtype=torch.float32, device=dev)
         self.counts = torch.zeros((self.n_layers, B), dtype=torch.float32, device=dev)
+        self._errors = torch.zeros((self.n_layers, 3), dtype=torch.int64, device=dev)
         self.valid = batch.valid
 
     def __call__(self, layer: int, m: torch.Tensor) -> None:
@@ -292,10 +298,14 @@ class PromptStats:
         if flat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             flat = flat.float()
         ops.category_accumulate(flat, self._labels, weights=self._weights, stat=self.stat,
-                                sums=self.sums[:, layer, :], counts=self.counts[layer])
+                                sums=self.sums[:, layer, :], counts=self.counts[layer], errors=self._errors[layer])
 
     def end(self) -> None:
-        self._labels = self._weights = None
+        """Stops the reduction (later passes of the batch are not prompts) and reads the label
+        error record: the one host synchronisation per batch that the statistic costs."""
+        errors, self._labels, self._weights, self._errors = self._errors, None, None, None
+        if errors is not None:
+            ops.check_label_errors(errors, self.sums.shape[0], row_name="layer")
 
 
 class Scorer:

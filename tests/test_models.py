@@ -195,3 +195,203 @@ def test_allow_pickle_permits_pickles_but_never_prefers_them(tmp_path):
     assert _same(_state(load_model(pickle_dir, device="cpu", allow_pickle=True)), shifted)
     with pytest.raises(ModelLoadError, match="--allow-pickle"):
         load_model(pickle_dir, device="cpu")
+
+
+# ------------------------------------------- value-vector norms: checkpoint or modules
+
+
+@pytest.fixture(scope="module")
+def saved_bf16(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models_bf16")
+    return {a: T.save_tiny(a, root / a, seed=20 + i, dtype=torch.bfloat16) for i, a in enumerate(T.ARCHS)}
+
+
+def _streamed_calls(monkeypatch):
+    """Count the checkpoint reads of value_norms (specext.kernels.weights.iter_value_vector_norms)."""
+    from specext.kernels import weights
+
+    calls = []
+    real = weights.iter_value_vector_norms
+    monkeypatch.setattr(weights, "iter_value_vector_norms", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", T.ARCHS)
+def test_checkpoint_norms_equal_module_norms(saved, saved_bf16, arch, dtype, monkeypatch):
+    """load_model binds every site to its checkpoint tensor; the norms streamed from the
+    checkpoint equal the loaded modules' bit for bit (same values, same kernel), and the
+    default source is the checkpoint."""
+    from specext.models.loading import value_norms
+
+    lm = load_model((saved if dtype == "float32" else saved_bf16)[arch], device="cpu")
+    assert lm.dtype == getattr(torch, dtype)
+    assert [s.tensor for s in lm.sites] == [EXPECTED[arch].format(i) + ".weight" for i in range(2)]
+    assert all(s.file.endswith("model.safetensors") and s.from_checkpoint() for s in lm.sites)
+    calls = _streamed_calls(monkeypatch)
+    got = value_norms(lm)
+    assert len(calls) == 1 and calls[0]["names"] == [s.tensor for s in lm.sites]
+    from_modules = value_norms(lm, source="modules")
+    assert got.shape == (2, 48) and got.dtype == torch.float32
+    assert torch.equal(got, from_modules)
+    assert torch.equal(got, value_norms(lm, source="checkpoint"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_checkpoint_norms_in_the_dtype_the_model_runs_in(saved, arch):
+    """A float32 checkpoint loaded as bfloat16: the streamed layers are converted to the
+    model's dtype, so the norms are the loaded weights' (not the float32 file's)."""
+    from specext.models.loading import value_norms
+
+    lm = load_model(saved[arch], device="cpu", dtype="bfloat16")
+    got = value_norms(lm, source="checkpoint")
+    assert torch.equal(got, value_norms(lm, source="modules"))
+    full = value_norms(load_model(saved[arch], device="cpu"))
+    assert not torch.equal(got, full)
+
+
+def test_norms_from_modules_without_a_checkpoint(saved, monkeypatch):
+    """The random twin (weights only in memory), a wrap_model model and weights changed after
+    loading: value_norms reads the modules."""
+    from specext.models.loading import value_norms, wrap_model
+    from specext.models.twin import random_twin
+    from specext.reference import value_vector_norms as ref
+
+    lm = load_model(saved["llama"], device="cpu")
+    calls = _streamed_calls(monkeypatch)
+    twin = random_twin(lm, seed=3)
+    assert all(s.tensor is None for s in twin.sites)
+    want = torch.stack([ref(s.weight().detach()).float() for s in twin.sites])
+    torch.testing.assert_close(value_norms(twin), want, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="not bound to checkpoint tensors"):
+        value_norms(twin, source="checkpoint")
+    wrapped = wrap_model(lm.model, lm.tokenizer)
+    assert torch.equal(value_norms(wrapped), value_norms(lm, source="modules"))
+    assert calls == []
+
+    before = value_norms(lm)
+    with torch.no_grad():
+        lm.sites[0].module.weight.mul_(2)
+    assert not lm.sites[0].from_checkpoint() and lm.sites[1].from_checkpoint()
+    after = value_norms(lm)
+    assert calls == [calls[0]]  # only the first call streamed
+    torch.testing.assert_close(after[0], 2 * before[0], rtol=1e-6, atol=0)
+    assert torch.equal(after[1], before[1])
+
+
+def test_demo_model_norms_unchanged():
+    """What analyze writes as neurons.safetensors' value_norms: streamed from the shipped
+    demo checkpoint, equal to the loaded modules' norms (the source before streaming)."""
+    from specext.models.loading import value_norms
+    from specext.probes.probeset import DATA_DIR
+
+    lm = load_model(DATA_DIR / "demo_model", device="cpu")
+    assert all(s.from_checkpoint() for s in lm.sites)
+    assert torch.equal(value_norms(lm), value_norms(lm, source="modules"))
+
+
+def test_checkpoint_names_that_do_not_match_the_modules(tmp_path):
+    """A checkpoint whose down-projections are named for another architecture: transformers
+    leaves the modules it cannot find randomly initialised; load_model refuses, naming the
+    tensor and its file."""
+    from safetensors.torch import load_file, save_file
+
+    d = T.save_tiny("llama", tmp_path / "m", seed=5)
+    f = d / "model.safetensors"
+    t = load_file(str(f))
+    t = {k.replace("mlp.down_proj", "mlp.dense_4h_to_h"): v for k, v in t.items()}
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as ei:
+        load_model(d, device="cpu")
+    msg = str(ei.value)
+    assert "'model.layers.0.mlp.dense_4h_to_h.weight'" in msg and str(f) in msg
+    assert "'model.layers.0.mlp.down_proj'" in msg and "do not match the loaded modules" in msg
+
+
+def test_bound_names_are_reread_exactly(saved, tmp_path):
+    """The checkpoint changed after loading (its tensors renamed): value_norms does not read
+    other tensors than the ones bound at load time."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from specext.models.loading import value_norms
+
+    d = tmp_path / "m"
+    shutil.copytree(saved["llama"], d)
+    lm = load_model(d, device="cpu")
+    t = load_file(str(d / "model.safetensors"))
+    save_file({k.replace("model.layers", "model.language_model.layers"): v for k, v in t.items()},
+              str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model.language_model.layers.0.mlp.down_proj.weight' in .*model.safetensors"):
+        value_norms(lm)
+
+
+# Architectures outside the test matrix that the naming table covers: module path of the
+# down-projection of layer {}.
+MORE = {
+    "opt": "model.decoder.layers.{}.fc2",
+    "gptj": "transformer.h.{}.mlp.fc_out",
+    "codegen": "transformer.h.{}.mlp.fc_out",
+    "phi": "model.layers.{}.mlp.fc2",
+    "starcoder2": "model.layers.{}.mlp.c_proj",
+    "gpt_bigcode": "transformer.h.{}.mlp.c_proj",
+    "bloom": "transformer.h.{}.mlp.dense_4h_to_h",
+    "mpt": "transformer.blocks.{}.ffn.down_proj",
+    "persimmon": "model.layers.{}.mlp.dense_4h_to_h",
+    "distilbert": "transformer.layer.{}.ffn.lin2",
+}
+
+
+def _more_config(arch):
+    import transformers as tf
+
+    H, I, L, V = 32, 48, 2, 320
+    c = dict(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    make = {
+        "opt": lambda: tf.OPTConfig(hidden_size=H, ffn_dim=I, num_hidden_layers=L, num_attention_heads=4,
+                                    max_position_embeddings=64, word_embed_proj_dim=H, **c),
+        "gptj": lambda: tf.GPTJConfig(n_embd=H, n_inner=I, n_layer=L, n_head=4, n_positions=64, rotary_dim=4, **c),
+        "codegen": lambda: tf.CodeGenConfig(n_embd=H, n_inner=I, n_layer=L, n_head=4, n_positions=64, rotary_dim=4,
+                                            **c),
+        "phi": lambda: tf.PhiConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4, **c),
+        "starcoder2": lambda: tf.Starcoder2Config(hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                                                  num_attention_heads=4, num_key_value_heads=2, **c),
+        "gpt_bigcode": lambda: tf.GPTBigCodeConfig(n_embd=H, n_inner=I, n_layer=L, n_head=4, n_positions=64, **c),
+        "bloom": lambda: tf.BloomConfig(hidden_size=H, n_layer=L, n_head=4, **c),
+        "mpt": lambda: tf.MptConfig(d_model=H, n_layers=L, n_heads=4, expansion_ratio=2, **c),
+        "persimmon": lambda: tf.PersimmonConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                                                num_attention_heads=4, **c),
+        "distilbert": lambda: tf.DistilBertConfig(dim=H, hidden_dim=I, n_layers=L, n_heads=4, vocab_size=V,
+                                                  pad_token_id=2),
+    }
+    return make[arch]()
+
+
+@pytest.mark.parametrize("arch", sorted(MORE))
+def test_more_architectures_by_the_same_table(tmp_path, arch):
+    """Found by the naming table in the module tree and in the checkpoint alike (GPT-BigCode:
+    GPT-2's names with an nn.Linear, told apart by model_type), norms equal both ways."""
+    import transformers as tf
+
+    from specext.models.loading import value_norms
+
+    cfg = _more_config(arch)
+    torch.manual_seed(0)
+    model = tf.AutoModel.from_config(cfg) if arch == "distilbert" else tf.AutoModelForCausalLM.from_config(cfg)
+    cfg.architectures = [type(model).__name__]
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    T.tokenizer().save_pretrained(tmp_path)
+    lm = load_model(tmp_path, device="cpu")
+    assert [s.name for s in lm.sites] == [MORE[arch].format(i) for i in range(2)]
+    assert all(s.from_checkpoint() and not s.conv1d for s in lm.sites)
+    assert torch.equal(value_norms(lm, source="checkpoint"), value_norms(lm, source="modules"))
+
+
+def test_checkpoint_norms_on_the_models_device(saved, device):
+    """The model on ``device``: the streamed layers go there and the norms kernel runs there."""
+    from specext.models.loading import value_norms
+
+    lm = load_model(saved["llama"], device=device)
+    got = value_norms(lm)
+    assert got.device.type == device and all(s.from_checkpoint() for s in lm.sites)
+    torch.testing.assert_close(got.cpu(), value_norms(lm, device="cpu", source="modules"), rtol=1e-6, atol=0)

@@ -504,3 +504,136 @@ def test_iter_value_vector_norms_match_reference(tmp_path, family):
         w = stored.T if transposed else stored
         assert norms.dtype == torch.float32 and norms.shape == (D_FF,)
         torch.testing.assert_close(norms.double(), reference.value_vector_norms(w), rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------- the naming table, exact names
+
+
+def test_match_down_proj_relative_names():
+    """Same layer's down-projection exactly when the names agree up to wrapper prefixes."""
+    a = W.match_down_proj("model.layers.3.mlp.down_proj.weight")
+    b = W.match_down_proj("model.language_model.layers.3.mlp.down_proj.weight")
+    assert a == ("llama", 3, False, "layers.3.mlp.down_proj.weight") and a.relative == b.relative
+    assert W.match_down_proj("bert.encoder.layer.1.output.dense.weight").relative == "encoder.layer.1.output.dense.weight"
+    assert W.match_down_proj("model.layers.3.mlp.down_proj.bias") is None
+    assert W.match_down_proj("model.layers.3.self_attn.o_proj.weight") is None
+    # GPT-BigCode keeps GPT-2's names with an nn.Linear: the layout follows model_type.
+    assert W.match_down_proj("transformer.h.0.mlp.c_proj.weight").transposed
+    assert not W.match_down_proj("transformer.h.0.mlp.c_proj.weight", "gpt_bigcode").transposed
+
+
+@pytest.mark.parametrize("name,family", [
+    ("model.decoder.layers.{}.fc2.weight", "opt"),
+    ("transformer.h.{}.mlp.fc_out.weight", "gptj"),
+    ("model.layers.{}.mlp.fc2.weight", "phi"),
+    ("transformer.blocks.{}.ffn.down_proj.weight", "mpt"),
+    ("model.layers.{}.mlp.c_proj.weight", "starcoder2"),
+    ("distilbert.transformer.layer.{}.ffn.lin2.weight", "distilbert"),
+    ("transformer.h.{}.mlp.dense_4h_to_h.weight", "falcon"),
+])
+def test_more_families(name, family):
+    names = [name.format(i) for i in range(2)] + ["model.vision_tower.encoder.layers.0.mlp.fc2.weight"]
+    assert find_down_proj_names(names) == [(i, name.format(i), False) for i in range(2)]
+    assert W.match_down_proj(names[0]).family == family
+
+
+def test_encoder_decoder_refused():
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        find_down_proj_names(["model.decoder.layers.0.fc2.weight"], {"is_encoder_decoder": True, "model_type": "bart"})
+
+
+def test_down_proj_tensors_from_headers(tmp_path, tensor_reads):
+    tensors, names, _, config = FAMILIES["gpt2"]
+    d, weight_map = _write_sharded(tmp_path / "m", tensors, 2, index=True, config=config)
+    got = W.down_proj_tensors(d)
+    assert [(t.layer, t.name, t.file.name, t.family, t.transposed, t.shape) for t in got] == [
+        (i, n, weight_map[n], "gpt2", True, (D_MODEL, D_FF)) for i, n in enumerate(names)]
+    assert tensor_reads == []
+
+
+def test_gpt_bigcode_layout_from_config(tmp_path):
+    tensors, names, _, config = FAMILIES["gpt2"]
+    linear = {k: (v.T.contiguous() if k in names else v) for k, v in tensors.items()}
+    d = _write(tmp_path / "m", linear, {**config, "model_type": "gpt_bigcode"})
+    got = list(iter_down_proj(d))
+    assert all(not dp.transposed and dp.weight.is_contiguous() for dp in got)
+    assert all(torch.equal(dp.weight, tensors[n].T) for dp, n in zip(got, names))
+
+
+def test_names_read_exactly(tmp_path, tensor_reads):
+    tensors, names, _, config = FAMILIES["llama"]
+    d, weight_map = _write_sharded(tmp_path / "m", tensors, 2, index=True, config=config)
+    assert [dp.name for dp in iter_down_proj(d, names=names)] == names
+    assert tensor_reads == names
+
+
+def test_names_that_are_not_the_checkpoints_are_refused(tmp_path, tensor_reads):
+    tensors, names, _, config = FAMILIES["llama"]
+    d, weight_map = _write_sharded(tmp_path / "m", tensors, 2, index=True, config=config)
+    other = "model.layers.1.mlp.up_proj.weight"
+    wrong = [names[0], other, names[2]]
+    with pytest.raises(ValueError) as ei:
+        iter_down_proj(d, names=wrong)
+    msg = str(ei.value)
+    assert f"{names[1]!r} in {d / weight_map[names[1]]}" in msg and f"{other!r} is in {d / weight_map[other]}" in msg
+    with pytest.raises(ValueError, match="in no file"):
+        iter_down_proj(d, names=[names[0], "model.layers.1.mlp.nope.weight", names[2]])
+    with pytest.raises(ValueError, match=r"2 down-projection tensor names were asked for .* has 3"):
+        W.iter_value_vector_norms(d, names=names[:2])
+    assert tensor_reads == []
+
+
+def test_one_handle_per_tensor_closed_before_the_layer_is_yielded(tmp_path, monkeypatch):
+    """safetensors maps the file, and a tensor's pages stay resident while its handle is
+    open: one handle per shard would keep every layer read from it in the process's RSS."""
+    tensors, _, _, config = FAMILIES["llama"]
+    d = _write(tmp_path / "m", tensors, config)
+    open_now, opened = [0], [0]
+    real = W.safe_open
+
+    class Counting(_RecordingHandle):
+        def __enter__(self):
+            open_now[0] += 1
+            opened[0] += 1
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            open_now[0] -= 1
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(W, "safe_open", lambda *a, **k: Counting(real(*a, **k), []))
+    gen = iter_down_proj(d)
+    opened[0] = 0  # the plan's header reads
+    for _ in gen:
+        assert open_now[0] == 0
+    assert opened[0] == N_LAYERS
+
+
+def test_iter_value_vector_norms_dtype_and_names(tmp_path):
+    from specext import reference
+
+    tensors, names, _, config = FAMILIES["llama"]
+    d = _write(tmp_path / "m", tensors, config)
+    got = dict(W.iter_value_vector_norms(d, dtype=torch.bfloat16, names=names))
+    for layer, name in enumerate(names):
+        want = reference.value_vector_norms(tensors[name].to(torch.bfloat16))
+        assert got[layer].dtype == torch.float32 and got[layer].device.type == "cpu"
+        torch.testing.assert_close(got[layer].double(), want, rtol=1e-6, atol=0)
+
+
+def test_norms_hold_one_layer_at_a_time(tmp_path, monkeypatch):
+    """iter_value_vector_norms drops each layer before the next one is read."""
+    tensors, _, _, config = FAMILIES["llama"]
+    d = _write(tmp_path / "m", tensors, config)
+    refs, alive_at_load = [], []
+    real = W._load
+
+    def load(*a, **k):
+        alive_at_load.append(sum(r() is not None for r in refs))
+        dp = real(*a, **k)
+        refs.append(weakref.ref(dp.weight))
+        return dp
+
+    monkeypatch.setattr(W, "_load", load)
+    assert [layer for layer, _ in W.iter_value_vector_norms(d)] == list(range(N_LAYERS))
+    assert alive_at_load == [0] * N_LAYERS

@@ -1,18 +1,29 @@
-"""Streaming reader of MLP down-projection weights from safetensors checkpoints.
+"""Where each layer's MLP down-projection is, and its weights streamed from safetensors.
 
 The down-projection ("value") matrix of layer ``l`` maps the ``d_ff`` MLP neurons
 back to the residual stream: ``W_out[l]`` has shape ``(d_model, d_ff)`` and column
 ``i`` is the value vector written by neuron ``i``.  This module yields those
 matrices one layer at a time straight from the checkpoint files, so computing
 per-neuron statistics for a 70B model needs roughly one layer of RAM
-(``d_model * d_ff`` elements, ~0.9 GB in fp32 for Llama-70B) rather than the
+(``d_model * d_ff`` elements, ~0.5 GB in bf16 for Llama-70B) rather than the
 whole model.
+
+**The one table of where a down-projection is.** ``_RULES`` below, per architecture
+family, names the down-projection of layer ``N`` (e.g. ``layers.N.mlp.down_proj`` for
+Llama, ``h.N.mlp.c_proj`` for GPT-2, stored transposed).  Both sides read it: the
+checkpoint side (:func:`find_down_proj_names` over tensor names) and the model side
+(:func:`specext.models.loading.find_mlp_sites` over the loaded model's parameter
+names), so a loaded module and a checkpoint tensor are the same layer's
+down-projection exactly when they have the same name under the table, wrapper
+prefixes (``model.``, ``bert.`` ...) aside (:func:`match_down_proj`).  A new
+architecture is one row here.
 
 Safety: only ``*.safetensors`` files are ever opened.  Pickled checkpoints
 (``*.bin``, ``*.pt`` ...) are never loaded because unpickling executes code.
 
-Public API: :class:`DownProj`, :func:`find_down_proj_names`,
-:func:`iter_down_proj`, :func:`down_proj_shapes`.
+Public API: :class:`DownProj`, :class:`DownProjTensor`, :class:`DownProjName`,
+:func:`match_down_proj`, :func:`find_down_proj_names`, :func:`down_proj_tensors`,
+:func:`down_proj_shapes`, :func:`iter_down_proj`, :func:`iter_value_vector_norms`.
 """
 
 from __future__ import annotations
@@ -24,12 +35,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import safe_open
 
-__all__ = ["DownProj", "find_down_proj_names", "iter_down_proj", "down_proj_shapes"]
+__all__ = [
+    "DownProj", "DownProjTensor", "DownProjName", "match_down_proj", "find_down_proj_names", "down_proj_tensors",
+    "down_proj_shapes", "iter_down_proj", "iter_value_vector_norms",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +56,41 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # their scale tensors, so they are rejected instead of silently misread.
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
-# Wrapper prefixes seen in HF checkpoints (CausalLM heads, multimodal wrappers,
-# encoder heads).  A closed list rather than "any prefix" so that a vision tower
-# or an MTP head with a similarly named MLP is not mistaken for the LM's layers.
+# Wrapper prefixes seen in HF checkpoints and module trees (CausalLM heads, multimodal
+# wrappers, encoder heads).  A closed list rather than "any prefix" so that a vision tower,
+# an encoder-decoder's encoder or an MTP head with a similarly named MLP is not mistaken
+# for the LM's layers.
 _PREFIX = (
-    r"(?:(?:model|transformer|gpt_neox|language_model|bert|roberta|electra|deberta"
+    r"(?:(?:model|transformer|gpt_neox|language_model|bert|roberta|electra|deberta|distilbert"
     r"|base_model)\.)*"
 )
 
-# (family, regex, stored_transposed).  stored_transposed is True when the
-# checkpoint stores the matrix as (d_ff, d_model), i.e. GPT-2's Conv1D.
-_FAMILIES: Tuple[Tuple[str, "re.Pattern[str]", bool], ...] = (
-    ("llama", re.compile(rf"^{_PREFIX}layers\.(\d+)\.mlp\.down_proj\.weight$"), False),
-    ("gpt2", re.compile(rf"^{_PREFIX}h\.(\d+)\.mlp\.c_proj\.weight$"), True),
-    ("gpt_neox", re.compile(rf"^{_PREFIX}layers\.(\d+)\.mlp\.dense_4h_to_h\.weight$"), False),
-    ("falcon", re.compile(rf"^{_PREFIX}h\.(\d+)\.mlp\.dense_4h_to_h\.weight$"), False),
-    ("bert", re.compile(rf"^{_PREFIX}encoder\.layer\.(\d+)\.output\.dense\.weight$"), False),
+# The one table (see the module docstring): (family, path of layer N's down-projection
+# after the wrapper prefix, without ".weight"; stored_transposed).  stored_transposed is
+# True when the weight is stored (d_ff, d_model), i.e. GPT-2's Conv1D.
+_RULES: Tuple[Tuple[str, str, bool], ...] = (
+    ("llama", r"layers\.(\d+)\.mlp\.down_proj", False),  # + Qwen, Mistral, Gemma, OLMo, Phi-3, StableLM, Nemotron
+    ("gpt2", r"h\.(\d+)\.mlp\.c_proj", True),
+    ("gpt_neox", r"layers\.(\d+)\.mlp\.dense_4h_to_h", False),  # + Pythia, Persimmon
+    ("falcon", r"h\.(\d+)\.mlp\.dense_4h_to_h", False),  # + BLOOM
+    ("bert", r"encoder\.layer\.(\d+)\.output\.dense", False),  # + RoBERTa, ELECTRA
+    ("phi", r"layers\.(\d+)\.mlp\.fc2", False),  # Phi-1, Phi-1.5, Phi-2
+    ("opt", r"decoder\.layers\.(\d+)\.fc2", False),
+    ("gptj", r"h\.(\d+)\.mlp\.fc_out", False),  # + CodeGen
+    ("mpt", r"blocks\.(\d+)\.ffn\.down_proj", False),
+    ("starcoder2", r"layers\.(\d+)\.mlp\.c_proj", False),
+    ("distilbert", r"layer\.(\d+)\.ffn\.lin2", False),
 )
+_FAMILIES: Tuple[Tuple[str, "re.Pattern[str]", bool], ...] = tuple(
+    (family, re.compile(rf"^{_PREFIX}(?P<rel>{path.replace('(' + chr(92) + 'd+)', '(?P<layer>' + chr(92) + 'd+)')}"
+                        rf"\.weight)$"), transposed)
+    for family, path, transposed in _RULES
+)
+# config model_type -> (family, stored_transposed): architectures that keep another
+# family's names but store the matrix the other way (GPT-BigCode: GPT-2 names, nn.Linear).
+_LAYOUT_BY_MODEL_TYPE = {"gpt_bigcode": ("gpt2", False)}
+_SUPPORTED = ", ".join(f"*.{path.replace(chr(92), '').replace('(d+)', 'N')}.weight ({family})"
+                       for family, path, _ in _RULES)
 
 _MOE_RE = re.compile(r"(?:^|\.)(?:block_sparse_moe|experts|shared_experts?)\.")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
@@ -103,18 +135,39 @@ class DownProj:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class DownProjTensor:
+    """Where one layer's down-projection is in a checkpoint (from the file headers only).
+
+    Attributes:
+        layer: 0-based layer index.
+        name: tensor name, e.g. ``"model.layers.3.mlp.down_proj.weight"``.
+        file: the safetensors file holding it.
+        transposed: stored ``(d_ff, d_model)`` (GPT-2 Conv1D).
+        stored_shape: the shape in the file.
+        family: the row of the naming table that matched (``"llama"``, ``"gpt2"`` ...).
+    """
+
     layer: int
     name: str
     file: Path
     transposed: bool
     stored_shape: Tuple[int, int]
+    family: str = ""
 
     @property
     def shape(self) -> Tuple[int, int]:
         """(d_model, d_ff) after undoing the Conv1D layout."""
         a, b = self.stored_shape
         return (b, a) if self.transposed else (a, b)
+
+
+class DownProjName(NamedTuple):
+    """A name the naming table recognises (:func:`match_down_proj`)."""
+
+    family: str
+    layer: int
+    transposed: bool
+    relative: str  # the name without its wrapper prefix, e.g. "layers.3.mlp.down_proj.weight"
 
 
 # --------------------------------------------------------------------------- names
@@ -124,6 +177,36 @@ def _sample(names: Sequence[str], k: int = 12) -> str:
     shown = ", ".join(repr(n) for n in names[:k])
     more = f", ... ({len(names) - k} more)" if len(names) > k else ""
     return f"[{shown}{more}]"
+
+
+def _model_type(config: Any) -> Optional[str]:
+    if config is None:
+        return None
+    mt = _as_dict(config).get("model_type")
+    return mt if isinstance(mt, str) else None
+
+
+def match_down_proj(name: str, model_type: Optional[str] = None) -> Optional[DownProjName]:
+    """The naming table's verdict on one tensor or parameter name.
+
+    Args:
+        name: a checkpoint tensor name or a model's parameter name (``....weight``).
+        model_type: the config's ``model_type``, which picks the layout where one
+            naming has two (GPT-2's Conv1D and GPT-BigCode's Linear ``c_proj``).
+
+    Returns:
+        :class:`DownProjName` when ``name`` is some layer's down-projection weight,
+        else None.  Two names denote the same layer's down-projection exactly when
+        their ``relative`` parts are equal.
+    """
+    for family, rx, transposed in _FAMILIES:
+        m = rx.match(name)
+        if m:
+            layout = _LAYOUT_BY_MODEL_TYPE.get(model_type or "")
+            if layout is not None and layout[0] == family:
+                transposed = layout[1]
+            return DownProjName(family, int(m.group("layer")), transposed, m.group("rel"))
+    return None
 
 
 def find_down_proj_names(
@@ -149,15 +232,18 @@ def find_down_proj_names(
             disagrees with ``config``.
     """
     all_names = sorted(set(names))
+    cfg = None if config is None else _as_dict(config)
+    if cfg is not None and cfg.get("is_encoder_decoder"):
+        raise ValueError(f"encoder-decoder models ({cfg.get('model_type')}) are not supported: their decoder "
+                         "layers would be read without the encoder's")
+    model_type = _model_type(cfg)
     by_family: Dict[str, Dict[int, List[str]]] = {}
     transposed_of: Dict[str, bool] = {}
     for n in all_names:
-        for family, rx, transposed in _FAMILIES:
-            m = rx.match(n)
-            if m:
-                by_family.setdefault(family, {}).setdefault(int(m.group(1)), []).append(n)
-                transposed_of[family] = transposed
-                break
+        hit = match_down_proj(n, model_type)
+        if hit is not None:
+            by_family.setdefault(hit.family, {}).setdefault(hit.layer, []).append(n)
+            transposed_of[hit.family] = hit.transposed
 
     moe_names = [n for n in all_names if _MOE_RE.search(n)]
     dense_layers = {layer for fam in by_family.values() for layer in fam}
@@ -169,17 +255,14 @@ def find_down_proj_names(
         moe_layers.add(int(m.group(1)) if m else -1)
     if moe_names and (not by_family or moe_layers - dense_layers):
         raise ValueError(
-            "mixture-of-experts checkpoints are not supported yet (found expert tensors "
+            "mixture-of-experts models are not supported yet (found expert tensors "
             f"such as {_sample(moe_names, 4)}); only dense MLP down-projections can be read"
         )
 
     if not by_family:
         raise ValueError(
             f"no MLP down-projection weight recognised among {len(all_names)} tensor names "
-            f"{_sample(all_names)}; supported: *.layers.N.mlp.down_proj.weight (Llama/Qwen/"
-            "Mistral/Gemma/OLMo/Phi-3), *.h.N.mlp.c_proj.weight (GPT-2), "
-            "*.layers.N.mlp.dense_4h_to_h.weight (GPT-NeoX), *.h.N.mlp.dense_4h_to_h.weight "
-            "(Falcon), *.encoder.layer.N.output.dense.weight (BERT/RoBERTa)"
+            f"{_sample(all_names)}; supported (the table in specext.kernels.weights): {_SUPPORTED}"
         )
     if len(by_family) > 1:
         examples = {f: next(iter(d.values()))[0] for f, d in by_family.items()}
@@ -213,8 +296,7 @@ def find_down_proj_names(
             f"down-projection weights missing for layer(s) {missing[:20]} "
             f"(found {len(found)} layers up to {found[-1]}); is a shard missing?"
         )
-    if config is not None:
-        cfg = _as_dict(config)
+    if cfg is not None:
         key, n_cfg = _config_int(cfg, _CONFIG_NLAYER_KEYS)
         if isinstance(n_cfg, int) and n_cfg != len(found):
             raise ValueError(
@@ -271,7 +353,7 @@ def _load_config(model_dir: Path) -> Optional[Dict[str, Any]]:
     return cfg
 
 
-def _check_shapes(entries: Sequence[_Entry], cfg: Optional[Mapping[str, Any]], family_gpt2: bool) -> None:
+def _check_shapes(entries: Sequence[DownProjTensor], cfg: Optional[Mapping[str, Any]], family_gpt2: bool) -> None:
     if cfg is None:
         return
     dff_key, dff = _config_int(cfg, _CONFIG_DFF_KEYS)
@@ -361,11 +443,12 @@ def _name_to_file(model_dir: PathLike) -> Tuple[Path, Dict[str, Path], Optional[
     return directory, mapping, conflicts
 
 
-def _plan(model_dir: PathLike) -> Tuple[List[_Entry], Optional[Dict[str, Any]]]:
+def _plan(model_dir: PathLike) -> Tuple[Path, List[DownProjTensor], Dict[str, Path]]:
     directory, mapping, conflicts = _name_to_file(model_dir)
     from_index = conflicts is None
     cfg = _load_config(directory)
     matches = find_down_proj_names(mapping.keys(), cfg)
+    model_type = _model_type(cfg)
 
     for _, name, _ in matches:
         f = mapping[name]
@@ -374,7 +457,7 @@ def _plan(model_dir: PathLike) -> Tuple[List[_Entry], Optional[Dict[str, Any]]]:
         if not f.is_file():
             raise FileNotFoundError(f"{directory / INDEX_NAME} maps {name!r} to {f}, which does not exist")
 
-    entries: List[_Entry] = []
+    entries: List[DownProjTensor] = []
     # Header reads only: get_slice exposes shape and dtype without touching data.
     for f, group in itertools.groupby(matches, key=lambda m: mapping[m[1]]):
         with safe_open(str(f), framework="pt") as h:
@@ -393,14 +476,42 @@ def _plan(model_dir: PathLike) -> Tuple[List[_Entry], Optional[Dict[str, Any]]]:
                     raise ValueError(
                         f"{name!r} in {f} has dtype {dt}; only unquantised F16/BF16/F32/F64 weights are supported"
                     )
-                entries.append(_Entry(layer, name, Path(f), transposed, (int(shape[0]), int(shape[1]))))
+                family = match_down_proj(name, model_type).family
+                entries.append(DownProjTensor(layer, name, Path(f), transposed, (int(shape[0]), int(shape[1])), family))
 
-    _check_shapes(entries, cfg, family_gpt2=bool(entries) and entries[0].transposed)
+    _check_shapes(entries, cfg, family_gpt2=bool(entries) and entries[0].family == "gpt2")
     logger.debug("%s: %d down-projection layers (%s)", directory, len(entries), "index" if from_index else "headers")
-    return entries, cfg
+    return directory, entries, mapping
+
+
+def _check_names(directory: Path, entries: List[DownProjTensor], names: Sequence[str],
+                 mapping: Mapping[str, Path]) -> None:
+    """The caller's tensor names must be exactly the ones the naming table picks, layer by layer."""
+    if len(names) != len(entries):
+        raise ValueError(
+            f"{len(names)} down-projection tensor names were asked for (first {names[0] if names else None!r}), "
+            f"but the checkpoint {directory} has {len(entries)} ({entries[0].name!r} in {entries[0].file} first)"
+        )
+    for e, n in zip(entries, names):
+        if n != e.name:
+            where = f"{n!r} is in {mapping[n]}" if n in mapping else f"{n!r} is in no file of {directory}"
+            raise ValueError(
+                f"layer {e.layer}: the checkpoint's down-projection is {e.name!r} in {e.file} (naming table of "
+                f"specext.kernels.weights), but {n!r} was asked for ({where}); refusing to read a different tensor"
+            )
 
 
 # ---------------------------------------------------------------------------- API
+
+
+def down_proj_tensors(model_dir: PathLike) -> List[DownProjTensor]:
+    """Every layer's down-projection tensor: name, file, stored shape and layout, in layer
+    order, read from the index and file headers only (no tensor data).
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`iter_down_proj`.
+    """
+    return _plan(model_dir)[1]
 
 
 def down_proj_shapes(model_dir: PathLike) -> List[Tuple[int, Tuple[int, int]]]:
@@ -416,8 +527,7 @@ def down_proj_shapes(model_dir: PathLike) -> List[Tuple[int, Tuple[int, int]]]:
     Raises:
         FileNotFoundError / ValueError: as :func:`iter_down_proj`.
     """
-    entries, _ = _plan(model_dir)
-    return [(e.layer, e.shape) for e in entries]
+    return [(e.layer, e.shape) for e in down_proj_tensors(model_dir)]
 
 
 def iter_down_proj(
@@ -425,21 +535,30 @@ def iter_down_proj(
     *,
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device] = "cpu",
+    names: Optional[Sequence[str]] = None,
 ) -> Iterator[DownProj]:
     """Yield each layer's down-projection weight in layer order, one layer in memory at a time.
 
     The whole checkpoint is validated (names, files, header shapes against
     ``config.json`` when present) before the first layer is read, so a broken
-    checkpoint fails fast.  Each tensor is read with ``safe_open(...).get_tensor``;
-    other tensors are never loaded.  The generator keeps no reference to a
-    yielded layer, so memory is bounded by what the consumer keeps.
+    checkpoint fails fast.  Each tensor is read with ``safe_open(...).get_tensor``
+    from a handle opened for that tensor alone: safetensors maps the file and the
+    tensor's pages stay resident (and count in the process's RSS) while a handle is
+    open, so one handle per shard would accumulate every layer of the shard.  Other
+    tensors are never loaded.  The generator keeps no reference to a yielded layer,
+    so memory is bounded by what the consumer keeps.
 
     Args:
         model_dir: checkpoint directory holding ``model.safetensors``, or shards
             with ``model.safetensors.index.json``, or shards without an index;
             or a single ``.safetensors`` file.
         dtype: if given, each weight is converted with ``.to(dtype)`` after loading.
-        device: the weight is moved there after loading.
+        device: the weight is moved there after loading (before any conversion).
+        names: the tensor names the caller expects, one per layer in layer order
+            (e.g. those :func:`specext.models.load_model` bound to the loaded
+            modules).  They must be exactly the tensors the naming table picks;
+            otherwise ValueError naming both tensors and their files, and nothing
+            is read.
 
     Yields:
         :class:`DownProj` with ``weight`` of shape ``(d_model, d_ff)``.
@@ -449,30 +568,32 @@ def iter_down_proj(
             directory with only pickled ``.bin``/``.pt`` weights), or an index
             entry pointing at a missing file.
         ValueError: unrecognised/ambiguous names, MoE or quantised checkpoints,
-            a tensor missing from the file the index names, or shapes / layer
-            counts that disagree with the config.
+            a tensor missing from the file the index names, shapes / layer
+            counts that disagree with the config, or ``names`` that are not the
+            checkpoint's down-projections.
     """
     # Validation runs eagerly (not at first next()) so errors surface at the call site.
-    entries, _ = _plan(model_dir)
+    directory, entries, mapping = _plan(model_dir)
+    if names is not None:
+        _check_names(directory, entries, list(names), mapping)
     return _stream(entries, dtype, torch.device(device))
 
 
-def _stream(entries: List[_Entry], dtype: Optional[torch.dtype], device: torch.device) -> Iterator[DownProj]:
-    for f, group in itertools.groupby(entries, key=lambda e: e.file):
-        with safe_open(str(f), framework="pt") as h:
-            for e in group:
-                # Built inside the yield expression so the suspended frame holds
-                # no reference to the tensor once the consumer drops it.
-                yield _load(h, e, dtype, device)
+def _stream(entries: List[DownProjTensor], dtype: Optional[torch.dtype], device: torch.device) -> Iterator[DownProj]:
+    for e in entries:
+        # Built inside the yield expression so the suspended frame holds no
+        # reference to the tensor (or its file handle) once the consumer drops it.
+        yield _load(e, dtype, device)
 
 
-def _load(h: Any, e: _Entry, dtype: Optional[torch.dtype], device: torch.device) -> DownProj:
-    t = h.get_tensor(e.name)
+def _load(e: DownProjTensor, dtype: Optional[torch.dtype], device: torch.device) -> DownProj:
+    with safe_open(str(e.file), framework="pt") as h:
+        t = h.get_tensor(e.name)
     if tuple(t.shape) != e.stored_shape:
         raise ValueError(f"{e.name!r} in {e.file}: header shape {e.stored_shape} but loaded {tuple(t.shape)}")
+    t = t.to(device)
     if dtype is not None:
         t = t.to(dtype)
-    t = t.to(device)
     if e.transposed:
         t = t.T
     logger.debug(
@@ -483,15 +604,30 @@ def _load(h: Any, e: _Entry, dtype: Optional[torch.dtype], device: torch.device)
 
 
 def iter_value_vector_norms(
-    model_dir: PathLike, *, device: Union[str, torch.device] = "cpu"
+    model_dir: PathLike,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    names: Optional[Sequence[str]] = None,
 ) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(layer, norms)`` with the L2 norm of every value vector of each layer.
 
-    Streams :func:`iter_down_proj` (one layer in memory at a time, in its stored
-    dtype) through :func:`specext.ops.value_vector_norms`, so the norms of a 70B
-    model need about one layer of memory. ``norms`` is ``(d_ff,)`` float32 on ``device``.
+    Streams :func:`iter_down_proj` (one layer in memory at a time) through
+    :func:`specext.ops.value_vector_norms` on ``device`` (CPU or CUDA), so the norms
+    of a 70B model need about one layer of memory.  ``dtype``: convert each layer
+    first (default: as stored), e.g. to the dtype a model was loaded in, so that
+    the norms are those of the weights it runs with.  ``names``: as
+    :func:`iter_down_proj`.  ``norms`` is ``(d_ff,)`` float32 on ``device``.
     """
+    # Validation is eager, as in iter_down_proj.
+    return _norms(iter_down_proj(model_dir, device=device, dtype=dtype, names=names))
+
+
+def _norms(layers: Iterator[DownProj]) -> Iterator[Tuple[int, torch.Tensor]]:
     from specext.kernels.ops import value_vector_norms
 
-    for dp in iter_down_proj(model_dir, device=device):
-        yield dp.layer, value_vector_norms(dp.weight)
+    for dp in layers:
+        layer, norms = dp.layer, value_vector_norms(dp.weight)
+        # Dropped before the next layer is read, so two layers are never held at once.
+        del dp
+        yield layer, norms

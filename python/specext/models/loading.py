@@ -8,6 +8,13 @@ for, nothing is downloaded (``local_files_only``).
 The *coefficients* of layer ``l`` are the input of its down-projection (``act(gate x) * up x``
 for gated MLPs, ``act(fc x + b)`` for classic ones), shape ``(batch, seq, d_ff)``; column
 ``i`` of the down-projection weight ``(d_model, d_ff)`` is value vector ``(l, i)``.
+
+Where a layer's down-projection is comes from one table, the naming rules of
+:mod:`specext.kernels.weights`: :func:`find_mlp_sites` applies them to the model's
+parameter names (and checks the module it finds), the checkpoint reader to the tensor
+names; :func:`load_model` binds each site to its checkpoint tensor (:attr:`MlpSite.tensor`)
+after checking that both name the same layer's down-projection, so the value-vector norms
+(:func:`value_norms`) can be streamed from the checkpoint one layer at a time.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from specext.kernels import weights as _weights
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_ATTN_WORDS = ("attn", "attention", "self_attn")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -42,11 +50,26 @@ class MlpSite:
     d_ff: int
     d_model: int
     conv1d: bool  # GPT-2 Conv1D: weight stored (d_ff, d_model)
+    # The checkpoint tensor the weight was loaded from, set by load_model (None: the weights
+    # exist only in memory, e.g. the random twin or a model given to wrap_model).
+    tensor: Optional[str] = None
+    file: Optional[str] = None
+    # (data_ptr, version) of the weight when it was bound to ``tensor``: a weight changed
+    # or replaced since then no longer is the checkpoint's.
+    _bound: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     def weight(self) -> torch.Tensor:
         """The down-projection as ``(d_model, d_ff)`` (a view for Conv1D)."""
         w = self.module.weight
         return w.t() if self.conv1d else w
+
+    def from_checkpoint(self) -> bool:
+        """Whether the module's weight still is the checkpoint tensor it was loaded from."""
+        return self.tensor is not None and self._bound == _weight_state(self.module.weight)
+
+
+def _weight_state(w: torch.Tensor) -> tuple:
+    return (w.data_ptr(), w._version)
 
 
 @dataclass
@@ -127,69 +150,125 @@ def _in_out(mod: nn.Module):
     return None
 
 
-def _layer_lists(model: nn.Module) -> List[tuple]:
-    """Candidate (name, ModuleList) of transformer blocks: lists of >= 1 same-class blocks."""
-    out = []
+def _linear_modules_seen(model: nn.Module, limit: int = 24) -> str:
+    seen = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            kinds = {type(m).__name__ for m in mod}
-            if len(kinds) == 1:
-                out.append((name, mod))
-    return out
+        io = _in_out(mod)
+        if io is not None:
+            seen.append(f"{name} ({type(mod).__name__} {io[0]}->{io[1]})")
+        if len(seen) >= limit:
+            break
+    return ", ".join(seen) or "none"
 
 
 def find_mlp_sites(model: nn.Module, d_ff: Optional[int] = None, n_layers: Optional[int] = None) -> List[MlpSite]:
-    """Find each transformer block's down-projection: the Linear (or GPT-2 Conv1D) inside
-    the block, outside attention, whose input width is the MLP width ``d_ff``.
+    """Find each transformer block's down-projection by the naming table of
+    :mod:`specext.kernels.weights` (the same rules that find it among a checkpoint's tensor
+    names), applied to the model's parameter names; then check each module: a Linear (or
+    GPT-2 Conv1D, as the table's layout says) whose input width is the MLP width ``d_ff``
+    (when given). ``n_layers``: the number of layers there must be (when given).
 
-    Raises ``ModelLoadError`` listing the modules seen when none or several match.
+    Raises ``ModelLoadError`` saying why (no name, several, a missing layer, a module that
+    is not what the table says) and listing the Linear modules seen.
     """
-    lists = _layer_lists(model)
-    if n_layers is not None:
-        exact = [(n, m) for n, m in lists if len(m) == n_layers]
-        lists = exact or lists
-    best: List[MlpSite] = []
-    problems = []
-    for list_name, blocks in sorted(lists, key=lambda nm: -len(nm[1])):
-        sites = []
-        for i, block in enumerate(blocks):
-            cands = []
-            for sub_name, sub in block.named_modules():
-                io = _in_out(sub)
-                if io is None or any(w in sub_name.lower().split(".") or w in sub_name.lower() for w in _ATTN_WORDS):
-                    continue
-                fin, fout, conv = io
-                if d_ff is not None and fin != d_ff:
-                    continue
-                if d_ff is None and not fin > fout:
-                    continue
-                cands.append((sub_name, sub, fin, fout, conv))
-            if d_ff is None and len(cands) > 1:  # widest input wins without a config hint
-                top = max(c[2] for c in cands)
-                cands = [c for c in cands if c[2] == top]
-            if len(cands) != 1:
-                problems.append((list_name, i, [c[0] for c in cands]))
-                sites = []
-                break
-            sub_name, sub, fin, fout, conv = cands[0]
-            prefix = f"{list_name}.{i}." if list_name else f"{i}."
-            sites.append(MlpSite(layer=i, name=prefix + sub_name, module=sub, d_ff=fin, d_model=fout, conv1d=conv))
-        if sites and len(sites) > len(best):
-            best = sites
-    if not best:
-        seen = []
-        for name, mod in model.named_modules():
-            io = _in_out(mod)
-            if io is not None:
-                seen.append(f"{name} ({type(mod).__name__} {io[0]}->{io[1]})")
-            if len(seen) >= 24:
-                break
-        detail = "; ".join(f"{ln}[{i}] candidates {c}" for ln, i, c in problems[:3]) or "no block list found"
-        raise ModelLoadError(
-            f"could not find one MLP down-projection per layer (d_ff={d_ff}): {detail}. "
-            f"Linear modules seen: {', '.join(seen) or 'none'}"
-        )
-    return best
+    config = getattr(model, "config", None)
+    hint = {"model_type": getattr(config, "model_type", None), "num_hidden_layers": n_layers}
+    names = [n for n, _ in model.named_parameters()]
+    try:
+        matches = _weights.find_down_proj_names(names, {k: v for k, v in hint.items() if v is not None})
+    except ValueError as e:
+        raise ModelLoadError(f"could not find one MLP down-projection per layer (d_ff={d_ff}): {e}. "
+                             f"Linear modules seen: {_linear_modules_seen(model)}") from None
+    sites = []
+    for layer, pname, transposed in matches:
+        path = pname[: -len(".weight")]
+        sub = model.get_submodule(path)
+        io = _in_out(sub)
+        if io is None or io[2] != transposed:
+            want = "a GPT-2 Conv1D" if transposed else "an nn.Linear"
+            raise ModelLoadError(f"{path} is layer {layer}'s MLP down-projection by the naming table of "
+                                 f"specext.kernels.weights, which expects {want}, but it is a {type(sub).__name__}")
+        fin, fout, conv = io
+        if d_ff is not None and fin != d_ff:
+            raise ModelLoadError(f"{path} is layer {layer}'s MLP down-projection by the naming table of "
+                                 f"specext.kernels.weights, but its input width is {fin}, not the config's MLP "
+                                 f"width {d_ff}. Linear modules seen: {_linear_modules_seen(model)}")
+        sites.append(MlpSite(layer=layer, name=path, module=sub, d_ff=fin, d_model=fout, conv1d=conv))
+    return sites
+
+
+def bind_checkpoint(sites: List[MlpSite], model_dir: Union[str, Path]) -> None:
+    """Record in each site the checkpoint tensor its weight was loaded from.
+
+    The checkpoint's down-projections are found by the naming table of
+    :mod:`specext.kernels.weights` (index and headers only). Site and tensor must be the same
+    layer's down-projection by that table (same name up to wrapper prefixes such as
+    ``model.`` or ``bert.``), with the same shape and layout; otherwise ``ModelLoadError``
+    naming the tensor, its file and the module: the model's values would not be the
+    checkpoint's (e.g. transformers initialised modules whose names it did not find).
+    """
+    try:
+        tensors = _weights.down_proj_tensors(model_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise ModelLoadError(f"{model_dir}: cannot locate the MLP down-projections in the checkpoint: {e}") from None
+    if len(tensors) != len(sites):
+        t = tensors[0]
+        raise ModelLoadError(f"{model_dir}: the checkpoint has {len(tensors)} MLP down-projections ({t.name!r} in "
+                             f"{t.file} first) but the loaded model {len(sites)} ({sites[0].name!r} first)")
+    for site, t in zip(sites, tensors):
+        mine = _weights.match_down_proj(site.name + ".weight")
+        theirs = _weights.match_down_proj(t.name)
+        if (mine.relative != theirs.relative or t.shape != (site.d_model, site.d_ff)
+                or t.transposed != site.conv1d):
+            raise ModelLoadError(
+                f"checkpoint tensor {t.name!r} in {t.file} (layer {t.layer}, {t.family} naming, (d_model, d_ff) = "
+                f"{t.shape}{', stored transposed' if t.transposed else ''}) does not match the loaded model's layer "
+                f"{site.layer} down-projection, module {site.name!r} ({type(site.module).__name__}, (d_model, d_ff) = "
+                f"{(site.d_model, site.d_ff)}): the checkpoint's names do not match the loaded modules, so the "
+                "model's weights are not this checkpoint's")
+        site.tensor, site.file = t.name, str(t.file)
+        site._bound = _weight_state(site.module.weight)
+
+
+def value_norms(lm: "LoadedModel", device: Optional[Union[str, torch.device]] = None, *,
+                source: str = "auto") -> torch.Tensor:
+    """``(L, d_ff)`` float32 L2 norms of every layer's value vectors, in the model's layer order.
+
+    The one function that chooses where the weights are read:
+
+    - ``"checkpoint"``: streamed from the safetensors files through
+      :func:`specext.kernels.weights.iter_value_vector_norms`, one layer in memory at a time,
+      reading exactly the tensors :func:`load_model` bound to the sites
+      (:attr:`MlpSite.tensor`), converted to the dtype the model's down-projections have (so
+      the norms are those of the weights the coefficients were measured with, and equal the
+      ``"modules"`` norms bit for bit);
+    - ``"modules"``: the loaded modules' weights (``MlpSite.weight()``);
+    - ``"auto"`` (default): the checkpoint when every site is still bound to its tensor (a
+      model from :func:`load_model` on safetensors, weights unchanged since), else the
+      modules: the random twin (its weights exist only in memory), a model given to
+      :func:`wrap_model`, a pickled checkpoint, weights changed or moved after loading.
+
+    ``device``: where the norms kernel runs and the result lives (default ``lm.device``, so
+    CUDA when the model is there).
+    """
+    if source not in ("auto", "checkpoint", "modules"):
+        raise ValueError(f"source must be auto, checkpoint or modules, got {source!r}")
+    dev = torch.device(device) if device is not None else lm.device
+    dtypes = {s.module.weight.dtype for s in lm.sites}
+    bound = all(s.from_checkpoint() for s in lm.sites) and len(dtypes) == 1
+    if source == "checkpoint" and not bound:
+        raise ValueError("value_norms(source='checkpoint'): the model's down-projections are not bound to checkpoint "
+                         "tensors (not loaded by load_model from safetensors, or changed since)")
+    if source == "modules" or not bound:
+        from specext.kernels.ops import value_vector_norms
+
+        logger.debug("value-vector norms from the loaded modules")
+        return torch.stack([value_vector_norms(s.weight().detach()).to(dev) for s in lm.sites])
+    # Exactly the bound tensors, in the sites' (layer) order; the reader refuses any other.
+    names = [s.tensor for s in lm.sites]
+    rows = [n for _, n in _weights.iter_value_vector_norms(lm.path, device=dev, dtype=dtypes.pop(), names=names)]
+    logger.debug("value-vector norms streamed from %d checkpoint tensors in %s", len(rows), lm.path)
+    return torch.stack(rows)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -247,6 +326,8 @@ def load_model(
     model.to(dev).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     lm = wrap_model(model, tok, path=model_dir, has_lm_head=causal, device=dev)
+    if use_safetensors:
+        bind_checkpoint(lm.sites, model_dir)
     logger.info("loaded %s (%s, %d layers, d_ff %d, %s on %s, %.1fM parameters)", model_dir, lm.architecture,
                 lm.n_layers, lm.d_ff, lm.dtype, dev, lm.n_parameters() / 1e6)
     return lm

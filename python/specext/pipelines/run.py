@@ -28,7 +28,7 @@ from specext.pipelines import rundir
 from specext._deps import require
 from specext._options import at_least, one_of
 from specext.metrics.accuracy import accuracy_by_group
-from specext.models.loading import LoadedModel, load_model
+from specext.models.loading import LoadedModel, load_model, value_norms
 from specext.metrics.null_model import permutation_null
 from specext.probes.probeset import ProbeSet, load_probe
 from specext.metrics.pss import PSSConfig, compute_pss
@@ -165,7 +165,9 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True,
                     on_checkpoint("scoring", k)
             k += 1
 
-    norms = _value_norms(lm)  # (L, d_ff), used by --stat contribution and saved with the neurons
+    # (L, d_ff), used by --stat contribution and saved with the neurons; streamed from the checkpoint
+    # (models.loading.value_norms chooses)
+    norms = value_norms(lm)
     pss = None
     if cfg.pss:
         if not lm.has_lm_head:
@@ -237,7 +239,7 @@ def _run_twin(cfg: AnalyzeConfig, lm: LoadedModel, probe: ProbeSet, progress: bo
     runner = _Runner(twin, scorer, probe, mass, cfg.batch_size)
     with tqdm(total=len(probe.questions), desc="random twin", unit="q", disable=not progress) as bar:
         rows = runner.run(probe.questions, bar.update)
-    norms = _value_norms(twin) if cfg.stat == "contribution" else None
+    norms = value_norms(twin) if cfg.stat == "contribution" else None  # the twin's own (in-memory) weights
     spec = specialisation(probe, mass, norms, null_permutations=cfg.null_permutations, seed=cfg.seed,
                           label="random twin")
     acc = accuracy_by_group(rows)
@@ -388,12 +390,5 @@ DEFINITIONS = {
     "pss_delta": "|(G_before - G(r)) - (CS_before - CS(r))| / denominator (baseline-corrected)",
     "intervals": "95% percentile bootstrap over concepts (PSS) or runs (compare correlations)",
 }
-
-
-def _value_norms(lm) -> torch.Tensor:
-    """``(L, d_ff)`` L2 norms of every layer's value vectors (the model's own weights)."""
-    from specext.kernels.ops import value_vector_norms
-
-    return torch.stack([value_vector_norms(s.weight().detach()) for s in lm.sites])
 
 

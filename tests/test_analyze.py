@@ -372,3 +372,18 @@ def write_probe(path, qs):
 def test_bad_control_options(tmp_path, llama_dir, probe_file, capsys, argv, msg):
     assert main([str(llama_dir), "--probe", str(probe_file), "--out", str(tmp_path / "o"), "-q", *argv]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_memory_plan_is_logged_and_warns_when_it_does_not_fit(tmp_path, llama_dir, probe_file, monkeypatch, caplog):
+    from specext.pipelines import run
+
+    monkeypatch.setattr(run, "_free_bytes", lambda device: 1000)  # almost nothing free
+    with caplog.at_level("INFO"):
+        s = run_analysis(AnalyzeConfig(model_dir=str(llama_dir), probe=str(probe_file), out=str(tmp_path / "r"),
+                                       device="cpu", open_ended=False, pss=False, report=False,
+                                       accumulate_device="cpu"), progress=False)
+    assert "memory plan: accumulators" in caplog.text
+    assert "memory: the run needs" in caplog.text and "(sample concepts with --max-concepts)" in caplog.text
+    plan = json.loads((tmp_path / "r" / "config.json").read_text())["memory_plan"]
+    assert plan["accumulators_bytes"] == 9 * 2 * 48 * 4 + 9 * 2 * 4 and plan["accumulate_device"] == "cpu"
+    assert s["neurons"]["neurons"] == 96

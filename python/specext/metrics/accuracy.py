@@ -12,7 +12,7 @@ def accuracy_by_group(rows: List[Dict[str, object]], keys=("mcq", "mcq_norm", "o
     """Mean of each correctness key over all rows, per concept, per category and per tier.
     ``rows``: one dict per question with ``concept``, ``category``, ``tier`` and the keys."""
     def mean(rs, k):
-        vals = [float(r[k]) for r in rs if r.get(k) is not None]
+        vals = [float(r[k]) for r in rs if r.get(k) is not None]  # host: plain Python rows
         return float(np.mean(vals)) if vals else None
 
     out: Dict[str, object] = {k: mean(rows, k) for k in keys}

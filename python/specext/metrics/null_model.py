@@ -120,7 +120,7 @@ def permutation_null(sums: torch.Tensor, counts: torch.Tensor, concept_category:
     for l in range(L):
         ok = (counts_cpu[:, l] > 0).nonzero().flatten()
         lab = cat[ok]
-        present = sorted(set(lab.tolist()))
+        present = sorted(set(lab.tolist()))  # host: category labels live on the CPU
         if len(ok) < 2 or len(present) < 2:
             thresholds.append(float("nan"))
             continue

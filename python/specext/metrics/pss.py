@@ -373,7 +373,7 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
         tops = top_vectors_all(dscore(k), cfg.ratios, L, D, cfg.selection)
         for r in cfg.ratios:
             top = tops[r].cpu()  # host: index lists are small (at most the largest ratio's share)
-            layer_hist[r] += np.bincount((top // D).numpy(), minlength=L)
+            layer_hist[r] += np.bincount((top // D).cpu().numpy(), minlength=L)
             masks[("top", r)] = top
             if cfg.random_control:
                 masks[("random", r)] = random_vectors(r, L, D, cfg.selection, _seed(cfg.seed, name, r))
@@ -406,7 +406,7 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
             on_concept(name, crow)
     bar.close()
     n_chosen = max(1, len(chosen))
-    layer_counts = {r: (layer_hist[r] / n_chosen).tolist() for r in cfg.ratios}
+    layer_counts = {r: (layer_hist[r] / n_chosen).tolist() for r in cfg.ratios}  # host: numpy arrays
     return PSSResult(rows=rows, summary=summarize_pss(rows, cfg, len(chosen), len(control), overall_accuracy),
                      layer_counts=layer_counts)
 
@@ -423,12 +423,13 @@ def _matrix(rows, key, ratios) -> np.ndarray:
     """``(concepts, ratios)`` of ``key`` (NaN where missing), concepts in order of appearance."""
     concepts = list(dict.fromkeys(x["concept"] for x in rows))
     ci = {c: i for i, c in enumerate(concepts)}
-    ri = {float(r): j for j, r in enumerate(ratios)}
+    ri = {float(r): j for j, r in enumerate(ratios)}  # host: plain Python rows
     m = np.full((len(concepts), len(ratios)), np.nan)
     for x in rows:
         v = x.get(key)
-        if v is not None and float(x["ratio"]) in ri:
-            m[ci[x["concept"]], ri[float(x["ratio"])]] = v
+        r = float(x["ratio"])  # host: plain Python rows
+        if v is not None and r in ri:
+            m[ci[x["concept"]], ri[r]] = v
     return m
 
 

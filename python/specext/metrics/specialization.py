@@ -124,7 +124,7 @@ def neuron_table(category_mass: torch.Tensor, value_norms: Optional[torch.Tensor
     out["total"].zero_()
     groups: Dict[tuple, List[int]] = {}
     for l in range(L):
-        groups.setdefault(tuple(int(c) for c in usable[:, l].nonzero().flatten().tolist()), []).append(l)
+        groups.setdefault(tuple(usable[:, l].nonzero().flatten().tolist()), []).append(l)  # host: usable is on the CPU
     for keep, layers in groups.items():
         if not keep:
             continue
@@ -166,8 +166,10 @@ def summarize(table: NeuronTable, null=None) -> Dict[str, object]:
 
     With ``null`` (a :class:`specext.metrics.null_model.NullResult`) also the mean null Gini, the
     mean excess Gini and the share of neurons above their null's 99th percentile."""
+    # Aggregates are host bookkeeping: one copy of each (L, d_ff) table, then CPU reads.
+    table = NeuronTable(**table.as_dict())
     dead = table.gini.isnan()
-    nt = None if null is None else (null.gini_null.to(table.gini.device), null.above_null.to(table.gini.device))
+    nt = None if null is None else (null.gini_null.cpu(), null.above_null.cpu())
     model = _agg(table.gini, table.norm_entropy, dead, nt)
     layers = []
     for l in range(table.gini.shape[0]):

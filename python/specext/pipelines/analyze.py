@@ -129,8 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("specialisation controls")
     s.add_argument("--null-permutations", type=int, default=8,
                    help="random reassignments of concepts to categories for the Gini null model (0: off)")
-    s.add_argument("--random-twin", action="store_true",
-                   help="also run the same architecture with seeded random weights on the same probe (a control)")
+    p.add_argument("--accumulate-device", default="auto", choices=["auto", "cpu"],
+                   help="where the concept accumulators live: the model's device, or host memory (large models)")
+    s.add_argument("--random-twin", action="store_true", default=None,
+                   help="also run the same architecture with seeded random weights on the same probe (a control; "
+                        "on by default with --demo)")
+    s.add_argument("--no-random-twin", dest="random_twin", action="store_false")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model directory's own Python code")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled *.bin weights (unsafe)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
@@ -165,8 +169,8 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
         return 2
     if args.demo and args.pss_concepts is None:
         args.pss_concepts = DEMO_PSS_CONCEPTS
-    if args.demo:
-        args.random_twin = True  # seconds on the demo model; its report shows every control
+    if args.random_twin is None:
+        args.random_twin = bool(args.demo)  # seconds on the demo model; its report shows every control
     try:
         pss_cfg = PSSConfig(ratios=ratios, unrelated=args.pss_unrelated, selection=args.pss_selection,
                             control_size=args.pss_control, denominator=args.pss_denominator,
@@ -180,7 +184,7 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
             allow_pickle=args.allow_pickle, open_ended=not args.no_open, max_new_tokens=args.max_new_tokens,
             chunk_size=args.chunk_size, checkpoint_every=args.checkpoint_every, report=not args.no_report,
             pss=not args.no_pss, pss_config=pss_cfg, null_permutations=args.null_permutations,
-            random_twin=args.random_twin,
+            random_twin=args.random_twin, accumulate_device=args.accumulate_device,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -39,6 +39,7 @@ from specext.metrics.specialization import ConceptMass, neuron_table, summarize
 logger = logging.getLogger("specext.analyze")
 
 STATS = ("abs", "contribution")
+ACCUMULATE_DEVICES = ("auto", "cpu")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class AnalyzeConfig:
     pss: bool = True
     pss_config: PSSConfig = field(default_factory=PSSConfig)
     null_permutations: int = 8  # concept-to-category permutations of the Gini null (0: off)
+    accumulate_device: str = "auto"  # where the concept sums live: the model's device (auto) or cpu
     random_twin: bool = False  # also run the architecture with seeded random weights (control)
 
     def __post_init__(self) -> None:
@@ -80,6 +82,7 @@ class AnalyzeConfig:
         at_least("--max-concepts", self.max_concepts, 1, optional=True)
         at_least("--max-new-tokens", self.max_new_tokens, 1)
         at_least("--null-permutations", self.null_permutations, 2, off=0)
+        one_of("--accumulate-device", self.accumulate_device, ACCUMULATE_DEVICES)
 
 
 class _Runner:
@@ -131,7 +134,9 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     fp = rundir.fingerprint(cfg, probe, Path(cfg.model_dir))
     state = RunState(out)
-    mass = ConceptMass(len(probe.concepts), lm.n_layers, lm.d_ff, device=lm.device)
+    acc_dev = lm.device if cfg.accumulate_device == "auto" else torch.device(cfg.accumulate_device)
+    plan = memory_plan(cfg, probe, lm, acc_dev, out)
+    mass = ConceptMass(len(probe.concepts), lm.n_layers, lm.d_ff, device=acc_dev)
     rows: List[dict] = []
     start = 0
     if cfg.resume:
@@ -175,9 +180,57 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True,
         else:
             pss = _run_pss(cfg, lm, probe, mass, rows, state, progress, norms, on_checkpoint)
     twin = _run_twin(cfg, lm, probe, progress) if cfg.random_twin else None
-    summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start, norms, pss, twin)
+    summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start, norms, pss, twin, plan=plan)
     state.clear()
     return summary
+
+
+def _free_bytes(device: torch.device) -> Optional[int]:
+    """Memory free now on ``device`` (CPU: MemAvailable; CUDA: the driver's free), or None."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # host: a line of /proc/meminfo
+    except OSError:
+        return None
+    return None
+
+
+def memory_plan(cfg: AnalyzeConfig, probe: ProbeSet, lm: LoadedModel, acc_device: torch.device,
+                out: Path) -> Dict[str, object]:
+    """What the run will hold, printed before it starts: the concept accumulators (on
+    ``acc_device``), one batch's prompt statistics and the PSS selection's working set (on
+    the model's device), and each checkpoint on disk (two while one replaces the other).
+    Warns when a figure exceeds what is free now."""
+    import shutil
+
+    K, L, D = len(probe.concepts), lm.n_layers, lm.d_ff
+    C = len(probe.categories)
+    accum = K * L * D * 4 + K * L * 4
+    batch = cfg.batch_size * L * D * 4
+    selection = (C + 2) * L * D * 8 if cfg.pss else 0
+    plan = {"accumulators_bytes": accum, "accumulate_device": str(acc_device), "batch_statistics_bytes": batch,
+            "pss_selection_bytes": selection, "checkpoint_bytes": accum, "model_device": str(lm.device)}
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    logger.info("memory plan: accumulators %s on %s (%d concepts x %d layers x %d), batch statistics %s and PSS "
+                "selection %s on %s, checkpoints %s each on disk", gib(accum), acc_device, K, L, D, gib(batch),
+                gib(selection), lm.device, gib(accum))
+    need = {acc_device: accum}
+    need[lm.device] = need.get(lm.device, 0) + batch + selection
+    for dev, n in need.items():
+        free = _free_bytes(dev)
+        plan[f"free_{dev}"] = free
+        if free is not None and n > free:
+            hint = " (try --accumulate-device cpu)" if dev.type == "cuda" else " (sample concepts with --max-concepts)"
+            logger.warning("memory: the run needs %s on %s but %s is free%s", gib(n), dev, gib(free), hint)
+    disk = shutil.disk_usage(out).free
+    plan["free_disk"] = disk
+    if 2 * accum > disk:
+        logger.warning("disk: checkpoints need %s in %s but %s is free", gib(2 * accum), out, gib(disk))
+    return plan
 
 
 @dataclass
@@ -289,7 +342,7 @@ def _twin_summary(model_neurons: Dict[str, object], twin) -> Optional[Dict[str, 
 
 
 def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: float, norms: torch.Tensor,
-            pss=None, twin=None) -> Dict[str, object]:
+            pss=None, twin=None, plan=None) -> Dict[str, object]:
     norms = norms.to(mass.sums.device)
     spec = specialisation(probe, mass, norms if cfg.stat == "contribution" else None,
                           null_permutations=cfg.null_permutations, seed=cfg.seed)
@@ -329,6 +382,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
     cfg_out = {
         "options": asdict(cfg),
         "fingerprint": fp,
+        "memory_plan": plan,
         "versions": {"specext": __version__, **lm.info, "python": platform.python_version()},
         "build": build_info(),
         "model": {"architecture": lm.architecture, "model_type": lm.model_type, "dtype": str(lm.dtype),
@@ -342,7 +396,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
     }
     meta = {"categories": json.dumps(probe.categories), "layers": str(lm.n_layers), "d_ff": str(lm.d_ff),
             "specext": __version__, "top_category": "index into 'categories'; -1 for dead neurons",
-            "categories_used_by_layer": json.dumps(spec.usable.T.int().tolist())}
+            "categories_used_by_layer": json.dumps(spec.usable.T.int().tolist())}  # host: usable is on the CPU
     tensors = {**table.as_dict(), "value_norms": norms.contiguous().cpu()}
     if spec.null is not None:
         tensors.update(spec.null.as_dict())

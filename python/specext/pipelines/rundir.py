@@ -51,7 +51,7 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     if hasattr(o, "tolist"):
-        return o.tolist()
+        return o.tolist()  # host: writing a file
     raise TypeError(f"cannot serialise {type(o).__name__}")
 
 

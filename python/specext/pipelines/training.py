@@ -342,7 +342,7 @@ def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pa
                 for g in opt.param_groups:
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
+                parts = []
                 for b, n in zip(micro, counts):
                     if n == 0:
                         continue
@@ -352,10 +352,11 @@ def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pa
                     # train like one k-times larger batch (x * 1.0 is exact when k = 1).
                     loss = out.loss * (n / total)
                     loss.backward()
-                    step_loss += loss.detach().item()
+                    parts.append(loss.detach())
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
                 opt.step()
+                step_loss = sum(torch.stack(parts).tolist()) if parts else 0.0  # host: once per step
                 losses.append(step_loss)
                 lrs.append(lr)
                 n_targets += total

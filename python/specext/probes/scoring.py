@@ -408,7 +408,7 @@ class Scorer:
             logp = torch.log_softmax(out.logits.float(), dim=-1)  # (M, L-1, V)
             part = (logp.gather(2, ids[:, 1:, None])[..., 0] * cmask[:, 1:]).sum(1)
             rest[torch.tensor(multi, device=lm.device)] = part.double()
-        scores = (first + rest).tolist()
+        scores = (first + rest).tolist()  # host: every option's score, once per batch
         r = 0
         for b, q in enumerate(questions):
             sc = scores[r : r + n_opts[b]]
@@ -430,17 +430,17 @@ class Scorer:
         stop_ids.update(nl[-1:])
         nxt = last_logp.argmax(-1)  # (B,)
         generated = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=lm.device)
+        done = [False] * B  # host bookkeeping
         attn = batch.attention_mask
         for step in range(self.max_new_tokens):
+            toks = nxt.tolist()  # host: the step's B tokens, read once per step
             for b in range(B):
                 if not done[b]:
-                    t = int(nxt[b])
-                    if t in stop_ids:
+                    if toks[b] in stop_ids:
                         done[b] = True
                     else:
-                        generated[b].append(t)
-            if bool(done.all()) or step == self.max_new_tokens - 1:
+                        generated[b].append(toks[b])
+            if all(done) or step == self.max_new_tokens - 1:
                 break
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=lm.device)], dim=1)
             pos = (batch.lengths + step)[:, None]

@@ -35,7 +35,7 @@ def _save(fig, path: Path) -> None:
 def plot_gini_by_layer(gini: torch.Tensor, path: Path) -> None:
     plt = _plt()
     L = gini.shape[0]
-    data = [g[~torch.isnan(g)].numpy() for g in gini]
+    data = [g[~torch.isnan(g)].cpu().numpy() for g in gini]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * L + 2), 3.6))
     ax.boxplot([d if len(d) else [np.nan] for d in data], positions=range(L), widths=0.6, showfliers=False)
     ax.plot(range(L), [d.mean() if len(d) else np.nan for d in data], "o-", color="C3", ms=3, label="mean")
@@ -49,7 +49,7 @@ def plot_gini_by_layer(gini: torch.Tensor, path: Path) -> None:
 
 def plot_norm_entropy(norm_entropy: torch.Tensor, path: Path) -> None:
     plt = _plt()
-    v = norm_entropy[~torch.isnan(norm_entropy)].numpy().ravel()
+    v = norm_entropy[~torch.isnan(norm_entropy)].cpu().numpy().ravel()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.hist(v, bins=60, range=(0, 1), color="C0")
     ax.set_yscale("log")
@@ -62,7 +62,7 @@ def plot_norm_entropy(norm_entropy: torch.Tensor, path: Path) -> None:
 def plot_layer_category(cat_mass: torch.Tensor, categories: List[str], path: Path) -> None:
     plt = _plt()
     m = torch.nan_to_num(cat_mass.double(), nan=0.0).sum(-1)  # (C, L)
-    share = (m / m.sum(0, keepdim=True).clamp_min(1e-300)).T.numpy()  # (L, C)
+    share = (m / m.sum(0, keepdim=True).clamp_min(1e-300)).T.cpu().numpy()  # (L, C)
     L, C = share.shape
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * C + 2), max(3, 0.22 * L + 1.5)))
     im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")

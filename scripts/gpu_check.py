@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""The end-to-end part of ``scripts/gpu_check.sh`` (which builds, runs the tests under
+compute-sanitizer and the kernel benchmarks around it):
+
+1. ``demo``: ``python -m specext.analyze --demo`` with PSS on ``--device`` and on the CPU;
+   the same accuracy and the statistics within float32 tolerance (printed, and a non-zero
+   exit when they disagree);
+2. ``model``: a random-weights Llama-style model of about 1B parameters (``--quick``: ~20M)
+   built here with the demo tokenizer: tokens per second of the scoring pass with and
+   without the per-neuron statistics, and of PSS's batched masked scoring against one mask
+   at a time (bench/bench_pss.py's naive-1).
+
+Every table is printed and written to ``$OUT/gpu_check_*.csv``.
+
+    python scripts/gpu_check.py --device cuda --out /tmp/specext-gpu
+    python scripts/gpu_check.py --device cpu --quick --out /tmp/x       # CI: keeps it from rotting
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+
+def write_csv(path: Path, rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def show(rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    width = {k: max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(width[k]) for k in keys))
+    for r in rows:
+        print("  ".join(fmt(r.get(k, "")).ljust(width[k]) for k in keys))
+
+
+def demo(args, out: Path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for dev in dict.fromkeys([args.device, "cpu"]):
+        d = out / f"demo_{dev}"
+        cmd = [sys.executable, "-m", "specext.analyze", "--demo", "--device", dev, "--out", str(d), "-q",
+               "--no-report", "--no-random-twin"] + (["--pss-concepts", "6", "--ratios", "1,10"] if args.quick else [])
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"demo on {dev} failed:\n{r.stderr[-3000:]}")
+        runs[dev] = (json.loads((d / "summary.json").read_text()), load_file(str(d / "neurons.safetensors")),
+                     time.perf_counter() - t0)
+    s_dev, n_dev, t_dev = runs[args.device]
+    s_cpu, n_cpu, t_cpu = runs["cpu"]
+    rows, ok = [], True
+    for k in ("mcq", "mcq_norm", "open"):
+        same = s_dev["accuracy"][k] == s_cpu["accuracy"][k]
+        ok &= same
+        rows.append({"check": f"accuracy {k}", "device": s_dev["accuracy"][k], "cpu": s_cpu["accuracy"][k],
+                     "max_abs_diff": abs((s_dev["accuracy"][k] or 0) - (s_cpu["accuracy"][k] or 0)), "ok": same})
+    for k in ("gini", "entropy", "norm_entropy", "top_share", "total", "gini_null"):
+        a, b = n_dev[k].double(), n_cpu[k].double()
+        diff = float((a - b).abs().nan_to_num(0).max())
+        close = bool(torch.allclose(a, b, rtol=2e-4, atol=2e-5, equal_nan=True))
+        ok &= close if k != "gini_null" else True  # the null's thresholds depend on ties; informational
+        rows.append({"check": f"neurons {k}", "device": float(a.nan_to_num(0).mean()), "cpu": float(b.nan_to_num(0).mean()),
+                     "max_abs_diff": diff, "ok": close})
+    pd, pc = s_dev["pss"]["paper"]["curve"], s_cpu["pss"]["paper"]["curve"]
+    rows.append({"check": "PSS curve (paper)", "device": max(pd), "cpu": max(pc),
+                 "max_abs_diff": max(abs(x - y) for x, y in zip(pd, pc)), "ok": "informational"})
+    rows.append({"check": "seconds", "device": t_dev, "cpu": t_cpu, "max_abs_diff": "", "ok": ""})
+    print(f"\n== demo: analyze --demo on {args.device} vs cpu")
+    show(rows)
+    write_csv(out / "gpu_check_demo.csv", rows)
+    return ok
+
+
+def build_model(args, path: Path):
+    import transformers as tf
+
+    from specext.analyze import DEMO_MODEL
+
+    tok = tf.AutoTokenizer.from_pretrained(DEMO_MODEL)
+    if args.quick:
+        dims = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
+    else:  # ~1.1B parameters with the demo's small vocabulary: the MLPs and attention dominate
+        dims = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=16)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), num_key_value_heads=dims["num_attention_heads"],
+                         max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"], **dims)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16 if args.device == "cuda" else torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    return n
+
+
+def model_throughput(args, out: Path):
+    import bench_pss
+    from specext.metrics.pss import MaskedScorer, PSSConfig, compute_pss
+    from specext.metrics.specialization import ConceptMass
+    from specext.models import load_model
+    from specext.probes import load_probe
+    from specext.probes.scoring import PromptStats, Scorer
+
+    path = out / "random_llama"
+    n_params = build_model(args, path)
+    lm = load_model(path, device=args.device)
+    probe = load_probe("synthetic", max_concepts=12 if args.quick else 36)
+    qs = probe.questions
+    bs = 8 if args.quick else 64
+    tokens = sum(len(lm.tokenizer(q.mcq_prompt())["input_ids"]) for q in qs)
+    sync = (lambda: torch.cuda.synchronize()) if args.device == "cuda" else (lambda: None)
+    scorer = Scorer(lm, open_ended=False)
+    stats = PromptStats(lm.n_layers, lm.d_ff)
+    mass = ConceptMass(len(probe.concepts), lm.n_layers, lm.d_ff, device=lm.device)
+
+    def plain():
+        for i in range(0, len(qs), bs):
+            scorer.score(qs[i : i + bs])
+
+    def captured():
+        for i in range(0, len(qs), bs):
+            b = qs[i : i + bs]
+            scorer.score(b, stats=stats)
+            mass.add(torch.tensor([probe.concept_index(q) for q in b], device=lm.device), stats.sums, stats.valid)
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    plain(), captured()  # warm-up
+    tp, tc = [], []
+    for _ in range(1 if args.quick else 3):  # interleaved, so drifting load hits both alike
+        tp.append(timed(plain))
+        tc.append(timed(captured))
+    tp, tc = sorted(tp)[len(tp) // 2], sorted(tc)[len(tc) // 2]
+    rows = [{"bench": "scoring pass", "model": f"llama {n_params / 1e9:.2f}B L={lm.n_layers} d_ff={lm.d_ff}",
+             "device": args.device, "dtype": str(lm.dtype).replace("torch.", ""), "questions": len(qs),
+             "tokens_per_s_plain": tokens / tp, "tokens_per_s_with_statistics": tokens / tc,
+             "overhead_pct": 100 * (tc / tp - 1)}]
+    cm = mass.concept_mass()
+    cfg = PSSConfig(concepts=2 if args.quick else 4, control_size=20 if args.quick else 60, ratios=(1.0, 10.0),
+                    bootstrap=0, batch_rows=64 if args.quick else 256)
+    overall = 0.5
+    res = {}
+    for name, ms in (("batched rows", MaskedScorer(lm, batch_rows=cfg.batch_rows)),
+                     ("one mask at a time", bench_pss.OneMaskAtATime(lm, batch_rows=bs))):
+        t = timed(lambda: res.__setitem__(name, compute_pss(lm, probe, cm, cfg, overall_accuracy=overall, scorer=ms)))
+        rows.append({"bench": f"PSS masked scoring, {name}", "model": rows[0]["model"], "device": args.device,
+                     "seconds": t, "rows": len(res[name].rows)})
+    a, b = res["batched rows"].rows, res["one mask at a time"].rows
+    rows[-2]["speedup_vs_one_mask"] = rows[-1]["seconds"] / rows[-2]["seconds"]
+    rows[-2]["max_pss_diff"] = max(abs(x["pss"] - y["pss"]) for x, y in zip(a, b))
+    print(f"\n== random-weights model ({n_params / 1e6:.0f}M parameters) on {args.device}")
+    show(rows)
+    write_csv(out / "gpu_check_model.csv", rows)
+    return True
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/specext-gpu"))
+    p.add_argument("--only", choices=["demo", "model"], default=None)
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ok = True
+    if args.only in (None, "demo"):
+        ok &= demo(args, out)
+    if args.only in (None, "model"):
+        ok &= model_throughput(args, out)
+    print("\ngpu_check.py:", "ok" if ok else "MISMATCH (see the tables above)")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

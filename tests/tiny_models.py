@@ -77,11 +77,14 @@ def config(arch: str):
     raise ValueError(arch)
 
 
-def save_tiny(arch: str, path: Path, seed: int = 0, dtype=torch.float32) -> Path:
+def save_tiny(arch: str, path: Path, seed: int = 0, dtype=torch.float32, layers: int = 0) -> Path:
+    """``layers``: the number of layers (default: the tiny config's 2)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     cfg = config(arch)
+    if layers:
+        cfg.num_hidden_layers = layers
     if arch == "bert":
         model = tf.BertModel(cfg)
         cfg.architectures = ["BertModel"]

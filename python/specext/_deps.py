@@ -3,7 +3,8 @@
 - the kernels (``specext.ops``, ``reference``, ``weights``): numpy, safetensors and the
   compiled extension; torch is the user's choice (any version: the extension does not link it);
 - ``[analyze]``: transformers, tokenizers, matplotlib, tqdm (models, probes, scoring,
-  the analysis, compare, the report);
+  the analysis, compare, the report), accelerate (``--device-map``: one model over several
+  devices, CPU and disk offload);
 - ``[bench]``: the analysis dependencies (the benchmarks load models);
 - ``[test]``: pytest, scipy and ``[analyze]``.
 
@@ -16,7 +17,7 @@ import importlib
 from typing import Dict
 
 EXTRA: Dict[str, str] = {"transformers": "analyze", "tokenizers": "analyze", "matplotlib": "analyze",
-                         "tqdm": "analyze", "torch": "torch", "scipy": "test", "pytest": "test"}
+                         "tqdm": "analyze", "accelerate": "analyze", "torch": "torch", "scipy": "test", "pytest": "test"}
 
 
 def require(*modules: str, what: str) -> None:

@@ -31,38 +31,126 @@ class ConceptMass:
     A prompt whose statistic at layer ``l`` is not finite (NaN/inf activations) is left
     out of that layer's sums and counts and counted in ``nonfinite[l]``: reported, never
     averaged in.
+
+    ``device``: one device for every layer (one ``(K, L, d_ff)`` tensor), or a sequence of
+    per-layer devices (a model split over devices, :attr:`LoadedModel.layer_devices`): layer
+    ``l``'s sums ``(K, d_ff)``, counts and non-finite count then live on its device, where
+    its prompt statistics are computed, and :meth:`add` folds each layer where it is. The
+    whole-model views ``sums``, ``counts``, ``nonfinite`` are then copies gathered on the
+    first layer's device (for the final reductions); :meth:`state` / :meth:`load_state`
+    read and write every layer, and :meth:`tensors` lists the storage itself (for in-place
+    collectives).
     """
 
     def __init__(self, n_concepts: int, n_layers: int, d_ff: int, device="cpu"):
-        self.sums = torch.zeros((n_concepts, n_layers, d_ff), dtype=torch.float32, device=device)
-        self.counts = torch.zeros((n_concepts, n_layers), dtype=torch.float32, device=device)
-        self.nonfinite = torch.zeros((n_layers,), dtype=torch.int64, device=device)
-        self.unselected = torch.zeros((), dtype=torch.int64, device=device)
+        K, L, D = n_concepts, n_layers, d_ff
+        if isinstance(device, (list, tuple)):
+            if len(device) != L:
+                raise ValueError(f"ConceptMass: {len(device)} layer devices for {L} layers")
+            devs = [torch.device(d) for d in device]
+            self.home = devs[0] if devs else torch.device("cpu")
+            self._sums = self._counts = self._nonfinite = None
+            self.layer_sums = [torch.zeros((K, D), dtype=torch.float32, device=d) for d in devs]
+            self.layer_counts = [torch.zeros((K,), dtype=torch.float32, device=d) for d in devs]
+            self.layer_nonfinite = [torch.zeros((), dtype=torch.int64, device=d) for d in devs]
+        else:
+            self.home = torch.device(device)
+            self._sums = torch.zeros((K, L, D), dtype=torch.float32, device=self.home)
+            self._counts = torch.zeros((K, L), dtype=torch.float32, device=self.home)
+            self._nonfinite = torch.zeros((L,), dtype=torch.int64, device=self.home)
+            self.layer_sums = [self._sums[:, l] for l in range(L)]
+            self.layer_counts = [self._counts[:, l] for l in range(L)]
+            self.layer_nonfinite = [self._nonfinite[l] for l in range(L)]
+        self.unselected = torch.zeros((), dtype=torch.int64, device=self.home)
 
-    def add(self, concept_idx: torch.Tensor, prompt_stats: torch.Tensor,
-            valid: Optional[torch.Tensor] = None) -> None:
-        """Fold a batch of prompt statistics ``(B, L, d_ff)`` into the concepts ``concept_idx (B,)``.
+    @property
+    def per_layer(self) -> bool:
+        return self._sums is None
+
+    def _gather(self, parts, dim):
+        return torch.stack([x.to(self.home) for x in parts], dim)
+
+    @property
+    def sums(self) -> torch.Tensor:
+        return self._sums if self._sums is not None else self._gather(self.layer_sums, 1)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self._counts if self._counts is not None else self._gather(self.layer_counts, 1)
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        return self._nonfinite if self._nonfinite is not None else self._gather(self.layer_nonfinite, 0)
+
+    def add(self, concept_idx: torch.Tensor, prompt_stats, valid: Optional[torch.Tensor] = None) -> None:
+        """Fold a batch of prompt statistics into the concepts ``concept_idx (B,)``:
+        ``prompt_stats`` is ``(B, L, d_ff)`` or a sequence of ``L`` per-layer ``(B, d_ff)``
+        tensors, each on any device (moved to where its layer's sums are).
 
         ``valid (B,)`` bool marks prompts that have tokens at the chosen positions (e.g. the
         concept's name for ``--positions subject``); the others are left out and counted in
         ``unselected``."""
-        dev = self.sums.device
+        if isinstance(prompt_stats, torch.Tensor) and not self.per_layer:
+            self._add_block(concept_idx, prompt_stats, valid)
+            return
+        layers = prompt_stats.unbind(1) if isinstance(prompt_stats, torch.Tensor) else list(prompt_stats)
+        if len(layers) != len(self.layer_sums):
+            raise ValueError(f"ConceptMass.add: statistics of {len(layers)} layers for {len(self.layer_sums)}")
+        placed = {}  # the batch's concept indices and valid flags, once per device
+        for l, st in enumerate(layers):
+            dev = self.layer_sums[l].device
+            if dev not in placed:
+                sel = (torch.ones(st.shape[0], dtype=torch.bool, device=dev) if valid is None
+                       else valid.to(dev))
+                placed[dev] = (concept_idx.to(dev), sel)
+            idx, sel = placed[dev]
+            st = st.to(dev)
+            finite = torch.isfinite(st).all(-1)  # (B,)
+            ok = finite & sel
+            self.layer_sums[l].index_add_(0, idx, torch.where(ok[:, None], st, torch.zeros((), dtype=st.dtype,
+                                                                                          device=dev)))
+            self.layer_counts[l].index_add_(0, idx, ok.float())
+            self.layer_nonfinite[l] += (~finite & sel).sum()
+        sel = placed[self.layer_sums[0].device][1] if layers else None
+        if sel is not None:
+            self.unselected += (~sel).sum().to(self.home)
+
+    def _add_block(self, concept_idx, prompt_stats, valid) -> None:
+        dev = self.home
         finite = torch.isfinite(prompt_stats).all(-1).to(dev)  # (B, L)
         sel = torch.ones(finite.shape[0], dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
         ok = finite & sel[:, None]
         stats = torch.where(ok[..., None], prompt_stats.to(dev), torch.zeros((), dtype=prompt_stats.dtype, device=dev))
         idx = concept_idx.to(dev)
-        self.sums.index_add_(0, idx, stats)
-        self.counts.index_add_(0, idx, ok.float())
-        self.nonfinite += (~finite & sel[:, None]).sum(0)
+        self._sums.index_add_(0, idx, stats)
+        self._counts.index_add_(0, idx, ok.float())
+        self._nonfinite += (~finite & sel[:, None]).sum(0)
         self.unselected += (~sel).sum()
 
+    def tensors(self) -> List[torch.Tensor]:
+        """The storage itself (sums, counts, non-finite and unselected counts), every tensor
+        once: what an in-place all-reduce must cover."""
+        if not self.per_layer:
+            return [self._sums, self._counts, self._nonfinite, self.unselected]
+        return [*self.layer_sums, *self.layer_counts, *self.layer_nonfinite, self.unselected]
+
     def state(self) -> Dict[str, torch.Tensor]:
+        """Whole-model tensors (gathered on ``home`` when the layers live on several devices)."""
         return {"sums": self.sums, "counts": self.counts, "nonfinite": self.nonfinite, "unselected": self.unselected}
 
     def load_state(self, st: Dict[str, torch.Tensor]) -> None:
+        if not self.per_layer:
+            for k, v in st.items():
+                getattr(self, k).copy_(v)
+            return
+        parts = {"sums": (self.layer_sums, 1), "counts": (self.layer_counts, 1), "nonfinite": (self.layer_nonfinite, 0)}
         for k, v in st.items():
-            getattr(self, k).copy_(v)
+            if k == "unselected":
+                self.unselected.copy_(v)
+                continue
+            dst, dim = parts[k]
+            for l, t in enumerate(dst):
+                t.copy_(v.select(dim, l))
 
     def concept_mass(self) -> torch.Tensor:
         """``(K, L, d_ff)`` mean statistic per concept (NaN where a concept has no prompt)."""

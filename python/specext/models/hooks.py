@@ -3,6 +3,12 @@ out of a forward pass (:func:`capture`) or zero chosen ones (:func:`mask`).
 
 The *coefficients* of layer ``l`` are the input of its down-projection, ``(batch, seq,
 d_ff)``; hooks never store them.
+
+Devices: a hook runs where its layer computes. For a model split by a device map
+(accelerate), a layer's down-projection input is on that layer's execution device
+(:attr:`specext.models.loading.LoadedModel.layer_devices`): the sink receives it there, and
+a mask should already be there (placed once per batch by the caller); one on another device
+is moved, correct but a copy per forward pass.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ def mask(sites: Sequence[MlpSite], masks: Callable[[int], Optional[torch.Tensor]
                 if m is None:
                     return None
                 x = args[0]
-                mm = m.to(x.dtype)
+                mm = m.to(device=x.device, dtype=x.dtype)
                 mm = mm[:, None, :] if mm.dim() == 2 else mm
                 return (x * mm,) + tuple(args[1:])
             handles.append(s.module.register_forward_pre_hook(hook))

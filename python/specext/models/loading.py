@@ -15,6 +15,15 @@ parameter names (and checks the module it finds), the checkpoint reader to the t
 names; :func:`load_model` binds each site to its checkpoint tensor (:attr:`MlpSite.tensor`)
 after checking that both name the same layer's down-projection, so the value-vector norms
 (:func:`value_norms`) can be streamed from the checkpoint one layer at a time.
+
+One model over several devices: ``load_model(device_map="auto"|"balanced"|"sequential",
+max_memory=..., offload_dir=...)`` hands placement to transformers' ``from_pretrained``
+(accelerate's ``device_map``: layers on several GPUs, offloaded to the CPU or to disk).
+:attr:`LoadedModel.layer_devices` then holds each layer's *execution device* (where its
+down-projection's input is computed: for an offloaded layer, the device its weights are
+streamed to), :attr:`LoadedModel.device` the input device (where the embeddings run), and
+:attr:`LoadedModel.device_map` the placement transformers chose. Offloaded weights are
+``meta`` tensors in the model: nothing reads them (the value norms come from the checkpoint).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from specext._deps import require
 from specext.kernels import weights as _weights
 
 logger = logging.getLogger(__name__)
@@ -69,11 +79,26 @@ class MlpSite:
 
 
 def _weight_state(w: torch.Tensor) -> tuple:
-    return (w.data_ptr(), w._version)
+    # An offloaded weight is a meta tensor (accelerate streams the checkpoint's values in for
+    # each forward pass and puts a new meta tensor back, under inference mode: no version).
+    if w.is_meta:
+        return ("meta",)
+    return (w.data_ptr(), None if w.is_inference() else w._version)
 
 
 @dataclass
 class LoadedModel:
+    """A loaded model and where it runs.
+
+    ``device``: the *input device*, where token ids, masks and positions go and where
+    logits come back (for a model split by a device map: where its embeddings run; accelerate's
+    top-level hook returns outputs to the inputs' device). ``layer_devices[l]``: where layer
+    ``l``'s down-projection computes, so where its coefficients (hooks), prompt statistics,
+    per-layer accumulators and PSS masks belong. ``device_map``: the placement of each
+    module as transformers reported it (``hf_device_map``: a GPU index, ``"cpu"`` or
+    ``"disk"``), ``None`` when the whole model is on ``device``.
+    """
+
     model: nn.Module
     tokenizer: object
     path: Path
@@ -84,6 +109,27 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     info: Dict[str, object] = field(default_factory=dict)
+    layer_devices: List[torch.device] = field(default_factory=list)
+    device_map: Optional[Dict[str, str]] = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_devices:
+            self.layer_devices = [self.device] * len(self.sites)
+
+    @property
+    def split(self) -> bool:
+        """Whether the layers run on more than one device (or on another than the input's)."""
+        return any(d != self.device for d in self.layer_devices)
+
+    def layer_placement(self) -> List[Dict[str, object]]:
+        """Per layer: its down-projection module, where its weights are (a GPU index, ``cpu``,
+        ``disk``; the device map's entry, else the weight's device) and its execution device
+        (``config.json: model.layers``)."""
+        out = []
+        for s, dev in zip(self.sites, self.layer_devices):
+            place = _placement(self.device_map, s.name) if self.device_map else str(dev)
+            out.append({"layer": s.layer, "module": s.name, "placement": place, "device": str(dev)})
+        return out
 
     @property
     def n_layers(self) -> int:
@@ -262,6 +308,12 @@ def value_norms(lm: "LoadedModel", device: Optional[Union[str, torch.device]] = 
     if source == "modules" or not bound:
         from specext.kernels.ops import value_vector_norms
 
+        meta = [s.layer for s in lm.sites if s.module.weight.is_meta]
+        if meta:
+            raise ValueError(f"value_norms: the down-projections of layers {meta} are offloaded (meta tensors, "
+                             "their values are not in the module) and not bound to checkpoint tensors; load the "
+                             "model with load_model from safetensors so the norms are read from the checkpoint")
+
         logger.debug("value-vector norms from the loaded modules")
         return torch.stack([value_vector_norms(s.weight().detach()).to(dev) for s in lm.sites])
     # Exactly the bound tensors, in the sites' (layer) order; the reader refuses any other.
@@ -269,6 +321,107 @@ def value_norms(lm: "LoadedModel", device: Optional[Union[str, torch.device]] = 
     rows = [n for _, n in _weights.iter_value_vector_norms(lm.path, device=dev, dtype=dtypes.pop(), names=names)]
     logger.debug("value-vector norms streamed from %d checkpoint tensors in %s", len(rows), lm.path)
     return torch.stack(rows)
+
+
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+
+
+def parse_max_memory(spec: Optional[str]) -> Optional[Dict[Union[int, str], str]]:
+    """``"0=20GiB,cpu=100GiB"`` -> ``{0: "20GiB", "cpu": "100GiB"}`` (accelerate's
+    ``max_memory``): keys are GPU indices (``0``, ``cuda:0``), ``cpu`` or ``mps``/``xpu``;
+    sizes an integer number of bytes or a number with a unit (``200MB``, ``1.5GiB``).
+    ``None``/empty -> ``None`` (accelerate uses what is free)."""
+    if spec is None or not str(spec).strip():
+        return None
+    out: Dict[Union[int, str], str] = {}
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, size = part.partition("=")
+        key, size = key.strip().lower(), size.strip()
+        if not sep or not key or not size:
+            raise ValueError(f"--max-memory: expected DEVICE=SIZE[,DEVICE=SIZE...] (e.g. 0=20GiB,cpu=100GiB), "
+                             f"got {part!r}")
+        if key.startswith("cuda:"):
+            key = key[5:]
+        k: Union[int, str] = int(key) if key.isdigit() else key
+        if isinstance(k, str) and k not in ("cpu", "mps", "xpu"):
+            raise ValueError(f"--max-memory: device {key!r} is not a GPU index, cuda:N, cpu, mps or xpu")
+        if k in out:
+            raise ValueError(f"--max-memory: device {key!r} given twice")
+        try:
+            _size_bytes(size)
+        except ValueError:
+            raise ValueError(f"--max-memory: {size!r} for {key} is not a size (bytes, or a number with a unit such "
+                             f"as 200MB or 20GiB)") from None
+        out[k] = size
+    return out or None
+
+
+def _size_bytes(size: str) -> int:
+    require("accelerate", what="--max-memory")
+    from accelerate.utils import convert_file_size_to_int
+
+    return int(size) if size.isdigit() else convert_file_size_to_int(size)
+
+
+def _placement(device_map: Dict[str, str], name: str) -> str:
+    """The device map's entry for module ``name`` (its longest prefix in the map)."""
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        key = ".".join(parts[:i])
+        if key in device_map:
+            return str(device_map[key])
+    return "?"
+
+
+def _execution_device(model: nn.Module, name: str) -> Optional[torch.device]:
+    """The device accelerate runs module ``name`` on: the ``execution_device`` of the
+    nearest ``_hf_hook`` on it or on a parent (an offloaded module has its own hook that
+    streams its weights there; a placed block has one on the block). ``None`` without hooks."""
+    parts = name.split(".") if name else []
+    for i in range(len(parts), -1, -1):
+        mod = model.get_submodule(".".join(parts[:i]))
+        hook = getattr(mod, "_hf_hook", None)
+        for h in (getattr(hook, "hooks", None) or [hook]):
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return None
+
+
+def _module_device(mod: nn.Module) -> Optional[torch.device]:
+    for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+        if t.device.type != "meta":
+            return t.device
+    return None
+
+
+def _input_embeddings_name(model: nn.Module) -> Optional[str]:
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    for name, mod in model.named_modules():
+        if mod is emb:
+            return name
+    return None
+
+
+def _mapped_devices(model: nn.Module, sites: List[MlpSite]) -> tuple:
+    """(input device, per-layer execution devices) of a model dispatched by accelerate."""
+    fallback = torch.device("cpu")
+    emb = _input_embeddings_name(model)
+    dev_in = (_execution_device(model, emb) if emb is not None else None) or _execution_device(model, "")
+    if dev_in is None and emb is not None:
+        dev_in = _module_device(model.get_submodule(emb))
+    dev_in = dev_in or fallback
+    layers = []
+    for s in sites:
+        d = _execution_device(model, s.name) or _module_device(s.module)
+        layers.append(d if d is not None else dev_in)
+    return dev_in, layers
 
 
 def resolve_device(device: str) -> torch.device:
@@ -288,12 +441,21 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: Optional[str] = None,
+    max_memory: Optional[Union[str, Dict[Union[int, str], Union[int, str]]]] = None,
+    offload_dir: Optional[Union[str, Path]] = None,
 ) -> LoadedModel:
     """Load a local model directory (config.json, safetensors weights, tokenizer).
 
     ``dtype``: ``auto`` (the checkpoint's dtype), ``bfloat16``, ``float16``, ``float32``.
     Causal LMs (architectures ending in ``ForCausalLM``/``LMHeadModel``) load with their LM
     head; encoders and other bases load with ``AutoModel`` and get specialisation only.
+
+    ``device_map`` (``auto``, ``balanced``, ``sequential``): split the model over devices
+    with accelerate, through ``from_pretrained(device_map=, max_memory=, offload_folder=)``.
+    ``max_memory``: per-device budget, ``"0=20GiB,cpu=100GiB"`` or accelerate's dict; what
+    does not fit goes to ``offload_dir`` on disk. ``device`` then only restricts the map:
+    ``auto`` (every GPU, the CPU, disk) or ``cpu`` (the CPU and disk only).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -303,7 +465,13 @@ def load_model(
     use_safetensors = _check_dir(model_dir, allow_pickle)
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
-    dev = resolve_device(device)
+    if device_map is not None:
+        max_memory = _map_budget(device, device_map, max_memory)
+        dev = None
+    else:
+        if max_memory is not None or offload_dir is not None:
+            raise ValueError("--max-memory and --offload-dir need --device-map (auto, balanced or sequential)")
+        dev = resolve_device(device)
     try:
         cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     except ValueError as e:
@@ -318,19 +486,56 @@ def load_model(
         use_safetensors=use_safetensors,
         dtype=DTYPES.get(dtype, "auto"),
     )
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory,
+                      offload_folder=str(offload_dir) if offload_dir is not None else None)
     loader = AutoModelForCausalLM if causal else AutoModel
     try:
         model = loader.from_pretrained(model_dir, **kwargs)
     except ValueError as e:
-        raise ModelLoadError(f"{model_dir}: cannot load {cfg.model_type} with {loader.__name__} ({e})") from None
-    model.to(dev).eval()
+        hint = (" (a layer that does not fit --max-memory goes to disk: give --offload-dir DIR)"
+                if device_map is not None and offload_dir is None and "offload" in str(e) else "")
+        raise ModelLoadError(f"{model_dir}: cannot load {cfg.model_type} with {loader.__name__} ({e}){hint}") from None
+    hf_map = getattr(model, "hf_device_map", None) if device_map is not None else None
+    if device_map is None:
+        model.to(dev)
+    model.eval()
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     lm = wrap_model(model, tok, path=model_dir, has_lm_head=causal, device=dev)
     if use_safetensors:
         bind_checkpoint(lm.sites, model_dir)
+    elif any(s.module.weight.is_meta for s in lm.sites):
+        raise ModelLoadError(f"{model_dir}: offloaded (meta) down-projections need a safetensors checkpoint, from "
+                             "which their value-vector norms are read; this one is pickled")
+    if device_map is not None:
+        lm.device_map = {k: str(v) for k, v in (hf_map or {"": str(lm.device)}).items()}
+        places = [p["placement"] for p in lm.layer_placement()]
+        logger.info("device map %s: input on %s; layers %s", device_map, lm.device,
+                    ", ".join(f"{p} x{places.count(p)}" for p in dict.fromkeys(places)))
     logger.info("loaded %s (%s, %d layers, d_ff %d, %s on %s, %.1fM parameters)", model_dir, lm.architecture,
-                lm.n_layers, lm.d_ff, lm.dtype, dev, lm.n_parameters() / 1e6)
+                lm.n_layers, lm.d_ff, lm.dtype, lm.device, lm.n_parameters() / 1e6)
     return lm
+
+
+def _map_budget(device: str, device_map: str, max_memory):
+    """Checks the device-map options; ``--device cpu`` restricts the map to the CPU (and disk)."""
+    require("accelerate", what="--device-map")
+    if device_map not in DEVICE_MAPS:
+        raise ValueError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
+    if isinstance(max_memory, str) or max_memory is None:
+        max_memory = parse_max_memory(max_memory)
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"--device {device} with --device-map: the map chooses the devices; give --device auto "
+                         "(GPUs, CPU, disk) or cpu (CPU and disk), and --max-memory to choose GPUs or budgets")
+    if device == "cpu":
+        gpus = [k for k in (max_memory or {}) if k != "cpu"]
+        if gpus:
+            raise ValueError(f"--device cpu with --max-memory for {gpus}: the map may use the CPU (and disk) only")
+        if max_memory is None:
+            from accelerate.utils import get_max_memory
+
+            max_memory = {"cpu": get_max_memory()["cpu"]}
+    return max_memory
 
 
 def wrap_model(
@@ -348,7 +553,9 @@ def wrap_model(
     none. ``path``: where the model came from, if anywhere (``None`` for a model built in
     memory). ``has_lm_head``: default, whether the model's class is a causal LM
     (``...ForCausalLM``/``...LMHeadModel``). ``device``: where inputs go; default, the
-    device of the first parameter. The model is used as it is: its mode (train/eval),
+    device of the first parameter, or for a model dispatched by accelerate (``device_map``)
+    the execution device of its input embeddings; each layer's execution device goes to
+    :attr:`LoadedModel.layer_devices`. The model is used as it is: its mode (train/eval),
     device and dtype are left alone.
     """
     import transformers
@@ -364,6 +571,16 @@ def wrap_model(
         if c is not None and n_layers is None:
             n_layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
     first = next(model.parameters())
+    sites = find_mlp_sites(model, _d_ff_from_config(cfg), n_layers)
+    if getattr(model, "hf_device_map", None) is not None or any(
+            hasattr(m, "_hf_hook") for m in (model, *(s.module for s in sites))):
+        # Dispatched by accelerate: inputs go where the embeddings run, each layer computes
+        # on its execution device (its weights may be meta: offloaded).
+        dev_in, layer_devices = _mapped_devices(model, sites)
+        device = dev_in if device is None else torch.device(device)
+    else:
+        device = first.device if device is None else torch.device(device)
+        layer_devices = [device] * len(sites)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -371,8 +588,9 @@ def wrap_model(
         model_type=cfg.model_type,
         architecture=archs[0] if archs else type(model).__name__,
         has_lm_head=bool(has_lm_head),
-        sites=find_mlp_sites(model, _d_ff_from_config(cfg), n_layers),
-        device=first.device if device is None else torch.device(device),
+        sites=sites,
+        device=device,
         dtype=first.dtype,
         info={"transformers": transformers.__version__, "torch": torch.__version__},
+        layer_devices=layer_devices,
     )

@@ -7,7 +7,8 @@ something only next to its twin's.
 
 The twin is built from the model's own config by transformers' ``from_config`` (the
 architecture's standard initialisation, e.g. normal(0, ``initializer_range``) for Llama)
-under ``torch.manual_seed(seed)``, in the model's dtype, on its device. It shares the
+under ``torch.manual_seed(seed)``, in the model's dtype, on its (input) device: a model
+loaded with a device map gets a twin in one piece there, so it must fit. It shares the
 tokenizer. Nothing is read from the checkpoint.
 """
 
@@ -40,4 +41,6 @@ def random_twin(lm: LoadedModel, seed: int = 0) -> LoadedModel:
         raise RuntimeError(f"the random twin has {len(sites)} MLP layers of width {sites[0].d_ff}, "
                            f"the model {lm.n_layers} of width {lm.d_ff}")
     logger.info("random-init twin of %s (seed %d)", lm.architecture, seed)
-    return dataclasses.replace(lm, model=model, sites=sites, info={**lm.info, "random_twin_seed": seed})
+    # The twin is built whole on the input device, never split by the model's device map.
+    return dataclasses.replace(lm, model=model, sites=sites, info={**lm.info, "random_twin_seed": seed},
+                               layer_devices=[lm.device] * len(sites), device_map=None)

@@ -272,40 +272,87 @@ class PromptStats:
     synchronisation from specext; :meth:`end` reads the ``(n_layers, 3)`` record once per
     batch and raises ``ValueError`` naming the label and the layer."""
 
-    def __init__(self, n_layers: int, d_ff: int, stat: str = "abs"):
+    def __init__(self, n_layers: int, d_ff: int, stat: str = "abs",
+                 devices: Optional[Sequence[torch.device]] = None):
+        """``devices``: each layer's device (:attr:`LoadedModel.layer_devices`) for a model
+        split over devices; layer ``l``'s statistics then live on its device, in their own
+        ``(B, d_ff)`` tensor (``layer_sums[l]``). Default: every layer on the batch's device,
+        one ``(B, L, d_ff)`` tensor of which ``layer_sums[l]`` are views."""
+        if devices is not None and len(devices) != n_layers:
+            raise ValueError(f"PromptStats: {len(devices)} layer devices for {n_layers} layers")
         self.n_layers, self.d_ff, self.stat = n_layers, d_ff, stat
-        self.sums: Optional[torch.Tensor] = None
-        self.counts: Optional[torch.Tensor] = None
+        self.devices = None if devices is None else [torch.device(d) for d in devices]
+        self.layer_sums: List[torch.Tensor] = []
         self.valid: Optional[torch.Tensor] = None
-        self._labels = self._weights = self._errors = None
+        self._sums: Optional[torch.Tensor] = None
+        self._counts: List[torch.Tensor] = []
+        self._inputs: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._labels = self._weights = None
+        self._errors: Optional[List[torch.Tensor]] = None
+        self._home = torch.device("cpu")
+
+    @property
+    def sums(self) -> Optional[torch.Tensor]:
+        """``(B, L, d_ff)`` on the batch's device: the statistics themselves, or, when the layers
+        live on several devices, a gathered copy (use ``layer_sums`` to avoid it)."""
+        if self._sums is not None or not self.layer_sums:
+            return self._sums
+        return torch.stack([x.to(self._home) for x in self.layer_sums], 1)
+
+    @property
+    def counts(self) -> Optional[torch.Tensor]:
+        """``(L, B)`` selected tokens' total weight per layer and prompt (gathered, as ``sums``)."""
+        if not self._counts:
+            return None
+        return self._counts_all if self._sums is not None else torch.stack([c.to(self._home) for c in self._counts])
 
     def begin(self, batch: EncodedBatch) -> None:
         B, S = batch.select.shape
         dev = batch.select.device
         n_sel = batch.select.sum(1, keepdim=True).clamp_min(1)
         rows = torch.arange(B, device=dev)[:, None].expand(B, S)
-        self._labels = torch.where(batch.select, rows, torch.full_like(rows, -1)).reshape(-1)
-        self._weights = (batch.select.float() / n_sel).reshape(-1)
-        self.sums = torch.zeros((B, self.n_layers, self.d_ff), dtype=torch.float32, device=dev)
-        self.counts = torch.zeros((self.n_layers, B), dtype=torch.float32, device=dev)
-        self._errors = torch.zeros((self.n_layers, 3), dtype=torch.int64, device=dev)
+        labels = torch.where(batch.select, rows, torch.full_like(rows, -1)).reshape(-1)
+        weights = (batch.select.float() / n_sel).reshape(-1)
+        L, D = self.n_layers, self.d_ff
+        self._home, self._labels, self._weights = dev, labels, weights
+        if self.devices is None:
+            self._sums = torch.zeros((B, L, D), dtype=torch.float32, device=dev)
+            counts = torch.zeros((L, B), dtype=torch.float32, device=dev)
+            errors = torch.zeros((L, 3), dtype=torch.int64, device=dev)
+            self.layer_sums = [self._sums[:, l, :] for l in range(L)]
+            self._counts_all, self._counts = counts, [counts[l] for l in range(L)]
+            self._errors = [errors[l] for l in range(L)]
+            self._inputs = [(labels, weights)] * L
+        else:
+            # Labels and weights go to each device once per batch, not once per layer.
+            placed = {}
+            for d in self.devices:
+                if d not in placed:
+                    placed[d] = (labels.to(d), weights.to(d))
+            self._sums = None
+            self.layer_sums = [torch.zeros((B, D), dtype=torch.float32, device=d) for d in self.devices]
+            self._counts = [torch.zeros((B,), dtype=torch.float32, device=d) for d in self.devices]
+            self._errors = [torch.zeros((3,), dtype=torch.int64, device=d) for d in self.devices]
+            self._inputs = [placed[d] for d in self.devices]
         self.valid = batch.valid
 
     def __call__(self, layer: int, m: torch.Tensor) -> None:
-        if self._labels is None:  # continuation / decoding passes: nothing to reduce
+        if self._errors is None:  # continuation / decoding passes: nothing to reduce
             return
         flat = m.reshape(-1, m.shape[-1])
         if flat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             flat = flat.float()
-        ops.category_accumulate(flat, self._labels, weights=self._weights, stat=self.stat,
-                                sums=self.sums[:, layer, :], counts=self.counts[layer], errors=self._errors[layer])
+        labels, weights = self._inputs[layer]
+        ops.category_accumulate(flat, labels, weights=weights, stat=self.stat, sums=self.layer_sums[layer],
+                                counts=self._counts[layer], errors=self._errors[layer])
 
     def end(self) -> None:
         """Stops the reduction (later passes of the batch are not prompts) and reads the label
         error record: the one host synchronisation per batch that the statistic costs."""
-        errors, self._labels, self._weights, self._errors = self._errors, None, None, None
-        if errors is not None:
-            ops.check_label_errors(errors, self.sums.shape[0], row_name="layer")
+        errors, self._errors, self._inputs, self._labels, self._weights = self._errors, None, [], None, None
+        if errors:
+            ops.check_label_errors(torch.stack([e.to(self._home) for e in errors]), self.layer_sums[0].shape[0],
+                                   row_name="layer")
 
 
 class Scorer:
@@ -341,6 +388,8 @@ class Scorer:
         B = len(questions)
         results = [QuestionResult() for _ in questions]
         current_rows: List[Optional[torch.Tensor]] = [None]  # row index map of the running pass
+        rows_on: Dict[torch.device, torch.Tensor] = {}  # that map on each layer device (a split model)
+        rows_of: List[Optional[torch.Tensor]] = [None]  # the map rows_on holds copies of
 
         def masks_for(layer: int):
             if row_masks is None:
@@ -348,7 +397,15 @@ class Scorer:
             m = row_masks(layer)
             if m is None or m.dim() == 1 or current_rows[0] is None:
                 return m
-            return m.index_select(0, current_rows[0])
+            rows = current_rows[0]
+            if rows.device != m.device:
+                if rows_of[0] is not rows:
+                    rows_on.clear()
+                    rows_of[0] = rows
+                if m.device not in rows_on:
+                    rows_on[m.device] = rows.to(m.device)
+                rows = rows_on[m.device]
+            return m.index_select(0, rows)
 
         sink = stats if stats is not None else (lambda layer, m: None)
         if stats is not None:
@@ -398,7 +455,8 @@ class Scorer:
             if len(multi) == len(conts) and all(n == n_opts[0] for n in n_opts):
                 cache.batch_repeat_interleave(n_opts[0])
             else:
-                cache.batch_select_indices(rows_t)
+                # A split model's cache lives on every layer's device: index it from the host.
+                cache.batch_select_indices(torch.tensor([owners[r] for r in multi]) if lm.split else rows_t)
             # The last token of an option predicts nothing we score: feed tokens 0..L-2.
             attn = torch.cat([batch.attention_mask.index_select(0, rows_t), cmask[:, :-1]], dim=1)
             pos = batch.lengths.index_select(0, rows_t)[:, None] + torch.arange(L - 1, device=lm.device)[None, :]

@@ -278,10 +278,7 @@ class MaskedScorer:
             if rows:
                 mult[torch.cat(rows).to(lm.device), torch.cat(cols).to(lm.device)] = 0
             mult = mult.view(B, L, D)
-            # Each layer's slice on the device its layer computes on (a model split by a device
-            # map), once per batch; a no-op view where it already is.
-            per_layer = [mult[:, l, :].to(dev) for l, dev in enumerate(lm.layer_devices)]
-            return self.scorer.score([questions[q] for q, _ in batch], row_masks=per_layer.__getitem__)
+            return self.scorer.score([questions[q] for q, _ in batch], row_masks=lambda l: mult[:, l, :])
 
         def commit(batch, res):
             for (q, key), rr in zip(batch, res):
@@ -320,12 +317,20 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
                 overall_accuracy: Optional[float] = None, progress: bool = False,
                 done: Optional[Dict[str, List[dict]]] = None,
                 on_concept: Optional[Callable[[str, List[dict]], None]] = None,
-                scorer: Optional[MaskedScorer] = None) -> PSSResult:
+                scorer: Optional[MaskedScorer] = None,
+                share: Optional[Callable[[List[int]], List[int]]] = None,
+                gather: Optional[Callable[[object], List[object]]] = None) -> PSSResult:
     """PSS for every (sampled) concept and ratio, plus the random-vector control.
 
     ``concept_mass``: ``(K, L, d_ff)`` in probe concept order. ``done`` holds rows of
     concepts finished by an earlier (killed) run; ``on_concept`` is called after each
     concept with its rows (for checkpoints).
+
+    Data parallel (the caller's process group): ``share(chosen)`` is the part of the chosen
+    concepts this process masks, and ``gather(part)`` returns every process's ``part`` (a
+    dict of its concepts' rows and its layer histogram); the rows come back in concept
+    order and every process returns the whole result. The unmasked baseline is computed
+    by every process over the same questions, so it is the same everywhere.
     """
     cfg.check_probe(probe)
     if not lm.has_lm_head:
@@ -362,12 +367,14 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
     layer_hist = {r: np.zeros(L) for r in cfg.ratios}
     from tqdm.auto import tqdm
 
-    todo = [k for k in chosen if probe.concepts[k] not in done]
+    mine = share(chosen) if share is not None else chosen
+    todo = [k for k in mine if probe.concepts[k] not in done]
     kinds = ("top", "random") if cfg.random_control else ("top",)
     per_concept = sum(len(qidx_by_concept[k]) + len([q for q in control if q not in set(qidx_by_concept[k])])
                       for k in todo) * len(cfg.ratios) * len(kinds)
     bar = tqdm(total=per_concept, desc="PSS masked scoring", unit="row", disable=not progress)
-    for k in chosen:
+    by_concept: Dict[str, List[dict]] = {}
+    for k in mine:
         name = probe.concepts[k]
         own = qidx_by_concept[k]
         own_set = set(own)
@@ -381,7 +388,7 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
             if cfg.random_control:
                 masks[("random", r)] = random_vectors(r, L, D, cfg.selection, _seed(cfg.seed, name, r))
         if name in done:
-            rows += done[name]
+            by_concept[name] = done[name]
             continue
         jobs = [(q, key) for key in masks for q in own + ctrl]
         res = ms.correctness(jobs, masks, probe.questions, progress=bar.update)
@@ -404,10 +411,16 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
                 row[pre + "pss_general"] = pss_value(g, cs, g0)
                 row[pre + "pss_overall"] = pss_value(g, cs, overall_accuracy) if overall_accuracy is not None else None
             crow.append(row)
-        rows += crow
+        by_concept[name] = crow
         if on_concept:
             on_concept(name, crow)
     bar.close()
+    if gather is not None:
+        parts = gather({"rows": by_concept, "hist": {r: h.tolist() for r, h in layer_hist.items()}})  # host: numpy
+        by_concept = {n: v for p in parts for n, v in p["rows"].items()}
+        layer_hist = {r: sum(np.asarray(p["hist"][r]) for p in parts) for r in cfg.ratios}
+    for k in chosen:
+        rows += by_concept[probe.concepts[k]]
     n_chosen = max(1, len(chosen))
     layer_counts = {r: (layer_hist[r] / n_chosen).tolist() for r in cfg.ratios}  # host: numpy arrays
     return PSSResult(rows=rows, summary=summarize_pss(rows, cfg, len(chosen), len(control), overall_accuracy),

@@ -24,11 +24,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from specext import __version__, build_info
-from specext.pipelines import rundir
+from specext.pipelines import distributed, rundir
 from specext._deps import require
 from specext._options import at_least, one_of
 from specext.metrics.accuracy import accuracy_by_group
-from specext.models.loading import DEVICE_MAPS, LoadedModel, load_model, parse_max_memory, value_norms
+from specext.models.loading import LoadedModel, load_model, value_norms
 from specext.metrics.null_model import permutation_null
 from specext.probes.probeset import ProbeSet, load_probe
 from specext.metrics.pss import PSSConfig, compute_pss
@@ -67,11 +67,7 @@ class AnalyzeConfig:
     null_permutations: int = 8  # concept-to-category permutations of the Gini null (0: off)
     accumulate_device: str = "auto"  # where the concept sums live: the model's device (auto) or cpu
     random_twin: bool = False  # also run the architecture with seeded random weights (control)
-    # One model over several devices (accelerate): auto | balanced | sequential, per-device
-    # budgets "0=20GiB,cpu=100GiB", and the folder for layers offloaded to disk.
-    device_map: Optional[str] = None
-    max_memory: Optional[str] = None
-    offload_dir: Optional[str] = None
+    dist_timeout: float = 1800.0  # torchrun: seconds a rank waits for the others in a collective
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,11 +84,7 @@ class AnalyzeConfig:
         at_least("--max-new-tokens", self.max_new_tokens, 1)
         at_least("--null-permutations", self.null_permutations, 2, off=0)
         one_of("--accumulate-device", self.accumulate_device, ACCUMULATE_DEVICES)
-        if self.device_map is not None:
-            one_of("--device-map", self.device_map, DEVICE_MAPS)
-            parse_max_memory(self.max_memory)
-        elif self.max_memory is not None or self.offload_dir is not None:
-            raise ValueError("--max-memory and --offload-dir need --device-map (auto, balanced or sequential)")
+        at_least("--dist-timeout", self.dist_timeout, 1, unit=" seconds")
 
 
 class _Runner:
@@ -102,16 +94,15 @@ class _Runner:
     def __init__(self, lm: LoadedModel, scorer: Scorer, probe: ProbeSet, mass: ConceptMass, batch_size: int):
         self.lm, self.scorer, self.probe, self.mass = lm, scorer, probe, mass
         self.batches = HalvingBatches(batch_size, lm.device, "scoring")
-        # A model split over devices: each layer's statistics where the layer runs.
-        self.stats = PromptStats(lm.n_layers, lm.d_ff, devices=lm.layer_devices if lm.device_map else None)
+        self.stats = PromptStats(lm.n_layers, lm.d_ff)
 
     def run(self, questions, on_done) -> List[dict]:
         rows: List[dict] = []
 
         def commit(batch, results):
             # Fold only after the whole batch succeeded, so a retried batch never counts twice.
-            idx = torch.tensor([self.probe.concept_index(q) for q in batch])  # moved where each layer's sums are
-            self.mass.add(idx, self.stats.layer_sums if self.stats.devices else self.stats.sums, self.stats.valid)
+            idx = torch.tensor([self.probe.concept_index(q) for q in batch], device=self.stats.sums.device)
+            self.mass.add(idx, self.stats.sums, self.stats.valid)
             for q, r in zip(batch, results):
                 rows.append({
                     "concept": q.concept, "category": q.category, "tier": q.tier, "question": q.question,
@@ -132,31 +123,46 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True,
     """Run the whole analysis and write the run directory; returns ``summary.json``'s content.
 
     ``on_checkpoint(stage, n)`` is called after every checkpoint is on disk: ``("scoring",
-    chunk)`` and ``("pss", concepts_done)`` (the kill-and-resume tests use it)."""
+    chunk)`` and ``("pss", concepts_done)`` (the kill-and-resume tests use it).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank scores its block of whole chunks and its
+    round-robin share of the PSS concepts; accumulators are summed and rows gathered over
+    ranks, rank 0 alone writes the run directory, and every rank returns the summary
+    (:mod:`specext.pipelines.distributed`)."""
     require("transformers", "tokenizers", "tqdm", *(("matplotlib",) if cfg.report else ()), what="run_analysis")
+    with distributed.session(cfg.dist_timeout, cfg.device) as dd:
+        return _analysis(cfg, dd, progress=progress and dd.is_main, on_checkpoint=on_checkpoint)
+
+
+def _analysis(cfg: AnalyzeConfig, dd: distributed.Dist, *, progress: bool,
+              on_checkpoint: Optional[Callable[[str, int], None]]) -> Dict[str, object]:
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     probe = load_probe(cfg.probe, max_concepts=cfg.max_concepts, seed=cfg.seed)
     if cfg.pss:
         cfg.pss_config.check_probe(probe)  # before minutes of scoring, not after
-    lm = load_model(cfg.model_dir, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                    allow_pickle=cfg.allow_pickle, device_map=cfg.device_map, max_memory=cfg.max_memory,
-                    offload_dir=cfg.offload_dir)
+    lm = load_model(cfg.model_dir, dtype=cfg.dtype, device=distributed.rank_device(dd, cfg.device), trust_remote_code=cfg.trust_remote_code,
+                    allow_pickle=cfg.allow_pickle)
     out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"{Path(cfg.model_dir).name}-{probe.name}"
     out.mkdir(parents=True, exist_ok=True)
     fp = rundir.fingerprint(cfg, probe, Path(cfg.model_dir))
-    state = RunState(out)
-    acc_dev = accumulate_devices(cfg.accumulate_device, lm)
+    if dd.active:
+        fp["world_size"] = dd.world  # each rank's checkpoint holds its share, which depends on it
+    state = RunState(out, rank=dd.rank if dd.active else None)
+    acc_dev = lm.device if cfg.accumulate_device == "auto" else torch.device(cfg.accumulate_device)
     plan = memory_plan(cfg, probe, lm, acc_dev, out)
     mass = ConceptMass(len(probe.concepts), lm.n_layers, lm.d_ff, device=acc_dev)
     rows: List[dict] = []
-    start = 0
+    qs = probe.questions
+    lo, hi = dd.chunk_range(len(qs), cfg.chunk_size)  # this rank's questions (all of them alone)
+    start = lo
     if cfg.resume:
         loaded = state.load(fp)
         if loaded is not None:
             start, acc, rows = loaded
             mass.load_state(acc)
-            logger.info("resuming %s at question %d of %d", out, start, len(probe.questions))
+            logger.info("resuming %s at question %d of %d%s", out, start, len(probe.questions),
+                        f" ({dd}: questions {lo}-{hi})" if dd.active else "")
         else:
             logger.info("--resume: no checkpoint in %s, starting from the beginning", out)
     else:
@@ -164,23 +170,27 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True,
 
     scorer = Scorer(lm, positions=cfg.positions, open_ended=cfg.open_ended, max_new_tokens=cfg.max_new_tokens)
     runner = _Runner(lm, scorer, probe, mass, cfg.batch_size)
-    qs = probe.questions
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(qs), initial=start, desc="scoring", unit="q", disable=not progress) as bar:
+    with tqdm(total=hi - lo, initial=start - lo, desc="scoring", unit="q", disable=not progress) as bar:
         k = start // cfg.chunk_size
         last_save = time.time()
-        for c0 in range(start, len(qs), cfg.chunk_size):
+        for c0 in range(start, hi, cfg.chunk_size):
             rows += runner.run(qs[c0 : c0 + cfg.chunk_size], bar.update)
-            end = min(c0 + cfg.chunk_size, len(qs))
+            end = min(c0 + cfg.chunk_size, hi)
             # Checkpoints cost a write of the accumulators (GBs for a 70B model with many
             # concepts), so they are spaced in time; the last chunk always checkpoints.
-            if end == len(qs) or time.time() - last_save >= cfg.checkpoint_every:
+            if end == hi or time.time() - last_save >= cfg.checkpoint_every:
                 state.save(k, end, fp, mass.state(), rows)
                 last_save = time.time()
                 if on_checkpoint:
                     on_checkpoint("scoring", k)
             k += 1
+    if dd.active:  # the ranks' shares merged: summed accumulators, rows in probe order
+        acc = mass.state()
+        dd.all_reduce_(acc, "the concept accumulators")
+        mass.load_state(acc)
+        rows = [r for part in dd.all_gather(rows, "the per-question rows") for r in part]
 
     # (L, d_ff), used by --stat contribution and saved with the neurons; streamed from the checkpoint
     # (models.loading.value_norms chooses)
@@ -190,11 +200,14 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True,
         if not lm.has_lm_head:
             logger.warning("PSS skipped: the model has no language-model head")
         else:
-            pss = _run_pss(cfg, lm, probe, mass, rows, state, progress, norms, on_checkpoint)
-    twin = _run_twin(cfg, lm, probe, progress) if cfg.random_twin else None
-    summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start, norms, pss, twin, plan=plan)
+            pss = _run_pss(cfg, lm, probe, mass, rows, state, progress, norms, on_checkpoint, dd)
+    twin = _run_twin(cfg, lm, probe, progress, dd) if cfg.random_twin else None
+    summary = None
+    if dd.is_main:
+        summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start, norms, pss, twin, plan=plan)
+    dd.barrier("rank 0 writes the run directory")  # every rank's checkpoint stays until it is written
     state.clear()
-    return summary
+    return dd.broadcast(summary, "the summary")
 
 
 def _free_bytes(device: torch.device) -> Optional[int]:
@@ -211,16 +224,6 @@ def _free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def accumulate_devices(option: str, lm: LoadedModel):
-    """Where the concept accumulators live: ``cpu``; or (``auto``) the model's device, and for
-    a model loaded with a device map each layer's execution device (a list), so that every
-    layer folds its statistics where they are computed and the accumulators are spread like
-    the layers."""
-    if option != "auto":
-        return torch.device(option)
-    return list(lm.layer_devices) if lm.device_map else lm.device
-
-
 def memory_plan(cfg: AnalyzeConfig, probe: ProbeSet, lm: LoadedModel, acc_device: torch.device,
                 out: Path) -> Dict[str, object]:
     """What the run will hold, printed before it starts: the concept accumulators (on
@@ -234,17 +237,13 @@ def memory_plan(cfg: AnalyzeConfig, probe: ProbeSet, lm: LoadedModel, acc_device
     accum = K * L * D * 4 + K * L * 4
     batch = cfg.batch_size * L * D * 4
     selection = (C + 2) * L * D * 8 if cfg.pss else 0
-    per_layer = isinstance(acc_device, (list, tuple))
-    plan = {"accumulators_bytes": accum, "accumulate_device": "per-layer" if per_layer else str(acc_device),
-            "batch_statistics_bytes": batch,
+    plan = {"accumulators_bytes": accum, "accumulate_device": str(acc_device), "batch_statistics_bytes": batch,
             "pss_selection_bytes": selection, "checkpoint_bytes": accum, "model_device": str(lm.device)}
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     logger.info("memory plan: accumulators %s on %s (%d concepts x %d layers x %d), batch statistics %s and PSS "
                 "selection %s on %s, checkpoints %s each on disk", gib(accum), acc_device, K, L, D, gib(batch),
                 gib(selection), lm.device, gib(accum))
-    need: Dict[torch.device, int] = {}
-    for dev, n in ([(d, accum // L) for d in acc_device] if per_layer else [(acc_device, accum)]):
-        need[dev] = need.get(dev, 0) + n
+    need = {acc_device: accum}
     need[lm.device] = need.get(lm.device, 0) + batch + selection
     for dev, n in need.items():
         free = _free_bytes(dev)
@@ -305,8 +304,10 @@ def specialisation(probe: ProbeSet, mass: ConceptMass, norms: Optional[torch.Ten
     return Specialisation(cat_mass, usable, table, null, summ, empty, dropped)
 
 
-def _run_twin(cfg: AnalyzeConfig, lm: LoadedModel, probe: ProbeSet, progress: bool) -> Dict[str, object]:
-    """The random-init twin on the same probe and positions: its specialisation and accuracy."""
+def _run_twin(cfg: AnalyzeConfig, lm: LoadedModel, probe: ProbeSet, progress: bool,
+              dd: Optional[distributed.Dist] = None) -> Optional[Dict[str, object]]:
+    """The random-init twin on the same probe and positions: its specialisation and accuracy
+    (under torchrun each rank scores its share; rank 0 gets the result, the others None)."""
     from tqdm.auto import tqdm
 
     from specext.models.twin import random_twin
@@ -316,8 +317,17 @@ def _run_twin(cfg: AnalyzeConfig, lm: LoadedModel, probe: ProbeSet, progress: bo
     mass = ConceptMass(len(probe.concepts), twin.n_layers, twin.d_ff, device=twin.device)
     scorer = Scorer(twin, positions=cfg.positions, open_ended=False)
     runner = _Runner(twin, scorer, probe, mass, cfg.batch_size)
-    with tqdm(total=len(probe.questions), desc="random twin", unit="q", disable=not progress) as bar:
-        rows = runner.run(probe.questions, bar.update)
+    dd = dd or distributed.Dist()
+    lo, hi = dd.chunk_range(len(probe.questions), cfg.chunk_size)
+    with tqdm(total=hi - lo, desc="random twin", unit="q", disable=not progress) as bar:
+        rows = runner.run(probe.questions[lo:hi], bar.update)
+    if dd.active:
+        acc = mass.state()
+        dd.all_reduce_(acc, "the random twin's accumulators")
+        mass.load_state(acc)
+        rows = [r for part in dd.all_gather(rows, "the random twin's rows") for r in part]
+        if not dd.is_main:
+            return None
     norms = value_norms(twin) if cfg.stat == "contribution" else None  # the twin's own (in-memory) weights
     spec = specialisation(probe, mass, norms, null_permutations=cfg.null_permutations, seed=cfg.seed,
                           label="random twin")
@@ -327,7 +337,7 @@ def _run_twin(cfg: AnalyzeConfig, lm: LoadedModel, probe: ProbeSet, progress: bo
 
 
 def _run_pss(cfg: AnalyzeConfig, lm, probe, mass: ConceptMass, rows, state: RunState, progress: bool,
-             norms: torch.Tensor, on_checkpoint=None):
+             norms: torch.Tensor, on_checkpoint=None, dd: Optional[distributed.Dist] = None):
     pc = cfg.pss_config
     cm = mass.concept_mass()
     if cfg.stat == "contribution":
@@ -344,8 +354,10 @@ def _run_pss(cfg: AnalyzeConfig, lm, probe, mass: ConceptMass, rows, state: RunS
         if on_checkpoint:
             on_checkpoint("pss", len(done))
 
+    dd = dd or distributed.Dist()
     return compute_pss(lm, probe, cm, pc, overall_accuracy=overall, progress=progress, done=done,
-                       on_concept=checkpoint)
+                       on_concept=checkpoint, share=dd.share if dd.active else None,
+                       gather=(lambda part: dd.all_gather(part, "the PSS rows")) if dd.active else None)
 
 
 def _ratio(a, b):
@@ -413,9 +425,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "build": build_info(),
         "model": {"architecture": lm.architecture, "model_type": lm.model_type, "dtype": str(lm.dtype),
                   "device": str(lm.device), "layers": lm.n_layers, "d_ff": lm.d_ff,
-                  "down_proj": [s.name for s in lm.sites],
-                  # --device-map: transformers' placement of each module and each layer's device
-                  "device_map": lm.device_map, "layers_placement": lm.layer_placement() if lm.device_map else None},
+                  "down_proj": [s.name for s in lm.sites]},
         "definitions": DEFINITIONS | {
             "prompt_statistic": f"mean of |m| over the prompt's '{cfg.positions}' tokens",
             "mass": "mean over a category's prompts of the prompt statistic"

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 
@@ -126,10 +126,14 @@ class RunState:
     """Checkpoint of a run in ``OUT/.state``: the accumulators (one file per checkpoint) and
     an append-only ``rows.jsonl``, published by an atomic rewrite of ``progress.json``
     (which names the accumulator file and how many rows are valid) after both are on disk.
-    Rows past that count (a write cut short by a kill) are dropped on resume."""
+    Rows past that count (a write cut short by a kill) are dropped on resume.
 
-    def __init__(self, out: Path):
-        self.dir = out / STATE
+    Under torchrun each rank keeps its own share's checkpoint in ``OUT/.state/rank-R/``
+    (``rank`` given): the same files, for the questions and PSS concepts that rank owns."""
+
+    def __init__(self, out: Path, rank: Optional[int] = None):
+        self.root = out / STATE
+        self.dir = self.root if rank is None else self.root / f"rank-{rank}"
         self.progress = self.dir / "progress.json"
         self.rows_path = self.dir / "rows.jsonl"
         self.rows_written = 0
@@ -177,10 +181,15 @@ class RunState:
         write_json(self.dir / "pss.json", done)
 
     def clear(self) -> None:
-        if self.dir.is_dir():
-            for p in self.dir.iterdir():
-                p.unlink(missing_ok=True)
-            self.dir.rmdir()
+        """Remove this checkpoint (a rank's own folder; ``.state`` itself once it is empty)."""
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir != self.root:
+            try:
+                self.root.rmdir()  # the last rank to finish removes it
+            except OSError:
+                pass
 
 
 PSS_COLUMNS = ["concept", "category", "tier", "ratio", "n_vectors", "cs", "g", "pss", "pss_delta", "pss_floor",

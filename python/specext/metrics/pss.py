@@ -278,7 +278,10 @@ class MaskedScorer:
             if rows:
                 mult[torch.cat(rows).to(lm.device), torch.cat(cols).to(lm.device)] = 0
             mult = mult.view(B, L, D)
-            return self.scorer.score([questions[q] for q, _ in batch], row_masks=lambda l: mult[:, l, :])
+            # Each layer's slice on the device its layer computes on (a model split by a device
+            # map), once per batch; a no-op view where it already is.
+            per_layer = [mult[:, l, :].to(dev) for l, dev in enumerate(lm.layer_devices)]
+            return self.scorer.score([questions[q] for q, _ in batch], row_masks=per_layer.__getitem__)
 
         def commit(batch, res):
             for (q, key), rr in zip(batch, res):

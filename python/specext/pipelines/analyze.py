@@ -130,7 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--null-permutations", type=int, default=8,
                    help="random reassignments of concepts to categories for the Gini null model (0: off)")
     p.add_argument("--accumulate-device", default="auto", choices=["auto", "cpu"],
-                   help="where the concept accumulators live: the model's device, or host memory (large models)")
+                   help="where the concept accumulators live: the model's device (with --device-map: each layer's "
+                        "device), or host memory (large models)")
+    m = p.add_argument_group("one model over several devices (accelerate)")
+    m.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="split the model over the GPUs, the CPU and disk (transformers' device_map); --device auto "
+                        "uses every GPU, --device cpu the CPU and disk only")
+    m.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=100GiB or cpu=200MB")
+    m.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="folder for layers that fit no device's budget (disk offload)")
     s.add_argument("--random-twin", action="store_true", default=None,
                    help="also run the same architecture with seeded random weights on the same probe (a control; "
                         "on by default with --demo)")
@@ -186,7 +195,8 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
             allow_pickle=args.allow_pickle, open_ended=not args.no_open, max_new_tokens=args.max_new_tokens,
             chunk_size=args.chunk_size, checkpoint_every=args.checkpoint_every, report=not args.no_report,
             pss=not args.no_pss, pss_config=pss_cfg, null_permutations=args.null_permutations,
-            random_twin=args.random_twin, accumulate_device=args.accumulate_device, dist_timeout=args.dist_timeout,
+            random_twin=args.random_twin, accumulate_device=args.accumulate_device, device_map=args.device_map,
+            max_memory=args.max_memory, offload_dir=args.offload_dir, dist_timeout=args.dist_timeout,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ from specext.pipelines import distributed, rundir
 from specext._deps import require
 from specext._options import at_least, one_of
 from specext.metrics.accuracy import accuracy_by_group
-from specext.models.loading import LoadedModel, load_model, value_norms
+from specext.models.loading import DEVICE_MAPS, LoadedModel, load_model, parse_max_memory, value_norms
 from specext.metrics.null_model import permutation_null
 from specext.probes.probeset import ProbeSet, load_probe
 from specext.metrics.pss import PSSConfig, compute_pss
@@ -67,6 +67,11 @@ class AnalyzeConfig:
     null_permutations: int = 8  # concept-to-category permutations of the Gini null (0: off)
     accumulate_device: str = "auto"  # where the concept sums live: the model's device (auto) or cpu
     random_twin: bool = False  # also run the architecture with seeded random weights (control)
+    # One model over several devices (accelerate): auto | balanced | sequential, per-device
+    # budgets "0=20GiB,cpu=100GiB", and the folder for layers offloaded to disk.
+    device_map: Optional[str] = None
+    max_memory: Optional[str] = None
+    offload_dir: Optional[str] = None
     dist_timeout: float = 1800.0  # torchrun: seconds a rank waits for the others in a collective
 
     def __post_init__(self) -> None:
@@ -84,6 +89,11 @@ class AnalyzeConfig:
         at_least("--max-new-tokens", self.max_new_tokens, 1)
         at_least("--null-permutations", self.null_permutations, 2, off=0)
         one_of("--accumulate-device", self.accumulate_device, ACCUMULATE_DEVICES)
+        if self.device_map is not None:
+            one_of("--device-map", self.device_map, DEVICE_MAPS)
+            parse_max_memory(self.max_memory)
+        elif self.max_memory is not None or self.offload_dir is not None:
+            raise ValueError("--max-memory and --offload-dir need --device-map (auto, balanced or sequential)")
         at_least("--dist-timeout", self.dist_timeout, 1, unit=" seconds")
 
 
@@ -94,15 +104,16 @@ class _Runner:
     def __init__(self, lm: LoadedModel, scorer: Scorer, probe: ProbeSet, mass: ConceptMass, batch_size: int):
         self.lm, self.scorer, self.probe, self.mass = lm, scorer, probe, mass
         self.batches = HalvingBatches(batch_size, lm.device, "scoring")
-        self.stats = PromptStats(lm.n_layers, lm.d_ff)
+        # A model split over devices: each layer's statistics where the layer runs.
+        self.stats = PromptStats(lm.n_layers, lm.d_ff, devices=lm.layer_devices if lm.device_map else None)
 
     def run(self, questions, on_done) -> List[dict]:
         rows: List[dict] = []
 
         def commit(batch, results):
             # Fold only after the whole batch succeeded, so a retried batch never counts twice.
-            idx = torch.tensor([self.probe.concept_index(q) for q in batch], device=self.stats.sums.device)
-            self.mass.add(idx, self.stats.sums, self.stats.valid)
+            idx = torch.tensor([self.probe.concept_index(q) for q in batch])  # moved where each layer's sums are
+            self.mass.add(idx, self.stats.layer_sums if self.stats.devices else self.stats.sums, self.stats.valid)
             for q, r in zip(batch, results):
                 rows.append({
                     "concept": q.concept, "category": q.category, "tier": q.tier, "question": q.question,
@@ -142,14 +153,15 @@ def _analysis(cfg: AnalyzeConfig, dd: distributed.Dist, *, progress: bool,
     if cfg.pss:
         cfg.pss_config.check_probe(probe)  # before minutes of scoring, not after
     lm = load_model(cfg.model_dir, dtype=cfg.dtype, device=distributed.rank_device(dd, cfg.device), trust_remote_code=cfg.trust_remote_code,
-                    allow_pickle=cfg.allow_pickle)
+                    allow_pickle=cfg.allow_pickle, device_map=cfg.device_map, max_memory=cfg.max_memory,
+                    offload_dir=cfg.offload_dir)
     out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"{Path(cfg.model_dir).name}-{probe.name}"
     out.mkdir(parents=True, exist_ok=True)
     fp = rundir.fingerprint(cfg, probe, Path(cfg.model_dir))
     if dd.active:
         fp["world_size"] = dd.world  # each rank's checkpoint holds its share, which depends on it
     state = RunState(out, rank=dd.rank if dd.active else None)
-    acc_dev = lm.device if cfg.accumulate_device == "auto" else torch.device(cfg.accumulate_device)
+    acc_dev = accumulate_devices(cfg.accumulate_device, lm)
     plan = memory_plan(cfg, probe, lm, acc_dev, out)
     mass = ConceptMass(len(probe.concepts), lm.n_layers, lm.d_ff, device=acc_dev)
     rows: List[dict] = []
@@ -224,6 +236,16 @@ def _free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
+def accumulate_devices(option: str, lm: LoadedModel):
+    """Where the concept accumulators live: ``cpu``; or (``auto``) the model's device, and for
+    a model loaded with a device map each layer's execution device (a list), so that every
+    layer folds its statistics where they are computed and the accumulators are spread like
+    the layers."""
+    if option != "auto":
+        return torch.device(option)
+    return list(lm.layer_devices) if lm.device_map else lm.device
+
+
 def memory_plan(cfg: AnalyzeConfig, probe: ProbeSet, lm: LoadedModel, acc_device: torch.device,
                 out: Path) -> Dict[str, object]:
     """What the run will hold, printed before it starts: the concept accumulators (on
@@ -237,13 +259,17 @@ def memory_plan(cfg: AnalyzeConfig, probe: ProbeSet, lm: LoadedModel, acc_device
     accum = K * L * D * 4 + K * L * 4
     batch = cfg.batch_size * L * D * 4
     selection = (C + 2) * L * D * 8 if cfg.pss else 0
-    plan = {"accumulators_bytes": accum, "accumulate_device": str(acc_device), "batch_statistics_bytes": batch,
+    per_layer = isinstance(acc_device, (list, tuple))
+    plan = {"accumulators_bytes": accum, "accumulate_device": "per-layer" if per_layer else str(acc_device),
+            "batch_statistics_bytes": batch,
             "pss_selection_bytes": selection, "checkpoint_bytes": accum, "model_device": str(lm.device)}
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     logger.info("memory plan: accumulators %s on %s (%d concepts x %d layers x %d), batch statistics %s and PSS "
                 "selection %s on %s, checkpoints %s each on disk", gib(accum), acc_device, K, L, D, gib(batch),
                 gib(selection), lm.device, gib(accum))
-    need = {acc_device: accum}
+    need: Dict[torch.device, int] = {}
+    for dev, n in ([(d, accum // L) for d in acc_device] if per_layer else [(acc_device, accum)]):
+        need[dev] = need.get(dev, 0) + n
     need[lm.device] = need.get(lm.device, 0) + batch + selection
     for dev, n in need.items():
         free = _free_bytes(dev)
@@ -425,7 +451,9 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "build": build_info(),
         "model": {"architecture": lm.architecture, "model_type": lm.model_type, "dtype": str(lm.dtype),
                   "device": str(lm.device), "layers": lm.n_layers, "d_ff": lm.d_ff,
-                  "down_proj": [s.name for s in lm.sites]},
+                  "down_proj": [s.name for s in lm.sites],
+                  # --device-map: transformers' placement of each module and each layer's device
+                  "device_map": lm.device_map, "layers_placement": lm.layer_placement() if lm.device_map else None},
         "definitions": DEFINITIONS | {
             "prompt_statistic": f"mean of |m| over the prompt's '{cfg.positions}' tokens",
             "mass": "mean over a category's prompts of the prompt statistic"

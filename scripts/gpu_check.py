@@ -8,7 +8,13 @@ compute-sanitizer and the kernel benchmarks around it):
 2. ``model``: a random-weights Llama-style model of about 1B parameters (``--quick``: ~20M)
    built here with the demo tokenizer: tokens per second of the scoring pass with and
    without the per-neuron statistics, and of PSS's batched masked scoring against one mask
-   at a time (bench/bench_pss.py's naive-1).
+   at a time (bench/bench_pss.py's naive-1);
+3. ``devicemap``: the same model analysed (scoring, specialisation, PSS on a sample) in
+   memory and loaded with ``--device-map sequential`` under a ``--max-memory`` budget of
+   half its weights, so that about half its layers are offloaded (to the CPU on a GPU
+   machine, to disk with ``--device cpu``): it must run to the end and give the in-memory
+   accuracy, statistics and PSS curve (bit for bit expected on the CPU; within float32
+   tolerance on CUDA, whose ``index_add_`` is unordered).
 
 Every table is printed and written to ``$OUT/gpu_check_*.csv``.
 
@@ -180,12 +186,79 @@ def model_throughput(args, out: Path):
     return True
 
 
+def device_map_check(args, out: Path):
+    from safetensors.torch import load_file
+
+    path = out / "random_llama"
+    if not (path / "config.json").exists():
+        build_model(args, path)
+    from safetensors import safe_open
+
+    sizes = {}  # bytes per layer ("" for the rest: embeddings, norm, head)
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                layer = k.split("layers.")[1].split(".")[0] if "layers." in k else ""
+                sizes[layer] = sizes.get(layer, 0) + n * (2 if sl.get_dtype() in ("BF16", "F16") else 4)
+    per_layer = max(v for k, v in sizes.items() if k)
+    n_layers = len(sizes) - 1
+    # The rest, half the layers and the one layer accelerate keeps free on the device for
+    # streaming offloaded layers in: the other layers go to the CPU (with a GPU) or to disk
+    # (the CPU alone; CPU-mapped layers simply run in place there).
+    fit = sizes[""] + (n_layers // 2 + 1) * per_layer + per_layer // 2
+    budget = f"0={fit},cpu={64 * sum(sizes.values())}" if args.device == "cuda" else f"cpu={fit}"
+    common = ["--probe", "synthetic", "--max-concepts", "6" if args.quick else "12", "--device", args.device,
+              "--no-report", "--no-random-twin", "-q", "--ratios", "1,10", "--pss-concepts", "2",
+              "--pss-control", "20", "--bootstrap", "0", "--max-new-tokens", "4", "--null-permutations", "2"]
+    runs = {}
+    for name, extra in (("in memory", []), ("device map", ["--device-map", "sequential", "--max-memory", budget,
+                                                           "--offload-dir", str(out / "offload")])):
+        d = out / f"devicemap_{name.replace(' ', '_')}"
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "specext.analyze", str(path), "--out", str(d), *common, *extra],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"analyze ({name}) failed:\n{r.stderr[-3000:]}")
+        runs[name] = (json.loads((d / "summary.json").read_text()), load_file(str(d / "neurons.safetensors")),
+                      json.loads((d / "config.json").read_text())["model"], time.perf_counter() - t0)
+    (s_a, n_a, _, t_a), (s_b, n_b, m_b, t_b) = runs["in memory"], runs["device map"]
+    places = [p["placement"] for p in m_b["layers_placement"] or []]
+    offloaded = sum(p in (("cpu", "disk") if args.device == "cuda" else ("disk",)) for p in places)
+    rows = [{"check": "layers offloaded", "in_memory": 0, "device_map": f"{offloaded} of {len(places)}",
+             "max_abs_diff": "", "ok": 0 < offloaded < len(places)}]
+    exact = args.device == "cpu"
+    for k in ("mcq", "mcq_norm", "open"):
+        a, b = s_a["accuracy"][k], s_b["accuracy"][k]
+        rows.append({"check": f"accuracy {k}", "in_memory": a, "device_map": b,
+                     "max_abs_diff": abs((a or 0) - (b or 0)), "ok": a == b})
+    for k in ("gini", "entropy", "norm_entropy", "top_share", "total", "value_norms"):
+        a, b = n_a[k].double(), n_b[k].double()
+        same = bool(torch.equal(a.nan_to_num(-7), b.nan_to_num(-7))) if exact else bool(
+            torch.allclose(a, b, rtol=2e-4, atol=2e-5, equal_nan=True))
+        rows.append({"check": f"neurons {k}", "in_memory": float(a.nan_to_num(0).mean()),
+                     "device_map": float(b.nan_to_num(0).mean()),
+                     "max_abs_diff": float((a - b).abs().nan_to_num(0).max()), "ok": same})
+    pa, pb = s_a["pss"]["paper"]["curve"], s_b["pss"]["paper"]["curve"]
+    rows.append({"check": "PSS curve (paper)", "in_memory": max(pa), "device_map": max(pb),
+                 "max_abs_diff": max(abs(x - y) for x, y in zip(pa, pb)), "ok": pa == pb})
+    rows.append({"check": "seconds", "in_memory": t_a, "device_map": t_b, "max_abs_diff": "", "ok": ""})
+    print(f"\n== --device-map sequential --max-memory {budget} vs in memory on {args.device} "
+          f"(placements: {', '.join(f'{p} x{places.count(p)}' for p in dict.fromkeys(places))})")
+    show(rows)
+    write_csv(out / "gpu_check_devicemap.csv", rows)
+    return all(r["ok"] is True for r in rows if r["ok"] != "")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/specext-gpu"))
-    p.add_argument("--only", choices=["demo", "model"], default=None)
+    p.add_argument("--only", choices=["demo", "model", "devicemap"], default=None)
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no GPU")
@@ -196,6 +269,8 @@ def main():
         ok &= demo(args, out)
     if args.only in (None, "model"):
         ok &= model_throughput(args, out)
+    if args.only in (None, "devicemap"):
+        ok &= device_map_check(args, out)
     print("\ngpu_check.py:", "ok" if ok else "MISMATCH (see the tables above)")
     sys.exit(0 if ok else 1)
 

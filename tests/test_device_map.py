@@ -137,6 +137,7 @@ def test_per_layer_prompt_stats_equal_one_tensor():
 
 def test_max_memory_parsing():
     assert parse_max_memory("0=20GiB, cuda:1=20GiB,cpu=200MB") == {0: "20GiB", 1: "20GiB", "cpu": "200MB"}
+    assert parse_max_memory("cpu=1000") == {"cpu": 1000}
     assert parse_max_memory(None) is None and parse_max_memory("") is None
     for bad, msg in (("cpu", "expected DEVICE=SIZE"), ("gpu0=1GB", "not a GPU index"), ("cpu=lots", "not a size"),
                      ("cpu=1GB,cpu=2GB", "given twice")):

@@ -326,14 +326,15 @@ def value_norms(lm: "LoadedModel", device: Optional[Union[str, torch.device]] = 
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 
 
-def parse_max_memory(spec: Optional[str]) -> Optional[Dict[Union[int, str], str]]:
+def parse_max_memory(spec: Optional[str]) -> Optional[Dict[Union[int, str], Union[int, str]]]:
     """``"0=20GiB,cpu=100GiB"`` -> ``{0: "20GiB", "cpu": "100GiB"}`` (accelerate's
     ``max_memory``): keys are GPU indices (``0``, ``cuda:0``), ``cpu`` or ``mps``/``xpu``;
-    sizes an integer number of bytes or a number with a unit (``200MB``, ``1.5GiB``).
+    sizes an integer number of bytes (kept as an int) or a number with a unit (``200MB``,
+    ``1.5GiB``).
     ``None``/empty -> ``None`` (accelerate uses what is free)."""
     if spec is None or not str(spec).strip():
         return None
-    out: Dict[Union[int, str], str] = {}
+    out: Dict[Union[int, str], Union[int, str]] = {}
     for part in str(spec).split(","):
         part = part.strip()
         if not part:
@@ -355,7 +356,7 @@ def parse_max_memory(spec: Optional[str]) -> Optional[Dict[Union[int, str], str]
         except ValueError:
             raise ValueError(f"--max-memory: {size!r} for {key} is not a size (bytes, or a number with a unit such "
                              f"as 200MB or 20GiB)") from None
-        out[k] = size
+        out[k] = int(size) if size.isdigit() else size  # accelerate takes bytes as an int
     return out or None
 
 

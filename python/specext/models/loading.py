@@ -501,7 +501,14 @@ def load_model(
     if device_map is None:
         model.to(dev)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        tok, why = None, str(e)
+    if tok is None or len(tok) < 2:  # transformers may build an empty tokenizer when the files are missing
+        why = why if tok is None else f"the tokenizer it builds has {len(tok)} token(s)"
+        raise ModelLoadError(f"{model_dir}: no usable tokenizer (expected tokenizer.json, or tokenizer_config.json "
+                             f"with vocab.json + merges.txt, tokenizer.model or vocab.txt): {why}")
     lm = wrap_model(model, tok, path=model_dir, has_lm_head=causal, device=dev)
     if use_safetensors:
         bind_checkpoint(lm.sites, model_dir)

@@ -10,7 +10,8 @@ A probe file is JSONL, one question a line::
 (0-based index into ``choices``) are required; ``tier`` (frequency tier: ``high``,
 ``medium``, ``low`` or any label), ``aliases`` (accepted open-ended answers besides the
 correct choice) and ``facts`` (training sentences for fine-tuning) are optional. Errors
-name the file and line.
+name the file and line. The file is UTF-8 (a leading byte-order mark is accepted); another
+encoding is an error naming the file and line.
 
 Built-in sets (shipped in ``specext/data``): ``world`` (real-world knowledge for real
 LLMs) and ``synthetic`` (the fictional world the demo model was trained on).
@@ -165,8 +166,13 @@ def parse_question(obj, src: str) -> Question:
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
         raise _err(src, f"'choices' must be a list of at least 2 non-empty strings, got {choices!r}")
     choices = [c.strip() for c in choices]
-    if len({normalize_answer(c) for c in choices}) != len(choices):
-        raise _err(src, f"'choices' must be distinct, got {choices!r}")
+    seen_choice: Dict[str, str] = {}
+    for c in choices:
+        k = normalize_answer(c)
+        if k in seen_choice:
+            raise _err(src, f"'choices' must be distinct, but {seen_choice[k]!r} and {c!r} are the same answer "
+                            f"after normalisation (case, accents, punctuation, articles): {choices!r}")
+        seen_choice[k] = c
     ans = obj["answer"]
     if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
         raise _err(src, f"'answer' must be an integer index in [0, {len(choices) - 1}], got {ans!r}")
@@ -186,21 +192,44 @@ def parse_question(obj, src: str) -> Question:
     )
 
 
+def _decode_lines(path: Path) -> Iterable[Tuple[int, str]]:
+    """The file's lines as UTF-8 text (a leading UTF-8 byte-order mark is dropped); a line
+    that is not UTF-8 is an error naming the file and line (and the likely encoding)."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ProbeError(f"{path}:1: the file is UTF-16 (byte-order mark {data[:2].hex()}); probe files must be "
+                         f"UTF-8 (optionally with a BOM): re-save it as UTF-8")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if b"\x00" in raw:  # valid UTF-8, but never in a JSONL probe: UTF-16/32 without a BOM
+            raise ProbeError(f"{path}:{lineno}: NUL bytes (UTF-16 or UTF-32 without a byte-order mark?); "
+                             f"probe files must be UTF-8 (optionally with a BOM): re-save it as UTF-8")
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProbeError(f"{path}:{lineno}: not valid UTF-8 at byte {e.start} of the line "
+                             f"({raw[e.start:e.start + 4]!r}; Latin-1 or cp1252?); probe files must be UTF-8 "
+                             f"(optionally with a BOM): re-save it as UTF-8") from None
+
+
 def read_jsonl(path: Union[str, os.PathLike]) -> List[Question]:
     path = Path(path)
+    if path.is_dir():
+        raise ProbeError(f"probe {str(path)!r} is a directory; give a JSONL file (one question a line) "
+                         f"or a built-in set ({', '.join(BUILTIN)})")
     if not path.is_file():
         raise FileNotFoundError(f"probe file {path} does not exist")
     out: List[Question] = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            src = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _err(src, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            out.append(parse_question(obj, src))
+    for lineno, line in _decode_lines(path):
+        if not line.strip():
+            continue
+        src = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _err(src, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        out.append(parse_question(obj, src))
     return out
 
 

@@ -5,12 +5,13 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sched.h>
-#include <unistd.h>
 #endif
 
 #include "common.h"
@@ -39,7 +40,7 @@ int default_threads() {
 class Pool {
  public:
   static Pool& get() {
-    static Pool* pool = new Pool();  // never destroyed: workers may outlive static teardown
+    static Pool* pool = make();  // never destroyed: workers may outlive static teardown
     return *pool;
   }
 
@@ -83,6 +84,42 @@ class Pool {
  private:
   Pool() : threads_(default_threads()) {}
 
+  static Pool* instance_;
+
+  static Pool* make() {
+    instance_ = new Pool();
+#if defined(__linux__) || defined(__APPLE__)
+    // fork() copies the mutexes and condition variables as they are, with the parent's
+    // waiting workers still counted inside them (glibc's condvar keeps waiter groups and
+    // reference counts): a broadcast in the child then waits for waiters that do not exist
+    // and the child hangs on its second call. The child gets new ones instead.
+    pthread_atfork(nullptr, nullptr, &Pool::after_fork_child);
+#endif
+    return instance_;
+  }
+
+  // Runs in the child right after fork(), single-threaded: rebuild every synchronisation
+  // object in place (the old ones are abandoned, not destroyed: destroying a mutex another
+  // thread held, or a condvar with waiters, is undefined) and forget the parent's workers
+  // (their std::thread objects are leaked on purpose; destroying a joinable one aborts).
+  // The next parallel call starts fresh workers lazily.
+  static void after_fork_child() {
+    Pool* p = instance_;
+    if (!p) return;
+    new (&p->run_) std::mutex();
+    new (&p->cfg_) std::mutex();
+    new (&p->m_) std::mutex();
+    new (&p->cv_work_) std::condition_variable();
+    new (&p->cv_done_) std::condition_variable();
+    p->workers_.release_all();
+    p->job_ = nullptr;
+    p->next_.store(0);
+    p->n_ = 0;
+    p->pending_ = 0;
+    p->stop_ = false;
+    new (&p->error_) std::exception_ptr();  // a parent's exception is not ours to free
+  }
+
   void work(const std::function<void(int64_t)>& fn) {
     for (;;) {
       const int64_t i = next_.fetch_add(1);
@@ -115,15 +152,6 @@ class Pool {
   }
 
   void ensure_workers(int want) {
-#if defined(__linux__)
-    // After fork() the child has none of the parent's threads: start afresh (the old
-    // thread objects are leaked on purpose; destroying them would abort).
-    if (pid_ != getpid()) {
-      workers_.release_all();
-      pid_ = getpid();
-      stop_ = false;
-    }
-#endif
     if (int(workers_.size()) == want) return;
     stop_workers();
     std::lock_guard<std::mutex> g(m_);
@@ -167,10 +195,9 @@ class Pool {
   uint64_t generation_ = 0;
   bool stop_ = false;
   std::exception_ptr error_;
-#if defined(__linux__)
-  pid_t pid_ = getpid();
-#endif
 };
+
+Pool* Pool::instance_ = nullptr;
 
 }  // namespace
 

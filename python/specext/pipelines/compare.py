@@ -43,6 +43,11 @@ def load_run(run_dir: Path, score: Optional[str] = None) -> Dict[str, object]:
     PSS score (``paper``/``delta``; default the run's headline)."""
     p = Path(run_dir) / "summary.json"
     if not p.is_file():
+        # summary.json is written last: without it the run did not finish (or is still running)
+        if Path(run_dir).is_dir() and any((Path(run_dir) / f).exists()
+                                          for f in (rundir.STATE, "config.json", "neurons.safetensors", rundir.LOCK)):
+            raise ValueError(f"{run_dir}: incomplete run directory (no summary.json: the run failed, was killed or "
+                             f"is still running); finish it with `python -m specext.analyze ... --resume`")
         raise FileNotFoundError(f"{run_dir}: no summary.json (is it a finished specext.analyze run directory?)")
     try:
         s = json.loads(p.read_text())

@@ -152,11 +152,37 @@ def _analysis(cfg: AnalyzeConfig, dd: distributed.Dist, *, progress: bool,
     probe = load_probe(cfg.probe, max_concepts=cfg.max_concepts, seed=cfg.seed)
     if cfg.pss:
         cfg.pss_config.check_probe(probe)  # before minutes of scoring, not after
+    out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"{Path(cfg.model_dir).name}-{probe.name}"
+    rundir.check_writable(out)  # before loading the model, not at the first checkpoint
+    with _lock(out, dd):
+        return _locked(cfg, dd, probe, out, t_start, progress=progress, on_checkpoint=on_checkpoint)
+
+
+def _lock(out: Path, dd: distributed.Dist) -> rundir.RunLock:
+    """The run directory's lock (:class:`rundir.RunLock`). Under torchrun rank 0 takes it and
+    tells every rank whether it got it, before any rank writes its checkpoint folder."""
+    lock, err = rundir.RunLock(out), None
+    if dd.is_main:
+        try:
+            lock.acquire()
+        except (ValueError, OSError) as e:
+            err = str(e)
+    if dd.active:
+        err = dd.broadcast(err, "the run directory lock")
+    if err:
+        lock.release()
+        raise ValueError(err)
+    return lock
+
+
+def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path, t_start: float, *, progress: bool,
+            on_checkpoint: Optional[Callable[[str, int], None]]) -> Dict[str, object]:
+    if dd.is_main:
+        # summary.json marks a complete run (written last): a run in progress has none
+        (out / "summary.json").unlink(missing_ok=True)
     lm = load_model(cfg.model_dir, dtype=cfg.dtype, device=distributed.rank_device(dd, cfg.device), trust_remote_code=cfg.trust_remote_code,
                     allow_pickle=cfg.allow_pickle, device_map=cfg.device_map, max_memory=cfg.max_memory,
                     offload_dir=cfg.offload_dir)
-    out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"{Path(cfg.model_dir).name}-{probe.name}"
-    out.mkdir(parents=True, exist_ok=True)
     fp = rundir.fingerprint(cfg, probe, Path(cfg.model_dir))
     if dd.active:
         fp["world_size"] = dd.world  # each rank's checkpoint holds its share, which depends on it
@@ -484,13 +510,13 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         rundir.write_json(out / "pss_layers.json", {str(r): v for r, v in pss.layer_counts.items()})
     rundir.write_text(out / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     rundir.write_json(out / "config.json", cfg_out)
-    rundir.write_json(out / "summary.json", summary)
     if cfg.report:
         from specext.report.html import write_report
 
         write_report(out, summary, table, cat_mass[keep], [probe.categories[c] for c in keep],
                      pss_layers=pss.layer_counts if pss is not None else None, null=spec.null,
                      twin_gini=twin["spec"].table.gini if twin is not None else None)
+    rundir.write_json(out / "summary.json", summary)  # last: its presence marks a complete run
     logger.info("wrote %s", out)
     return summary
 

@@ -30,13 +30,22 @@ def _tmp(path: Path) -> Path:
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``path`` atomically (temporary name, fsync, rename). On failure (a full disk,
+    a read-only folder) the temporary file is removed and the error names ``path``."""
     path = Path(path)
     tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 
 def write_text(path: PathLike, text: str) -> None:
@@ -59,7 +68,20 @@ def write_safetensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    write_bytes(path, data)
+    write_bytes(path, _sorted_header(data))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same file with its header's metadata in sorted key order: safetensors writes the
+    metadata from a hash map, in a different order each run; sorted, identical inputs give
+    identical bytes. Only the header's order changes (offsets are relative to the data)."""
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8 : 8 + n])
+    meta = head.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | dict(sorted(head.items()))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def read_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
@@ -119,6 +141,77 @@ def fingerprint(cfg, probe: ProbeSet, model_dir: Path) -> Dict[str, object]:
     return json.loads(json.dumps(fp))  # as it reads back from progress.json (tuples become lists)
 
 
+# ---------------------------------------------------------------------------- directory
+
+LOCK = ".lock"
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write and remove a probe file in it, before the model is loaded
+    (a read-only ``--out`` would otherwise fail at the first checkpoint, after the scoring)."""
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"specext")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"--out {out} is not a writable directory: {e.strerror or e}") from None
+
+
+class RunLock:
+    """Exclusive lock on a run directory: ``fcntl.flock`` on ``OUT/.lock``, which holds the
+    holder's process id. A second run on the same ``--out`` is refused with that id. The
+    kernel drops the lock when its process dies, so a ``.lock`` left by a killed run (its pid
+    still written) is taken over with a warning. Released (file emptied) on exit."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{self.path.parent} is in use by another specext run (process id {holder}, "
+                             f"lock {self.path}); wait for it to finish or use another --out") from None
+        old = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if old:
+            import logging
+
+            logging.getLogger("specext.analyze").warning(
+                "%s: stale lock of process %s (no longer running) taken over", self.path, old)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self.fd, 0)  # a cleanly ended run leaves no pid behind
+        except OSError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self if self.fd is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 # ---------------------------------------------------------------------------- state
 
 
@@ -141,21 +234,41 @@ class RunState:
     def load(self, fingerprint: Dict[str, object]):
         if not self.progress.is_file():
             return None
-        prog = json.loads(self.progress.read_text())
+        restart = "the checkpoint cannot be resumed: rerun without --resume (which starts the run over)"
+        try:
+            prog = json.loads(self.progress.read_text())
+            n, acc_name, nxt = prog["rows"], prog["accumulators"], prog["next_question"]
+            if not (isinstance(n, int) and isinstance(nxt, int) and isinstance(acc_name, str)):
+                raise ValueError("fields of the wrong type")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--resume: {self.progress} is damaged ({e}); {restart}") from None
         if prog.get("fingerprint") != fingerprint:
-            diff = [k for k in fingerprint if prog.get("fingerprint", {}).get(k) != fingerprint[k]]
+            fpo = prog.get("fingerprint") if isinstance(prog.get("fingerprint"), dict) else {}
+            diff = [k for k in fingerprint if fpo.get(k) != fingerprint[k]]
             raise ValueError(f"--resume: the run in {self.dir.parent} was started with different inputs "
                              f"({', '.join(diff)} differ); use another --out or drop --resume")
-        acc = read_safetensors(self.dir / prog["accumulators"])
-        n = prog["rows"]
-        with open(self.rows_path, "rb") as f:
-            lines = f.read().split(b"\n")[:n]
-        rows = [json.loads(l) for l in lines]
-        if len(rows) != n:
-            raise ValueError(f"--resume: {self.rows_path} holds {len(rows)} rows, progress.json says {n}")
+        acc_path = self.dir / acc_name
+        try:
+            acc = read_safetensors(acc_path)
+        except Exception as e:  # safetensors raises its own error types for a truncated file
+            raise ValueError(f"--resume: the accumulator file {acc_path} is damaged or missing "
+                             f"({type(e).__name__}: {e}); {restart}") from None
+        try:
+            with open(self.rows_path, "rb") as f:
+                lines = f.read().split(b"\n")[:n]
+        except OSError as e:
+            raise ValueError(f"--resume: cannot read {self.rows_path} ({e.strerror or e}); {restart}") from None
+        if len(lines) != n or (n and not lines[-1]):
+            have = len([l for l in lines if l])
+            raise ValueError(f"--resume: {self.rows_path} is damaged: it holds {have} rows, {self.progress} "
+                             f"says {n}; {restart}")
+        try:
+            rows = [json.loads(l) for l in lines]
+        except ValueError as e:
+            raise ValueError(f"--resume: {self.rows_path} is damaged ({e}); {restart}") from None
         write_bytes(self.rows_path, b"".join(l + b"\n" for l in lines))  # drop a torn tail
         self.rows_written = n
-        return prog["next_question"], acc, rows
+        return nxt, acc, rows
 
     def save(self, k: int, next_question: int, fingerprint, accum: Dict[str, torch.Tensor], rows: List[dict]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

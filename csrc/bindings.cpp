@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <initializer_list>
 #include <string>
@@ -154,6 +155,86 @@ void expect_cuda_built(const View& v) {
 #endif
 }
 
+// --- aliasing (issue 13) -----------------------------------------------------------------
+// Kernels write their outputs without reading them through another argument, so an output
+// must own its elements: no element reachable by two indices (a stride-0 tensor from
+// expand()/broadcast_to() would sum every category into one shared row), and no byte shared
+// with any other argument. Inputs may be broadcast (stride 0): they are only read.
+
+// Byte range [lo, hi] an argument can touch (strides are >= 0, checked in take()); empty
+// tensors touch nothing.
+struct Extent {
+  uintptr_t lo = 0, hi = 0;
+  bool empty = true;
+};
+
+Extent extent(const View& v) {
+  Extent e;
+  if (!v.data) return e;
+  uintptr_t span = 0;
+  for (size_t i = 0; i < v.shape.size(); ++i) {
+    if (v.shape[i] == 0) return e;
+    span += uintptr_t(v.shape[i] - 1) * uintptr_t(v.strides[i]);
+  }
+  const uintptr_t item = uintptr_t(dtype_size(v.dtype));
+  e.lo = reinterpret_cast<uintptr_t>(v.data);
+  e.hi = e.lo + span * item + item - 1;
+  e.empty = false;
+  return e;
+}
+
+// An output whose elements are all distinct: sorted by stride, each stride must step past
+// everything the smaller dimensions reach (sufficient, and exact for every layout torch and
+// numpy produce without as_strided).
+void expect_own_memory(const View& v) {
+  std::vector<size_t> dims;
+  for (size_t i = 0; i < v.shape.size(); ++i)
+    if (v.shape[i] > 1) dims.push_back(i);
+  for (size_t i : dims)
+    SPECEXT_CHECK(v.strides[i] != 0, ValueError,
+                  v.name << " has stride 0 along dimension " << i << " (shape " << shape_str(v.shape) << ", strides "
+                         << shape_str(v.strides)
+                         << "): every index along it is the same memory (a view from expand() or broadcast_to()), "
+                            "and the kernel writes it; pass an output with its own memory (torch.zeros / np.zeros, "
+                            "or .contiguous() / .copy())");
+  std::sort(dims.begin(), dims.end(), [&](size_t a, size_t b) { return v.strides[a] < v.strides[b]; });
+  int64_t reach = 0;  // elements spanned by the dimensions with smaller strides
+  for (size_t i : dims) {
+    SPECEXT_CHECK(v.strides[i] > reach, ValueError,
+                  v.name << " has overlapping elements (shape " << shape_str(v.shape) << ", strides "
+                         << shape_str(v.strides) << ": dimension " << i
+                         << " steps back into memory that other indices already use), and the kernel writes it; "
+                            "pass an output with its own memory (.contiguous() / .copy())");
+    reach += (v.shape[i] - 1) * v.strides[i];
+  }
+}
+
+// No output shares a byte range with any other argument. Conservative: byte ranges, not
+// elements, so interleaved views that share no element (x[:, 0::2] and x[:, 1::2]) are
+// refused too.
+void expect_no_alias(std::initializer_list<const View*> inputs, std::initializer_list<const View*> outputs) {
+  std::vector<const View*> all;
+  for (const View* v : outputs) all.push_back(v);
+  const size_t n_out = all.size();
+  for (const View* v : inputs) all.push_back(v);
+  for (size_t i = 0; i < n_out; ++i) expect_own_memory(*all[i]);
+  for (size_t i = 0; i < n_out; ++i) {
+    const Extent a = extent(*all[i]);
+    if (a.empty) continue;
+    for (size_t j = i + 1; j < all.size(); ++j) {
+      if (all[j]->dev != all[i]->dev || all[j]->device_id != all[i]->device_id) continue;
+      const Extent b = extent(*all[j]);
+      if (b.empty || a.hi < b.lo || b.hi < a.lo) continue;
+      SPECEXT_CHECK(false, ValueError,
+                    all[i]->name << " and " << all[j]->name << " overlap in memory, and " << all[i]->name
+                                 << (j < n_out ? " and " + all[j]->name + " are both written" : std::string(" is written"))
+                                 << " by this kernel; outputs must not share memory with any other argument "
+                                    "(the check compares byte ranges, so interleaved views that share no element are "
+                                    "refused too); pass separate tensors");
+    }
+  }
+}
+
 Stat parse_stat(const std::string& s) {
   if (s == "abs") return Stat::Abs;
   if (s == "square") return Stat::Square;
@@ -216,6 +297,10 @@ void py_category_accumulate(py::handle acts_c, py::handle labels_c, py::handle w
     // errors[1] == 0 means "no bad label recorded yet", so 0 must be a valid label.
     SPECEXT_CHECK(sums.shape[0] >= 1, ValueError, "sums must have at least one category (row) when errors is given");
   }
+  {
+    static const View none;
+    expect_no_alias({&acts, &labels, has_w ? &weights : &none}, {&sums, &counts, has_e ? &errors : &none});
+  }
   expect_cuda_built(acts);
 
   a.acts = acts.data;
@@ -267,6 +352,7 @@ void py_neuron_specialization(py::handle mass_c, py::handle entropy_c, py::handl
     expect_writable(v);
     expect_same_device(mass, v);
   }
+  expect_no_alias({&mass}, {&outs[0], &outs[1], &outs[2], &outs[3], &outs[4], &outs[5]});
   SpecializationArgs a;
   a.mass = static_cast<const float*>(mass.data);
   a.C = mass.shape[0];
@@ -301,6 +387,7 @@ void py_value_vector_norms(py::handle weight_c, py::handle out_c, uintptr_t stre
   SPECEXT_CHECK(out.shape[0] <= 1 || out.strides[0] == 1, ValueError, "out must be contiguous");
   expect_writable(out);
   expect_same_device(w, out);
+  expect_no_alias({&w}, {&out});
   expect_cuda_built(w);
   NormsArgs a;
   a.weight = w.data;

@@ -110,3 +110,142 @@ def _fork_again(expected, queue):
     if inner.is_alive():
         inner.kill()
         queue.put(("error", "grandchild hung"))
+
+
+# ---------------------------------------------------------------------------- item 4: aliasing
+
+C, T, N = 5, 37, 23
+
+
+def _acc_inputs(device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randn(T, N, generator=g).to(device)
+    labels = torch.randint(-1, C, (T,), generator=g).to(device)
+    return acts, labels
+
+
+def _to_numpy(*xs):
+    return [None if x is None else x.cpu().numpy() for x in xs]
+
+
+def test_output_with_stride_zero_is_refused(device):
+    """expand() outputs used to sum every category into one shared row."""
+    acts, labels = _acc_inputs(device)
+    row = torch.zeros(1, N, device=device)
+    with pytest.raises(ValueError, match=r"sums has stride 0 along dimension 0.*expand\(\)"):
+        ops.category_accumulate(acts, labels, C, sums=row.expand(C, N))
+    assert row.abs().sum().item() == 0  # nothing written
+    one = torch.zeros(1, device=device)
+    with pytest.raises(ValueError, match="counts has stride 0"):
+        ops.category_accumulate(acts, labels, C, counts=one.expand(C))
+    errors = torch.zeros(1, dtype=torch.int64, device=device).expand(3)
+    with pytest.raises(ValueError, match="errors has stride 0"):
+        ops.category_accumulate(acts, labels, C, errors=errors)
+
+
+def test_output_with_stride_zero_is_refused_numpy():
+    acts, labels = _to_numpy(*_acc_inputs("cpu"))
+    buf = np.zeros((1, N), np.float32)
+    sums = np.lib.stride_tricks.as_strided(buf, (C, N), (0, 4), writeable=True)
+    with pytest.raises(ValueError, match="sums has stride 0"):
+        ops.category_accumulate(acts, labels, C, sums=sums)
+    assert not buf.any()
+
+
+def test_output_with_overlapping_elements_is_refused(device):
+    acts, labels = _acc_inputs(device)
+    buf = torch.zeros(C + N, device=device)
+    sums = torch.as_strided(buf, (C, N), (1, 1))  # row c starts one element after row c-1
+    with pytest.raises(ValueError, match="sums has overlapping elements"):
+        ops.category_accumulate(acts, labels, C, sums=sums)
+
+
+def test_broadcast_inputs_are_accepted(device):
+    """Inputs are only read: a stride-0 acts (every token the same row) is fine."""
+    acts, labels = _acc_inputs(device)
+    row = acts[:1].expand(T, N)
+    sums, counts = ops.category_accumulate(row, labels, C)
+    ref_s, ref_c = ops.category_accumulate(row.contiguous(), labels, C)
+    assert torch.equal(sums, ref_s) and torch.equal(counts, ref_c)
+    w = torch.ones(1, device=device).expand(T)
+    sums_w, counts_w = ops.category_accumulate(acts, labels, C, weights=w)
+    sums_1, counts_1 = ops.category_accumulate(acts, labels, C)
+    assert torch.equal(sums_w, sums_1) and torch.equal(counts_w, counts_1)
+
+
+def _overlap_cases(device):
+    """(name pattern, kwargs) pairs where an output shares memory with another argument."""
+    acts, labels = _acc_inputs(device)
+    cases = []
+    big = torch.randn(T + C, N, device=device)
+    cases.append(("sums and acts overlap", dict(acts=big[:T], labels=labels, sums=big[T - 1:T - 1 + C])))
+    s = torch.zeros(C, N, device=device)
+    cases.append(("sums and counts overlap", dict(acts=acts, labels=labels, sums=s, counts=s[:, 0])))
+    w = torch.rand(T, device=device)
+    cases.append(("counts and weights overlap", dict(acts=acts, labels=labels, weights=w, counts=w[:C])))
+    lab = labels.clamp(min=0).to(torch.int64).clone()
+    cases.append(("errors and labels overlap", dict(acts=acts, labels=lab, errors=lab[-3:])))
+    # Interleaved rows share no element but their byte ranges overlap: refused (documented).
+    inter = torch.zeros(2 * C, N, device=device)
+    cases.append(("sums and acts overlap", dict(acts=inter[1::2], labels=labels[:C], sums=inter[0::2])))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_output_overlapping_another_argument_is_refused(device, case):
+    pattern, kw = _overlap_cases(device)[case]
+    before = {k: v.clone() for k, v in kw.items()}
+    with pytest.raises(ValueError, match=pattern + ".*written by this kernel"):
+        ops.category_accumulate(kw.pop("acts"), kw.pop("labels"), C, **kw)
+    for k, v in kw.items():
+        assert torch.equal(v, before[k]), f"{k} was written before the error"
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_output_overlapping_another_argument_is_refused_numpy(case):
+    pattern, kw = _overlap_cases("cpu")[case]
+    kw = {k: v.numpy() for k, v in kw.items()}  # views of the same memory stay views
+    with pytest.raises(ValueError, match=pattern):
+        ops.category_accumulate(kw.pop("acts"), kw.pop("labels"), C, **kw)
+
+
+def test_disjoint_slices_of_one_buffer_are_accepted(device):
+    acts, labels = _acc_inputs(device)
+    buf = torch.zeros(T + C, N, device=device)
+    buf[:T] = acts
+    sums, counts = ops.category_accumulate(buf[:T], labels, C, sums=buf[T:])
+    ref_s, ref_c = ops.category_accumulate(acts, labels, C)
+    assert torch.equal(sums, ref_s) and torch.equal(counts, ref_c)
+
+
+def test_other_kernels_refuse_aliased_outputs(device):
+    mass = torch.rand(C, N, device=device)
+    outs = [torch.empty(N, device=device) for _ in range(6)]
+    outs[3] = torch.empty(N, dtype=torch.int64, device=device)
+    for i, bad in [(0, mass[0]), (2, outs[1])]:  # (stride 0 is refused there as "must be contiguous")
+        o = list(outs)
+        o[i] = bad
+        with pytest.raises(ValueError, match="overlap in memory"):
+            ops._native_neuron_specialization(mass, o)
+    w = torch.rand(N, 7, device=device)
+    with pytest.raises(ValueError, match="out and weight overlap"):
+        ops._native_value_vector_norms(w, w[0])
+    m = mass.cpu().numpy()
+    with pytest.raises(ValueError, match="entropy and mass overlap"):
+        ops._native_neuron_specialization(m, [m[0], np.empty(N, np.float32), np.empty(N, np.float32),
+                                              np.empty(N, np.int64), np.empty(N, np.float32), np.empty(N, np.float32)])
+
+
+@pytest.mark.parametrize("arg", ["sums", "counts"])  # errors is int64, which cannot require grad
+def test_output_that_requires_grad_is_refused(device, arg):
+    """A sums leaf with requires_grad used to be mutated in place."""
+    acts, labels = _acc_inputs(device)
+    shape, dtype = {"sums": ((C, N), torch.float32), "counts": ((C,), torch.float32)}[arg]
+    leaf = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match=f"{arg} is a leaf tensor that requires grad"):
+        ops.category_accumulate(acts, labels, C, **{arg: leaf})
+    assert leaf.detach().abs().sum().item() == 0
+    non_leaf = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True) * 1
+    with pytest.raises(ValueError, match=f"{arg} is a tensor that requires grad"):
+        ops.category_accumulate(acts, labels, C, **{arg: non_leaf})
+    ops.category_accumulate(acts, labels, C, **{arg: leaf.detach()})  # the documented way out

@@ -99,6 +99,19 @@ def _same_kind(**arrays) -> str:
     return next(iter(kinds.values()))
 
 
+def _check_no_grad_outputs(**outputs) -> None:
+    """Outputs are written in place by kernels without a gradient: refuse tensors that
+    require grad (a leaf would be mutated under autograd's nose; a non-leaf would get a
+    gradient that ignores the write)."""
+    for name, x in outputs.items():
+        if x is not None and _is_torch(x) and x.requires_grad:
+            what = "a leaf tensor that requires grad" if x.is_leaf else "a tensor that requires grad"
+            raise ValueError(
+                f"{name} is {what}, but category_accumulate writes it in place and has no gradient; "
+                f"pass a tensor without requires_grad (e.g. torch.zeros(...), or {name}.detach() to "
+                f"accumulate into the same memory on purpose)")
+
+
 def _check_stat(stat: str) -> None:
     if stat not in STATS:
         raise ValueError(f"stat must be one of {', '.join(repr(s) for s in STATS)}; got {stat!r}")
@@ -218,6 +231,11 @@ def category_accumulate(
         stat: ``"abs"`` (|a|), ``"square"`` (a^2), ``"relu"`` (max(a, 0)) or ``"signed"`` (a).
         sums: optional ``(C, N)`` float32 accumulator, updated in place.
         counts: optional ``(C,)`` float32 accumulator, updated in place.
+            ``sums``, ``counts`` and ``errors`` must own their memory: a stride-0 view
+            (``expand()``), overlapping elements, memory shared with any other argument
+            (compared as byte ranges, so even interleaved views are refused) or a torch
+            tensor that requires grad raise ``ValueError`` naming the argument(s). Inputs
+            may be broadcast (stride 0): they are only read.
         errors: optional ``(3,)`` int64 error record, zeros to start with, on the device of
             ``acts``; selects the *unchecked* mode for callers that build their labels
             themselves (a forward hook, once per layer): a token whose label is
@@ -234,6 +252,7 @@ def category_accumulate(
     """
     kind = _same_kind(acts=acts, labels=labels, weights=weights, sums=sums, counts=counts, errors=errors)
     _check_stat(stat)
+    _check_no_grad_outputs(sums=sums, counts=counts, errors=errors)
     if sums is None and num_categories is None:
         raise ValueError("num_categories is required when sums is not given")
     if num_categories is not None:

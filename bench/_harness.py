@@ -339,7 +339,11 @@ def append_csv(path, rows: Iterable[Mapping], *, device: Optional[torch.device] 
 
     Each row supplies the :data:`CSV_COLUMNS` it knows; ``date``, ``device`` and
     ``device_name`` are filled in from ``device`` where missing. Other keys are ignored.
+    Cells go through specext's one CSV-injection guard (``rundir.csv_cell``): the rows are
+    our own fields, but a method or device name is a string from elsewhere.
     """
+    from specext.pipelines.rundir import csv_cell
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
@@ -353,7 +357,7 @@ def append_csv(path, rows: Iterable[Mapping], *, device: Optional[torch.device] 
         if new:
             w.writeheader()
         for r in rows:
-            w.writerow({k: _csv_value(v) for k, v in {**defaults, **r}.items()})
+            w.writerow({k: csv_cell(_csv_value(v)) for k, v in {**defaults, **r}.items()})
 
 
 # ---------------------------------------------------------------------------- rows

@@ -67,3 +67,58 @@ def test_missing_tokenizer_names_directory(tmp_path):
             os.remove(d / f)
     with pytest.raises(ModelLoadError, match=rf"{d}: no usable tokenizer \(expected tokenizer.json"):
         load_model(d, device="cpu")
+
+
+# ---------------------------------------------------------------- 13: CSV formula injection
+
+EVIL = '=cmd|" /C calc"!A0'
+
+
+@pytest.mark.parametrize("cell, out", [
+    (EVIL, "'" + EVIL), ("+1+cmd", "'+1+cmd"), ("-2+3", "'-2+3"), ("@SUM(A1)", "'@SUM(A1)"),
+    ("\t=1", "'\t=1"), ("\r=1", "'\r=1"), ("-", "'-"), (" -1", " -1"),
+    ("-0.125000", "-0.125000"), ("+3", "+3"), ("-inf", "-inf"), ("-1e-05", "-1e-05"),
+    (-0.5, -0.5), (-3, -3), (None, None), ("Marie Curie", "Marie Curie"), ("", ""),
+])
+def test_csv_cell(cell, out):
+    from specext.pipelines.rundir import csv_cell
+
+    assert csv_cell(cell) == out
+
+
+def test_concepts_and_pss_csv_neutralised(tmp_path):
+    import csv
+    import io
+
+    from specext.pipelines import rundir
+    from specext.probes import ProbeSet, read_jsonl
+
+    p = tmp_path / "evil.jsonl"
+    p.write_text(_text([dict(GOOD, concept=EVIL, category="@cat"), GOOD2]))
+    probe = ProbeSet("evil", read_jsonl(p))
+    text = rundir.concepts_csv(probe, {"by_concept": {EVIL: {"questions": 1, "mcq": -0.25}}})
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[1][:2] == ["'" + EVIL, "'@cat"] and rows[1][4] == "-0.2500"
+    row = {c: None for c in rundir.PSS_COLUMNS}
+    row.update(concept=EVIL, category="-x", ratio=1.0, pss=-0.5, n_vectors=-3)
+    rows = list(csv.reader(io.StringIO(rundir.pss_csv([row]))))
+    got = dict(zip(rows[0], rows[1]))
+    assert got["concept"] == "'" + EVIL and got["category"] == "'-x"
+    assert got["pss"] == "-0.500000" and got["n_vectors"] == "-3"
+    curve = rundir.pss_curve_csv({"floor": -0.1, "floor_ci": None, "score": "paper", "ratios": [1.0],
+                                  "paper": {"curve": [-0.2], "curve_ci": [None], "peak": -0.2, "peak_ci": None,
+                                            "random_curve": None, "random_curve_ci": None}})
+    assert "-0.100000" in curve and "'-" not in curve
+
+
+def test_bench_csv_neutralised(tmp_path):
+    import csv
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bench"))
+    import _harness as h
+
+    path = tmp_path / "r.csv"
+    h.append_csv(path, [{"extra": EVIL, "ours_ms": -1.5}])
+    rows = list(csv.DictReader(path.open()))
+    assert rows[0]["extra"] == "'" + EVIL and rows[0]["ours_ms"] == "-1.5"

@@ -12,7 +12,6 @@ score, which must then be the same for every run.
 from __future__ import annotations
 
 import argparse
-import csv
 import html
 import io
 import json
@@ -146,12 +145,8 @@ def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Option
                            ", ".join(vals))
     corr = correlations(rows, accuracy, bootstrap, seed)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(COLUMNS)
-    for r in rows:
-        w.writerow(["" if r[c] is None else r[c] for c in COLUMNS])
-    rundir.write_text(out / "compare.csv", buf.getvalue())
+    rundir.write_text(out / "compare.csv", rundir.csv_text(COLUMNS, (["" if r[c] is None else r[c] for c in COLUMNS]
+                                                                     for r in rows)))
     result = {"runs": rows, "correlations": corr, "accuracy": accuracy, "pss_score": used[0] if used else None,
               "bootstrap": bootstrap}
     rundir.write_json(out / "compare.json", result)

@@ -310,25 +310,51 @@ PSS_COLUMNS = ["concept", "category", "tier", "ratio", "n_vectors", "cs", "g", "
                "pss_general", "pss_overall"]
 
 
-def pss_csv(rows) -> str:
+# A cell a spreadsheet would run as a formula (CSV injection, OWASP): it starts with one of
+# these. Such a string cell gets a leading single quote; numbers, and strings that are a
+# plain number ("-0.125000", "-inf"), are written as they are.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v):
+    """One CSV cell, neutralised against formula injection the way OWASP recommends: a
+    string starting with ``=``, ``+``, ``-``, ``@``, tab or carriage return gets a leading
+    ``'`` unless it is a plain number (so negative numbers, formatted or not, are kept)."""
+    if isinstance(v, str) and v.startswith(FORMULA_START):
+        if v == v.strip():
+            try:
+                float(v)
+                return v
+            except ValueError:
+                pass
+        return "'" + v
+    return v
+
+
+def csv_text(header: Iterable, rows: Iterable[Iterable]) -> str:
+    """A CSV document (header, then rows) with every cell through :func:`csv_cell`: the one
+    writer of every CSV specext writes (pss.csv, pss_curve.csv, concepts.csv, compare.csv,
+    bench results)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(PSS_COLUMNS)
-    for r in rows:
-        w.writerow(["" if r.get(c) is None else (f"{r[c]:.6f}" if isinstance(r[c], float) else r[c]) for c in PSS_COLUMNS])
+    for r in [header, *rows]:
+        w.writerow([csv_cell(v) for v in r])
     return buf.getvalue()
+
+
+def pss_csv(rows) -> str:
+    return csv_text(PSS_COLUMNS, (["" if r.get(c) is None else (f"{r[c]:.6f}" if isinstance(r[c], float) else r[c])
+                                   for c in PSS_COLUMNS] for r in rows))
 
 
 def pss_curve_csv(p: Dict[str, object]) -> str:
     """The aggregates of pss.csv: mean over concepts with its 95% bootstrap interval, per
     score (paper, delta), vectors (top, random) and ratio; the ``peak`` and the paper
     score's ``floor`` (ratio 0) as rows of their own."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["score", "vectors", "ratio", "mean", "ci_low", "ci_high", "headline"])
+    rows = []
     fmt = lambda v: "" if v is None or v != v else f"{v:.6f}"  # noqa: E731
     ci = lambda c, i: "" if c is None else fmt(c[i])  # noqa: E731
-    w.writerow(["paper", "none", 0, fmt(p["floor"]), ci(p["floor_ci"], 0), ci(p["floor_ci"], 1), 0])
+    rows.append(["paper", "none", 0, fmt(p["floor"]), ci(p["floor_ci"], 0), ci(p["floor_ci"], 1), 0])
     for sc in [k for k in ("paper", "delta") if isinstance(p.get(k), dict)]:
         b = p[sc]
         head = int(sc == p["score"])
@@ -337,20 +363,18 @@ def pss_curve_csv(p: Dict[str, object]) -> str:
             if curve is None:
                 continue
             for r, v, c in zip(p["ratios"], curve, cis):
-                w.writerow([sc, kind, f"{r:g}", fmt(v), ci(c, 0), ci(c, 1), head])
+                rows.append([sc, kind, f"{r:g}", fmt(v), ci(c, 0), ci(c, 1), head])
             pk, pc = b[pre + "peak"], b[pre + "peak_ci"]
-            w.writerow([sc, kind, "peak", fmt(pk), ci(pc, 0), ci(pc, 1), head])
-    return buf.getvalue()
+            rows.append([sc, kind, "peak", fmt(pk), ci(pc, 0), ci(pc, 1), head])
+    return csv_text(["score", "vectors", "ratio", "mean", "ci_low", "ci_high", "headline"], rows)
 
 
 def concepts_csv(probe: ProbeSet, acc) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["concept", "category", "tier", "questions", "mcq", "mcq_norm", "open"])
     by = acc["by_concept"]
+    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = []
     for c, k, t in zip(probe.concepts, probe.concept_category, probe.concept_tier):
         a = by.get(c, {})
-        fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-        w.writerow([c, probe.categories[k], t or "", a.get("questions", 0), fmt(a.get("mcq")),
-                    fmt(a.get("mcq_norm")), fmt(a.get("open"))])
-    return buf.getvalue()
+        rows.append([c, probe.categories[k], t or "", a.get("questions", 0), fmt(a.get("mcq")),
+                     fmt(a.get("mcq_norm")), fmt(a.get("open"))])
+    return csv_text(["concept", "category", "tier", "questions", "mcq", "mcq_norm", "open"], rows)

@@ -122,3 +122,57 @@ def test_bench_csv_neutralised(tmp_path):
     h.append_csv(path, [{"extra": EVIL, "ours_ms": -1.5}])
     rows = list(csv.DictReader(path.open()))
     assert rows[0]["extra"] == "'" + EVIL and rows[0]["ours_ms"] == "-1.5"
+
+
+# ---------------------------------------------------------------- 14: degenerate options
+
+
+def test_duplicate_ratios_rejected():
+    from specext.metrics.pss import PSSConfig
+
+    with pytest.raises(ValueError, match=r"--ratios: each ratio once .* got 1 more than once in 1, 1, 2"):
+        PSSConfig(ratios=(1.0, 1.0, 2.0))
+    PSSConfig(ratios=(1.0, 2.0))
+
+
+class _UnkTokenizer:
+    """Words it knows get their own id; every other word is the unknown token 0."""
+
+    vocab = {"Question:": 1, "Answer:": 2, "Velmora": 3}
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [self.vocab.get(w, 0) for w in text.split()]}
+
+
+def test_identical_options_detected():
+    from specext.probes import Question
+    from specext.probes.scoring import identical_options
+
+    qs = [Question("a", "c", "Q1?", ("Xq", "Yq", "Zq"), 1, source="p:1"),  # all unknown: always option A
+          Question("a", "c", "Q2?", ("Velmora", "Yq", "Zq"), 0, source="p:2"),  # two of three identical
+          Question("a", "c", "Q3?", ("Velmora", "Yq"), 0, source="p:3")]
+    assert identical_options(_UnkTokenizer(), qs) == {"p:1": 1, "p:2": 2}
+
+
+def test_degenerate_probe_warned_and_recorded(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import tiny_models as T
+
+    from specext.analyze import AnalyzeConfig, run_analysis
+    from specext.probes import scoring
+
+    model = T.save_tiny("llama", tmp_path / "llama", seed=1)
+    p = tmp_path / "one.jsonl"
+    p.write_text(_text([dict(GOOD, concept=f"c{i}", question=f"What is fact {i}?") for i in range(4)]))
+    # every choice encodes to the unknown token (id 0), as with a vocabulary that lacks them
+    monkeypatch.setattr(scoring, "continuation_ids", lambda tok, prompt, cont: [0])
+    with caplog.at_level(logging.WARNING):
+        s = run_analysis(AnalyzeConfig(model_dir=str(model), probe=str(p), out=str(tmp_path / "r"), device="cpu"),
+                         progress=False)
+    on_disk = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert on_disk["warnings"] == s["warnings"] and len(s["warnings"]) == 2
+    assert "has one category ('country')" in s["warnings"][0] and "Gini is 0" in s["warnings"][0]
+    assert s["warnings"][1].startswith("4 of 4 question(s) have options that tokenize identically")
+    assert "4 with all options identical" in s["warnings"][1] and f"{p}:1" in s["warnings"][1]
+    assert "has one category" in caplog.text

@@ -79,6 +79,10 @@ class PSSConfig:
         for r in self.ratios:
             if not (isinstance(r, (int, float)) and 0 < r <= 100) or math.isnan(r):
                 raise ValueError(f"--ratios: each ratio is a percentage in (0, 100], got {r!r}")
+        dup = sorted({r for r in self.ratios if list(self.ratios).count(r) > 1})
+        if dup:
+            raise ValueError(f"--ratios: each ratio once (duplicates would give duplicate rows), got "
+                             f"{', '.join(f'{r:g}' for r in dup)} more than once in {', '.join(f'{r:g}' for r in self.ratios)}")
         one_of("--pss-unrelated", self.unrelated, UNRELATED)
         one_of("--pss-selection", self.selection, SELECTION)
         one_of("--pss-denominator", self.denominator, DENOMINATORS)

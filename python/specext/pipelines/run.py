@@ -33,7 +33,7 @@ from specext.metrics.null_model import permutation_null
 from specext.probes.probeset import ProbeSet, load_probe
 from specext.metrics.pss import PSSConfig, compute_pss
 from specext.pipelines.rundir import RunState
-from specext.probes.scoring import POSITIONS, HalvingBatches, PromptStats, Scorer
+from specext.probes.scoring import POSITIONS, HalvingBatches, PromptStats, Scorer, identical_options
 from specext.metrics.specialization import ConceptMass, neuron_table, summarize
 
 logger = logging.getLogger("specext.analyze")
@@ -431,6 +431,26 @@ def _twin_summary(model_neurons: Dict[str, object], twin) -> Optional[Dict[str, 
     return out
 
 
+def _degenerate_probe(lm, probe: ProbeSet) -> List[str]:
+    """Warnings for a probe that runs but cannot mean much, logged and recorded in
+    ``summary.json`` (``warnings``): one category (every neuron's Gini is 0), and questions
+    whose options tokenize identically (the scorer can only pick the first of them)."""
+    found = []
+    if len(probe.categories) < 2:
+        found.append(f"probe '{probe.name}' has one category ({probe.categories[0]!r}): specialisation across "
+                     f"categories is undefined and every neuron's Gini is 0")
+    same = identical_options(lm.tokenizer, probe.questions) if lm.has_lm_head else {}
+    if same:
+        allsame = [src for src, n in same.items() if n == 1]
+        found.append(f"{len(same)} of {len(probe.questions)} question(s) have options that tokenize identically "
+                     f"(e.g. to the unknown token; the first of them is always chosen), {len(allsame)} with all "
+                     f"options identical (always answered with option A): {', '.join(list(same)[:5])}"
+                     + (" ..." if len(same) > 5 else ""))
+    for w in found:
+        logger.warning("%s", w)
+    return found
+
+
 def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: float, norms: torch.Tensor,
             pss=None, twin=None, plan=None) -> Dict[str, object]:
     norms = norms.to(mass.sums.device)
@@ -465,6 +485,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "categories_dropped_by_layer": {str(l): v for l, v in spec.dropped_by_layer.items()},
         "nonfinite_prompt_layers": nonfinite,
         "prompts_without_positions": unselected,
+        "warnings": _degenerate_probe(lm, probe),
         "pss": pss.summary if pss is not None else None,
         "random_twin": _twin_summary(spec.summary["neurons"], twin),
         "seconds": round(seconds, 2),

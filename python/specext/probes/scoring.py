@@ -355,6 +355,22 @@ class PromptStats:
                                    row_name="layer")
 
 
+def identical_options(tokenizer, questions: Sequence[Question], template: str = MCQ_TEMPLATE) -> Dict[str, int]:
+    """Questions whose options the model cannot tell apart: two or more choices whose
+    continuations tokenize to the same ids (e.g. all to the unknown token), so that the
+    scorer picks the first of them by its tie rule. Returns ``{"file:line": n}`` with ``n``
+    the number of distinct option encodings (1: every option is the same, the question is
+    always answered with option A). Such questions are scored and recorded, not rejected:
+    a run warns and lists them in ``summary.json`` (``warnings``)."""
+    out: Dict[str, int] = {}
+    for q in questions:
+        prompt = template.format(question=q.question)
+        enc = {tuple(continuation_ids(tokenizer, prompt, " " + c)) for c in q.choices}
+        if len(enc) < len(q.choices):
+            out[q.source or q.question] = len(enc)
+    return out
+
+
 class Scorer:
     """Runs batches of questions through a loaded model.
 

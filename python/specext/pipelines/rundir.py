@@ -205,8 +205,8 @@ class RunLock:
         os.close(self.fd)
         self.fd = None
 
-    def __enter__(self) -> "RunLock":
-        return self if self.fd is not None else self.acquire()
+    def __enter__(self) -> "RunLock":  # ``with lock:`` releases what ``acquire()`` took (if anything)
+        return self
 
     def __exit__(self, *exc) -> None:
         self.release()

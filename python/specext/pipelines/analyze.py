@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-open", action="store_true", help="skip open-ended generation")
     p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--truncate", default=None, choices=["left"],
+                   help="a prompt past the model's positions (with its options / --max-new-tokens): cut it from the "
+                        "left, with a warning and a count in summary.json (default: an error naming the question)")
     p.add_argument("--chunk-size", type=int, default=64, help="questions per unit of work (checkpoints fall between chunks)")
     p.add_argument("--checkpoint-every", type=float, default=300.0,
                    help="seconds between checkpoints for --resume (0: after every chunk)")
@@ -197,6 +200,7 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
             pss=not args.no_pss, pss_config=pss_cfg, null_permutations=args.null_permutations,
             random_twin=args.random_twin, accumulate_device=args.accumulate_device, device_map=args.device_map,
             max_memory=args.max_memory, offload_dir=args.offload_dir, dist_timeout=args.dist_timeout,
+            truncate=args.truncate,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -31,9 +31,9 @@ from specext.metrics.accuracy import accuracy_by_group
 from specext.models.loading import DEVICE_MAPS, LoadedModel, load_model, parse_max_memory, value_norms
 from specext.metrics.null_model import permutation_null
 from specext.probes.probeset import ProbeSet, load_probe
-from specext.metrics.pss import PSSConfig, compute_pss
+from specext.metrics.pss import MaskedScorer, PSSConfig, compute_pss
 from specext.pipelines.rundir import RunState
-from specext.probes.scoring import POSITIONS, HalvingBatches, PromptStats, Scorer, identical_options
+from specext.probes.scoring import POSITIONS, TRUNCATE, HalvingBatches, PromptStats, Scorer, identical_options
 from specext.metrics.specialization import ConceptMass, neuron_table, summarize
 
 logger = logging.getLogger("specext.analyze")
@@ -73,6 +73,7 @@ class AnalyzeConfig:
     max_memory: Optional[str] = None
     offload_dir: Optional[str] = None
     dist_timeout: float = 1800.0  # torchrun: seconds a rank waits for the others in a collective
+    truncate: Optional[str] = None  # a prompt past the model's positions: an error (None), or "left": cut, warned, counted
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +96,8 @@ class AnalyzeConfig:
         elif self.max_memory is not None or self.offload_dir is not None:
             raise ValueError("--max-memory and --offload-dir need --device-map (auto, balanced or sequential)")
         at_least("--dist-timeout", self.dist_timeout, 1, unit=" seconds")
+        if self.truncate is not None:
+            one_of("--truncate", self.truncate, TRUNCATE)
 
 
 class _Runner:
@@ -206,7 +209,9 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
     else:
         state.clear()
 
-    scorer = Scorer(lm, positions=cfg.positions, open_ended=cfg.open_ended, max_new_tokens=cfg.max_new_tokens)
+    scorer = Scorer(lm, positions=cfg.positions, open_ended=cfg.open_ended, max_new_tokens=cfg.max_new_tokens,
+                    truncate=cfg.truncate)
+    truncated = scorer.check(probe.questions)  # every prompt against the model's positions, before any forward pass
     runner = _Runner(lm, scorer, probe, mass, cfg.batch_size)
     from tqdm.auto import tqdm
 
@@ -242,7 +247,8 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
     twin = _run_twin(cfg, lm, probe, progress, dd) if cfg.random_twin else None
     summary = None
     if dd.is_main:
-        summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start, norms, pss, twin, plan=plan)
+        summary = _finish(cfg, lm, probe, mass, rows, out, fp, time.time() - t_start, norms, pss, twin, plan=plan,
+                          truncated=truncated)
     dd.barrier("rank 0 writes the run directory")  # every rank's checkpoint stays until it is written
     state.clear()
     return dd.broadcast(summary, "the summary")
@@ -367,7 +373,7 @@ def _run_twin(cfg: AnalyzeConfig, lm: LoadedModel, probe: ProbeSet, progress: bo
     seed = cfg.seed + 1  # not the model's own sampling seed
     twin = random_twin(lm, seed)
     mass = ConceptMass(len(probe.concepts), twin.n_layers, twin.d_ff, device=twin.device)
-    scorer = Scorer(twin, positions=cfg.positions, open_ended=False)
+    scorer = Scorer(twin, positions=cfg.positions, open_ended=False, truncate=cfg.truncate)
     runner = _Runner(twin, scorer, probe, mass, cfg.batch_size)
     dd = dd or distributed.Dist()
     lo, hi = dd.chunk_range(len(probe.questions), cfg.chunk_size)
@@ -407,7 +413,9 @@ def _run_pss(cfg: AnalyzeConfig, lm, probe, mass: ConceptMass, rows, state: RunS
             on_checkpoint("pss", len(done))
 
     dd = dd or distributed.Dist()
-    return compute_pss(lm, probe, cm, pc, overall_accuracy=overall, progress=progress, done=done,
+    ms = MaskedScorer(lm, batch_rows=pc.batch_rows, metric=pc.metric, scorer=Scorer(lm, open_ended=False,
+                                                                                   truncate=cfg.truncate))
+    return compute_pss(lm, probe, cm, pc, overall_accuracy=overall, progress=progress, done=done, scorer=ms,
                        on_concept=checkpoint, share=dd.share if dd.active else None,
                        gather=(lambda part: dd.all_gather(part, "the PSS rows")) if dd.active else None)
 
@@ -452,7 +460,7 @@ def _degenerate_probe(lm, probe: ProbeSet) -> List[str]:
 
 
 def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: float, norms: torch.Tensor,
-            pss=None, twin=None, plan=None) -> Dict[str, object]:
+            pss=None, twin=None, plan=None, truncated: int = 0) -> Dict[str, object]:
     norms = norms.to(mass.sums.device)
     spec = specialisation(probe, mass, norms if cfg.stat == "contribution" else None,
                           null_permutations=cfg.null_permutations, seed=cfg.seed)
@@ -485,6 +493,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "categories_dropped_by_layer": {str(l): v for l, v in spec.dropped_by_layer.items()},
         "nonfinite_prompt_layers": nonfinite,
         "prompts_without_positions": unselected,
+        "truncated_prompts": truncated,  # --truncate left: prompts cut to the model's positions
         "warnings": _degenerate_probe(lm, probe),
         "pss": pss.summary if pss is not None else None,
         "random_twin": _twin_summary(spec.summary["neurons"], twin),

@@ -40,6 +40,24 @@ logger = logging.getLogger(__name__)
 POSITIONS = ("question", "last", "all", "subject", "subject-last")
 _SUBJECT_POSITIONS = ("subject", "subject-last")
 _OFFSET_POSITIONS = ("question",) + _SUBJECT_POSITIONS
+TRUNCATE = ("left",)  # --truncate: how a prompt longer than the model's positions is cut (None: an error)
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def position_limit(model) -> Optional[int]:
+    """The model's number of positions (config ``max_position_embeddings``, ``n_positions``
+    or ``n_ctx``), or None when its config names none (no limit is checked)."""
+    cfg = getattr(model, "config", None)
+    for key in _POSITION_KEYS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _limit_name(model) -> str:
+    cfg = getattr(model, "config", None)
+    return next((k for k in _POSITION_KEYS if isinstance(getattr(cfg, k, None), int)), "positions")
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,10 +168,25 @@ def _select_row(positions: str, template: str, question: str, concept: str, ids,
 
 
 _WARNED_MISSING: set = set()
+_WARNED_TRUNCATED: set = set()
+
+
+@dataclass
+class PromptLimit:
+    """The position limit :func:`encode_prompts` checks: a prompt plus ``reserve(question)``
+    tokens (the longest option, or the generated answer) must fit in ``limit`` positions
+    (``name``: the config key it came from). Otherwise a ``ValueError`` naming the question's
+    ``file:line`` and the limit, or with ``truncate="left"`` the prompt's first tokens are
+    dropped (one warning per question) and the question's source is added to ``truncated``."""
+    limit: int
+    reserve: Callable[[Question], int] = lambda q: 0
+    truncate: Optional[str] = None
+    name: str = "max_position_embeddings"
+    truncated: set = field(default_factory=set)
 
 
 def encode_prompts(tokenizer, questions: Sequence[Question], positions: str, template: str = MCQ_TEMPLATE,
-                   device: torch.device = torch.device("cpu")) -> EncodedBatch:
+                   device: torch.device = torch.device("cpu"), limit: Optional[PromptLimit] = None) -> EncodedBatch:
     """Tokenise prompts, left-pad them, and mark the positions to reduce.
 
     ``positions``:
@@ -171,7 +204,8 @@ def encode_prompts(tokenizer, questions: Sequence[Question], positions: str, tem
     counts such prompts. ``question``, ``subject`` and ``subject-last`` need character
     offsets (a fast tokenizer); ``subject``/``subject-last`` raise ``ValueError`` without
     them, ``question`` falls back to ``last`` with a warning. Each distinct prompt is
-    tokenised once (PSS batches repeat one prompt under many masks).
+    tokenised once (PSS batches repeat one prompt under many masks). ``limit``: see
+    :class:`PromptLimit` (checked before any forward pass).
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
@@ -203,6 +237,8 @@ def encode_prompts(tokenizer, questions: Sequence[Question], positions: str, tem
             positions, want_offsets = "last", False
     if enc is None:
         enc = tokenizer(prompts, add_special_tokens=True, return_special_tokens_mask=True)
+    if limit is not None:
+        enc = _fit_positions(enc, questions, uniq, limit, want_offsets)
     # The selection of a subject position depends on the concept too, not only on the prompt.
     sel_cache: Dict[Tuple[int, str], List[bool]] = {}
 
@@ -245,6 +281,35 @@ def encode_prompts(tokenizer, questions: Sequence[Question], positions: str, tem
     position_ids = (attn.cumsum(1) - 1).clamp_min(0)
     return EncodedBatch(input_ids.to(device), attn.to(device), position_ids.to(device), select.to(device),
                         attn.sum(1).to(device))
+
+
+def _fit_positions(enc, questions: Sequence[Question], uniq: Dict[str, int], lim: PromptLimit, offsets: bool):
+    """Check every prompt against ``lim``; cut too long ones from the left (``--truncate left``)."""
+    keys = ["input_ids", "special_tokens_mask"] + (["offset_mapping"] if offsets else [])
+    out = {k: list(enc[k]) for k in keys}
+    for q in questions:
+        u = uniq[q.question]
+        n, extra = len(enc["input_ids"][u]), lim.reserve(q)
+        if n + extra <= lim.limit:
+            continue
+        where = q.source or repr(q.question[:60])
+        keep = lim.limit - extra
+        if lim.truncate != "left" or keep < 1:
+            raise ValueError(f"{where}: the prompt is {n} tokens and needs {extra} more positions for its options or "
+                             f"generated answer ({n + extra} in all), past the model's {lim.limit} positions "
+                             f"({lim.name} = {lim.limit})"
+                             + ("; even --truncate left cannot make room" if lim.truncate == "left" else
+                                "; shorten the question or pass --truncate left"))
+        if len(out["input_ids"][u]) > keep:
+            for k in keys:
+                out[k][u] = list(enc[k][u])[n - keep:]
+        if where not in lim.truncated:
+            lim.truncated.add(where)
+            if where not in _WARNED_TRUNCATED:
+                _WARNED_TRUNCATED.add(where)
+                logger.warning("%s: prompt of %d tokens (+%d for the answer) is past the model's %d positions (%s): "
+                               "--truncate left keeps its last %d tokens", where, n, extra, lim.limit, lim.name, keep)
+    return out
 
 
 def continuation_ids(tokenizer, prompt: str, cont: str) -> List[int]:
@@ -379,12 +444,38 @@ class Scorer:
     """
 
     def __init__(self, lm: LoadedModel, *, positions: str = "question", open_ended: bool = True,
-                 max_new_tokens: int = 12, template: str = MCQ_TEMPLATE):
+                 max_new_tokens: int = 12, template: str = MCQ_TEMPLATE, truncate: Optional[str] = None):
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        if truncate is not None and truncate not in TRUNCATE:
+            raise ValueError(f"truncate must be None or one of {TRUNCATE}, got {truncate!r}")
         self.lm, self.positions, self.open_ended = lm, positions, open_ended
         self.max_new_tokens, self.template = max_new_tokens, template
         self._cont_cache: Dict[Tuple[str, str], List[int]] = {}
+        n = position_limit(lm.model)
+        # Options and the generated answer each continue from the prompt's cache: the longer counts.
+        self.limit = None if n is None else PromptLimit(n, self._reserve, truncate, _limit_name(lm.model))
+
+    @property
+    def truncated(self) -> set:
+        """Sources (``file:line``) of the questions whose prompts were cut (``truncate="left"``)."""
+        return self.limit.truncated if self.limit is not None else set()
+
+    def _reserve(self, q: Question) -> int:
+        if not self.lm.has_lm_head:
+            return 0
+        prompt = self.template.format(question=q.question)
+        longest = max((len(self._cont(prompt, c)) for c in q.choices), default=0)
+        return max(longest, self.max_new_tokens if self.open_ended else 0)
+
+    def check(self, questions: Sequence[Question]) -> int:
+        """Check every question against the model's positions before any forward pass
+        (``ValueError`` naming the first too long one); returns how many would be truncated."""
+        if self.limit is None:
+            return 0
+        lim = PromptLimit(self.limit.limit, self._reserve, self.limit.truncate, self.limit.name)
+        encode_prompts(self.lm.tokenizer, questions, "last", self.template, limit=lim)
+        return len(lim.truncated)
 
     def _cont(self, prompt: str, choice: str) -> List[int]:
         key = (prompt, choice)
@@ -400,7 +491,7 @@ class Scorer:
               row_masks: Optional[Callable[[int], Optional[torch.Tensor]]] = None) -> List[QuestionResult]:
         """``row_masks(layer)`` -> ``(B, d_ff)`` multiplier per question row (or None)."""
         lm = self.lm
-        batch = encode_prompts(lm.tokenizer, questions, self.positions, self.template, lm.device)
+        batch = encode_prompts(lm.tokenizer, questions, self.positions, self.template, lm.device, limit=self.limit)
         B = len(questions)
         results = [QuestionResult() for _ in questions]
         current_rows: List[Optional[torch.Tensor]] = [None]  # row index map of the running pass

@@ -186,7 +186,7 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
     lm = load_model(cfg.model_dir, dtype=cfg.dtype, device=distributed.rank_device(dd, cfg.device), trust_remote_code=cfg.trust_remote_code,
                     allow_pickle=cfg.allow_pickle, device_map=cfg.device_map, max_memory=cfg.max_memory,
                     offload_dir=cfg.offload_dir)
-    fp = rundir.fingerprint(cfg, probe, Path(cfg.model_dir))
+    fp = rundir.fingerprint(cfg, probe, Path(cfg.model_dir), cache=out / rundir.WEIGHTS_CACHE)
     if dd.active:
         fp["world_size"] = dd.world  # each rank's checkpoint holds its share, which depends on it
     state = RunState(out, rank=dd.rank if dd.active else None)
@@ -198,7 +198,7 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
     lo, hi = dd.chunk_range(len(qs), cfg.chunk_size)  # this rank's questions (all of them alone)
     start = lo
     if cfg.resume:
-        loaded = state.load(fp)
+        loaded = state.load(fp, qs[lo:hi], lo)
         if loaded is not None:
             start, acc, rows = loaded
             mass.load_state(acc)

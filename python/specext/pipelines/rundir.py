@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
@@ -107,24 +107,49 @@ def sha256_file(path: PathLike, limit: int = None) -> str:
     return h.hexdigest()
 
 
-def safetensors_fingerprint(files: Iterable[Path]) -> str:
-    """Hash of each safetensors file's name, size and header (tensor names, dtypes, shapes,
-    offsets): cheap for a 70B checkpoint, and changes whenever the weights' layout does."""
+WEIGHTS_CACHE = ".weights-sha256.json"
+
+
+def weights_fingerprint(files: Iterable[Path], cache: Optional[Path] = None) -> str:
+    """Hash of every safetensors file's name and bytes (header and tensors: a fine-tune of the
+    same base differs). Each file's SHA-256 is cached in ``cache`` (a JSON file in the run
+    directory) keyed by its resolved path, size and modification time (``st_mtime_ns``), so a
+    resume does not rehash a 140 GB checkpoint; a changed file is hashed again."""
+    entries: Dict[str, dict] = {}
+    if cache is not None and cache.is_file():
+        try:
+            loaded = json.loads(cache.read_text())
+            entries = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError, UnicodeDecodeError):
+            entries = {}  # a damaged cache is only a cache: hash again
     h = hashlib.sha256()
+    changed = False
     for p in sorted(files):
-        with open(p, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            h.update(p.name.encode())
-            h.update(str(p.stat().st_size).encode())
-            h.update(f.read(min(n, 100 << 20)))
+        st = p.stat()
+        key = str(p.resolve())
+        e = entries.get(key)
+        if isinstance(e, dict) and e.get("size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns \
+                and isinstance(e.get("sha256"), str):
+            digest = e["sha256"]
+        else:
+            digest = sha256_file(p)  # streamed in 1 MiB chunks
+            entries[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+            changed = True
+        h.update(p.name.encode() + b"\0" + digest.encode() + b"\n")
+    if cache is not None and changed:
+        try:
+            write_json(cache, entries)
+        except OSError:
+            pass  # an unwritable cache costs a rehash next time, nothing else
     return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- fingerprint
 
 
-def fingerprint(cfg, probe: ProbeSet, model_dir: Path) -> Dict[str, object]:
-    """What must match for --resume to continue a run (anything that changes results)."""
+def fingerprint(cfg, probe: ProbeSet, model_dir: Path, cache: Optional[Path] = None) -> Dict[str, object]:
+    """What must match for --resume to continue a run (anything that changes results). The
+    weights enter by their bytes (:func:`weights_fingerprint`, cached in ``cache``)."""
     files = sorted(model_dir.glob("*.safetensors"))
     probe_src = probe.questions[0].source.rsplit(":", 1)[0] if probe.questions else ""
     keys = ("probe", "dtype", "batch_size", "max_concepts", "positions", "stat", "seed", "open_ended",
@@ -134,7 +159,7 @@ def fingerprint(cfg, probe: ProbeSet, model_dir: Path) -> Dict[str, object]:
     fp = {
         "options": opts,
         "model_config_sha256": sha256_file(model_dir / "config.json"),
-        "weights_fingerprint": safetensors_fingerprint(files) if files else None,
+        "weights_sha256": weights_fingerprint(files, cache) if files else None,
         "probe_sha256": sha256_file(probe_src) if probe_src and Path(probe_src).is_file() else None,
         "questions": len(probe.questions),
     }
@@ -215,6 +240,25 @@ class RunLock:
 # ---------------------------------------------------------------------------- state
 
 
+def check_rows(rows: List[dict], questions: Sequence, first: int, path: Path, next_question: Optional[int] = None) -> None:
+    """Every saved row is the probe's question at its index (``first`` + its position): same
+    question text and concept, and as many rows as questions before ``next_question``.
+    Otherwise the checkpoint holds another probe's (or another share's) rows: a clear error."""
+    restart = "use another --out, or rerun without --resume (which starts the run over)"
+    if next_question is not None and len(rows) != next_question - first:
+        raise ValueError(f"--resume: {path} holds {len(rows)} rows but the checkpoint continues at question "
+                         f"{next_question} (expected {next_question - first} rows from question {first}); {restart}")
+    if len(rows) > len(questions):
+        raise ValueError(f"--resume: {path} holds {len(rows)} rows, more than the {len(questions)} questions "
+                         f"of this run; {restart}")
+    for i, (r, q) in enumerate(zip(rows, questions)):
+        if not isinstance(r, dict) or r.get("question") != q.question or r.get("concept") != q.concept:
+            got = (r.get("concept"), r.get("question")) if isinstance(r, dict) else r
+            raise ValueError(f"--resume: row {i + 1} of {path} does not belong to question {first + i} of the probe "
+                             f"({q.source}: concept {q.concept!r}, {q.question!r}); it holds {got!r}: the checkpoint "
+                             f"is of another probe or run; {restart}")
+
+
 class RunState:
     """Checkpoint of a run in ``OUT/.state``: the accumulators (one file per checkpoint) and
     an append-only ``rows.jsonl``, published by an atomic rewrite of ``progress.json``
@@ -231,7 +275,10 @@ class RunState:
         self.rows_path = self.dir / "rows.jsonl"
         self.rows_written = 0
 
-    def load(self, fingerprint: Dict[str, object]):
+    def load(self, fingerprint: Dict[str, object], questions: Optional[Sequence] = None, first: int = 0):
+        """The checkpoint: ``(next_question, accumulators, rows)``, or None without one.
+        ``questions`` (this run's share of the probe, starting at probe index ``first``):
+        every saved row must be the question at its index (question text and concept)."""
         if not self.progress.is_file():
             return None
         restart = "the checkpoint cannot be resumed: rerun without --resume (which starts the run over)"
@@ -245,8 +292,10 @@ class RunState:
         if prog.get("fingerprint") != fingerprint:
             fpo = prog.get("fingerprint") if isinstance(prog.get("fingerprint"), dict) else {}
             diff = [k for k in fingerprint if fpo.get(k) != fingerprint[k]]
+            why = (": the model's weights differ from those the run was started with (same file layout, "
+                   "other tensor bytes, e.g. a fine-tune of the same base)") if "weights_sha256" in diff else ""
             raise ValueError(f"--resume: the run in {self.dir.parent} was started with different inputs "
-                             f"({', '.join(diff)} differ); use another --out or drop --resume")
+                             f"({', '.join(diff)} differ){why}; use another --out or drop --resume")
         acc_path = self.dir / acc_name
         try:
             acc = read_safetensors(acc_path)
@@ -266,6 +315,8 @@ class RunState:
             rows = [json.loads(l) for l in lines]
         except ValueError as e:
             raise ValueError(f"--resume: {self.rows_path} is damaged ({e}); {restart}") from None
+        if questions is not None:
+            check_rows(rows, questions, first, self.rows_path, nxt)
         write_bytes(self.rows_path, b"".join(l + b"\n" for l in lines))  # drop a torn tail
         self.rows_written = n
         return nxt, acc, rows

@@ -172,11 +172,15 @@ def differential_scores(mass: torch.Tensor, concept_category: Sequence[int], unr
     return torch.stack([ds(k) for k in range(mass.shape[0])]) if mass.shape[0] else mass.reshape(0, -1).double()
 
 
+def per_row(ratio: float, n_layers: int, d_ff: int, selection: str) -> int:
+    """How many vectors ``ratio`` percent selects per row (at least one): of all ``L * d_ff``
+    vectors (``global``, one row) or of each layer's ``d_ff`` (``per-layer``, one row each)."""
+    return max(1, int(round(ratio / 100 * (n_layers * d_ff if selection == "global" else d_ff))))
+
+
 def n_vectors(ratio: float, n_layers: int, d_ff: int, selection: str) -> int:
-    """How many vectors ``ratio`` percent selects (at least one; per layer for per-layer)."""
-    if selection == "per-layer":
-        return max(1, int(round(ratio / 100 * d_ff))) * n_layers
-    return max(1, int(round(ratio / 100 * n_layers * d_ff)))
+    """How many vectors ``ratio`` percent selects in all."""
+    return per_row(ratio, n_layers, d_ff, selection) * (1 if selection == "global" else n_layers)
 
 
 def top_vectors_all(d: torch.Tensor, ratios: Sequence[float], n_layers: int, d_ff: int,
@@ -186,13 +190,13 @@ def top_vectors_all(d: torch.Tensor, ratios: Sequence[float], n_layers: int, d_f
     its prefix. Ties at a ratio's boundary go to the lowest index (as a stable sort), found
     exactly: everything above the boundary value, then the first indices equal to it."""
     rows = d.reshape(1 if selection == "global" else n_layers, -1).double()
-    per_row = rows.shape[1]
-    ks = {r: max(1, int(round(r / 100 * (n_layers * d_ff if selection == "global" else d_ff)))) for r in ratios}
-    kmax = min(max(ks.values()), per_row)
+    width = rows.shape[1]
+    ks = {r: per_row(r, n_layers, d_ff, selection) for r in ratios}
+    kmax = min(max(ks.values()), width)
     vals = torch.topk(rows, kmax, dim=1, sorted=True).values  # (R, kmax), descending
     out = {}
     for r, k in ks.items():
-        k = min(k, per_row)
+        k = min(k, width)
         thr = vals[:, k - 1 : k]  # (R, 1) the boundary value of each row
         above = rows > thr
         need = k - above.sum(1, keepdim=True)
@@ -210,11 +214,10 @@ def top_vectors(d: torch.Tensor, ratio: float, n_layers: int, d_ff: int, selecti
 def random_vectors(ratio: float, n_layers: int, d_ff: int, selection: str, seed: int) -> torch.Tensor:
     """As many uniformly random vectors as :func:`top_vectors` selects, from a seeded generator."""
     g = torch.Generator().manual_seed(seed)
+    k = per_row(ratio, n_layers, d_ff, selection)
     if selection == "per-layer":
-        k = max(1, int(round(ratio / 100 * d_ff)))
         idx = [torch.randperm(d_ff, generator=g)[:k] + l * d_ff for l in range(n_layers)]
         return torch.cat(idx).sort().values
-    k = max(1, int(round(ratio / 100 * n_layers * d_ff)))
     return torch.randperm(n_layers * d_ff, generator=g)[:k].sort().values
 
 

@@ -117,7 +117,24 @@ def _check_stat(stat: str) -> None:
         raise ValueError(f"stat must be one of {', '.join(repr(s) for s in STATS)}; got {stat!r}")
 
 
+def _dtype_name(x) -> str:
+    return str(x.dtype).replace("torch.", "")
+
+
+def _check_real(**arrays) -> None:
+    """Refuse complex arrays by their own dtype name: the native binding reads DLPack's type
+    code as a float of twice the width, so it would call complex64 "float64"."""
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        cplx = x.is_complex() if _is_torch(x) else (isinstance(x, np.ndarray) and np.iscomplexobj(x))
+        if cplx:
+            raise TypeError(f"{name}: dtype {_dtype_name(x)} is not supported: the kernels take real tensors "
+                            f"(float32/float16/bfloat16; pass {name}.real or {name}.abs() if that is what you mean)")
+
+
 def _native_category_accumulate(acts, labels, weights, sums, counts, stat: str, errors=None) -> None:
+    _check_real(acts=acts, labels=labels, weights=weights, sums=sums, counts=counts, errors=errors)
     scope, stream = _device_scope(acts)
     with scope:
         _load_native().category_accumulate(
@@ -133,12 +150,14 @@ def _native_category_accumulate(acts, labels, weights, sums, counts, stat: str, 
 
 
 def _native_neuron_specialization(mass, outs) -> None:
+    _check_real(mass=mass)
     scope, stream = _device_scope(mass)
     with scope:
         _load_native().neuron_specialization(_capsule(mass), *[_capsule(o) for o in outs], stream)
 
 
 def _native_value_vector_norms(weight, out) -> None:
+    _check_real(weight=weight)
     scope, stream = _device_scope(weight)
     with scope:
         _load_native().value_vector_norms(_capsule(weight), _capsule(out), stream)

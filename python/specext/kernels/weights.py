@@ -42,7 +42,7 @@ from safetensors import safe_open
 
 __all__ = [
     "DownProj", "DownProjTensor", "DownProjName", "match_down_proj", "find_down_proj_names", "down_proj_tensors",
-    "down_proj_shapes", "iter_down_proj", "iter_value_vector_norms",
+    "down_proj_shapes", "iter_down_proj", "iter_value_vector_norms", "check_safetensors", "checkpoint_tensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -441,6 +441,121 @@ def _name_to_file(model_dir: PathLike) -> Tuple[Path, Dict[str, Path], Optional[
                 else:
                     mapping[n] = f
     return directory, mapping, conflicts
+
+
+# Bits per element of every safetensors dtype (the format's own list; sub-byte floats pack).
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+               "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def check_safetensors(path: PathLike) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """Validate one safetensors file from its header and size alone (no tensor data read):
+    the 8-byte header length fits the file, the header is a JSON object, every tensor has a
+    known dtype, a shape of non-negative ints and offsets ``[begin, end]`` whose length is
+    exactly what dtype and shape need, the tensors tile the data area without gap or
+    overlap, and the file ends where the last tensor does (not cut short, nothing after).
+
+    Returns ``{name: (dtype, shape)}``. Raises ``ValueError`` naming the file and what is
+    wrong (and the tensor, where one is), e.g. for a file cut short by a copy."""
+    path = Path(path)
+    size = path.stat().st_size
+    bad = f"{path} is not a valid safetensors file"
+    if size < 8:
+        raise ValueError(f"{bad}: it has {size} bytes, fewer than the 8 of the header length (empty or cut short)")
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n > size - 8 or n > _MAX_HEADER:
+            raise ValueError(f"{bad}: its first 8 bytes give a header of {n} bytes, but the file has {size} bytes "
+                             f"in all ({'cut short, or ' if n <= _MAX_HEADER else ''}not a safetensors file)")
+        raw = fh.read(n)
+    try:
+        head = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{bad}: its {n}-byte header is not JSON (garbage or overwritten header: {exc})") from None
+    if not isinstance(head, dict):
+        raise ValueError(f"{bad}: its header is a JSON {type(head).__name__}, not an object")
+    data = size - 8 - n
+    out: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+    spans = []
+    for name, e in head.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: header entry is not an object ({e!r:.80})")
+        dt, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if dt not in _DTYPE_BITS:
+            raise ValueError(f"{where}: unknown dtype {dt!r} (garbage header?)")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                  for o in offs) and 0 <= offs[0] <= offs[1]):
+            raise ValueError(f"{where}: data_offsets {offs!r} are not [begin, end] with 0 <= begin <= end")
+        numel = 1
+        for d in shape:
+            numel *= d
+        need = -(-numel * _DTYPE_BITS[dt] // 8)
+        if offs[1] - offs[0] != need:
+            raise ValueError(f"{where}: shape {tuple(shape)} of {dt} needs {need} bytes but its data_offsets "
+                             f"{offs} hold {offs[1] - offs[0]}: the shape does not fit the offsets")
+        out[name] = (dt, tuple(shape))
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    pos = 0
+    for b, e, name in spans:
+        if b != pos:
+            what = "overlaps the previous tensor" if b < pos else f"leaves a gap of {b - pos} bytes before it"
+            raise ValueError(f"{path}: tensor {name!r} starts at data byte {b}, which {what} (ends at {pos})")
+        pos = e
+    if pos > data:
+        last = spans[-1][2]
+        raise ValueError(f"{path} is cut short: its tensors need {pos} bytes of data (up to the end of {last!r}) "
+                         f"but the file holds {data} after its header ({size} bytes in all; "
+                         f"{pos - data} missing): truncated download or copy?")
+    if pos < data:
+        raise ValueError(f"{bad}: {data - pos} bytes follow the last tensor's data (damaged or not one file)")
+    return out
+
+
+def checkpoint_tensors(model_dir: PathLike) -> Dict[str, Tuple[Path, str, Tuple[int, ...]]]:
+    """Validate every safetensors file a model directory loads from (those its index names,
+    else every ``*.safetensors``) with :func:`check_safetensors`, before anything loads them.
+
+    Returns ``{tensor name: (file, dtype, shape)}``; raises ``ValueError`` naming the file
+    (a damaged one, a tensor in two files, an index entry that its file does not hold) or
+    ``FileNotFoundError`` (a file the index names is missing)."""
+    directory = Path(model_dir)
+    index = directory / INDEX_NAME
+    wanted: Optional[Dict[str, Path]] = None
+    if index.is_file():
+        try:
+            with open(index, "r", encoding="utf-8") as fh:
+                weight_map = json.load(fh).get("weight_map")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ValueError(f"cannot parse {index}: {exc}") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map' object")
+        wanted = {n: _resolve_inside(directory, f, index) for n, f in weight_map.items()}
+        files = sorted(set(wanted.values()))
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{index} maps tensors to {f.name}, which does not exist in {directory}")
+    else:
+        files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+    out: Dict[str, Tuple[Path, str, Tuple[int, ...]]] = {}
+    for f in files:
+        for name, (dt, shape) in check_safetensors(f).items():
+            if name in out and out[name][0] != f:
+                raise ValueError(f"tensor {name!r} is in two files of {directory}: {out[name][0].name} and {f.name}")
+            out[name] = (f, dt, shape)
+    if wanted is not None:
+        for name, f in wanted.items():
+            if name not in out or out[name][0] != f:
+                raise ValueError(f"{index} lists tensor {name!r} in {f.name}, but {f} does not hold it")
+    return out
 
 
 def _plan(model_dir: PathLike) -> Tuple[Path, List[DownProjTensor], Dict[str, Path]]:

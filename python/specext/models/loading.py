@@ -111,6 +111,9 @@ class LoadedModel:
     info: Dict[str, object] = field(default_factory=dict)
     layer_devices: List[torch.device] = field(default_factory=list)
     device_map: Optional[Dict[str, str]] = None
+    # What loading let through with allow_missing (missing or unexpected checkpoint tensors),
+    # one sentence each; recorded in summary.json's warnings.
+    warnings: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.layer_devices:
@@ -445,8 +448,21 @@ def load_model(
     device_map: Optional[str] = None,
     max_memory: Optional[Union[str, Dict[Union[int, str], Union[int, str]]]] = None,
     offload_dir: Optional[Union[str, Path]] = None,
+    allow_missing: bool = False,
 ) -> LoadedModel:
     """Load a local model directory (config.json, safetensors weights, tokenizer).
+
+    The checkpoint must be the model the config describes, tensor for tensor: every
+    safetensors file is validated from its header before loading
+    (:func:`specext.kernels.weights.checkpoint_tensors`: a file cut short, a garbage header,
+    a shape that does not fit its offsets), and a tensor the model needs that the checkpoint
+    lacks (*missing*: transformers would initialise it at random), one the model has no
+    place for (*unexpected*: e.g. layers past the config's count) or one of another shape
+    (*mismatched*) is a ``ModelLoadError`` naming the tensors. Tied weights (an LM head tied
+    to the embeddings) and non-persistent buffers (rotary ``inv_freq``) are not missing.
+    ``allow_missing``: missing and unexpected tensors are logged and kept in
+    :attr:`LoadedModel.warnings` instead (for heads that are tied or unused); a mismatched
+    shape and a missing MLP down-projection (what specext measures) stay errors.
 
     ``dtype``: ``auto`` (the checkpoint's dtype), ``bfloat16``, ``float16``, ``float32``.
     Causal LMs (architectures ending in ``ForCausalLM``/``LMHeadModel``) load with their LM
@@ -464,6 +480,12 @@ def load_model(
     # allow_pickle permits a pickle-only checkpoint; it never forces one: safetensors win
     # whenever the directory has them.
     use_safetensors = _check_dir(model_dir, allow_pickle)
+    ckpt = {}
+    if use_safetensors:
+        try:  # every header and offset, before transformers reads (and dies on) a damaged file
+            ckpt = _weights.checkpoint_tensors(model_dir)
+        except (ValueError, OSError) as e:
+            raise ModelLoadError(f"damaged checkpoint: {e}") from None
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     if device_map is not None:
@@ -486,17 +508,20 @@ def load_model(
         local_files_only=True,
         use_safetensors=use_safetensors,
         dtype=DTYPES.get(dtype, "auto"),
+        output_loading_info=True,  # missing / unexpected / mismatched tensors: checked below
+        ignore_mismatched_sizes=True,  # reported in the loading info, refused below with the tensor's name
     )
     if device_map is not None:
         kwargs.update(device_map=device_map, max_memory=max_memory,
                       offload_folder=str(offload_dir) if offload_dir is not None else None)
     loader = AutoModelForCausalLM if causal else AutoModel
     try:
-        model = loader.from_pretrained(model_dir, **kwargs)
+        model, loading = loader.from_pretrained(model_dir, **kwargs)
     except ValueError as e:
         hint = (" (a layer that does not fit --max-memory goes to disk: give --offload-dir DIR)"
                 if device_map is not None and offload_dir is None and "offload" in str(e) else "")
         raise ModelLoadError(f"{model_dir}: cannot load {cfg.model_type} with {loader.__name__} ({e}){hint}") from None
+    load_warnings = _check_loading(model_dir, loading, ckpt, allow_missing)
     hf_map = getattr(model, "hf_device_map", None) if device_map is not None else None
     if device_map is None:
         model.to(dev)
@@ -510,6 +535,7 @@ def load_model(
         raise ModelLoadError(f"{model_dir}: no usable tokenizer (expected tokenizer.json, or tokenizer_config.json "
                              f"with vocab.json + merges.txt, tokenizer.model or vocab.txt): {why}")
     lm = wrap_model(model, tok, path=model_dir, has_lm_head=causal, device=dev)
+    lm.warnings = load_warnings
     if use_safetensors:
         bind_checkpoint(lm.sites, model_dir)
     elif any(s.module.weight.is_meta for s in lm.sites):
@@ -523,6 +549,66 @@ def load_model(
     logger.info("loaded %s (%s, %d layers, d_ff %d, %s on %s, %.1fM parameters)", model_dir, lm.architecture,
                 lm.n_layers, lm.d_ff, lm.dtype, lm.device, lm.n_parameters() / 1e6)
     return lm
+
+
+def _grouped(names) -> str:
+    """Tensor names, layers folded: ``model.layers.{4, 5}.mlp.up_proj.weight`` (as transformers'
+    load report writes them); at most 12 groups, then a count."""
+    import re
+
+    groups: Dict[str, List[int]] = {}
+    for n in sorted(names):
+        m = re.search(r"\.(\d+)\.", n)
+        key = n if m is None else n[: m.start()] + ".{}." + n[m.end():]
+        groups.setdefault(key, []).append(int(m.group(1)) if m else -1)
+    out = []
+    for key, layers in groups.items():
+        if "{}" in key:
+            ls = sorted(set(layers))
+            key = key.replace("{}", str(ls[0]) if len(ls) == 1 else "{" + ", ".join(map(str, ls)) + "}")
+        out.append(key)
+    more = f" ... ({len(out) - 12} more)" if len(out) > 12 else ""
+    return ", ".join(out[:12]) + more
+
+
+def _check_loading(model_dir: Path, info: Dict[str, object], ckpt: Dict[str, tuple], allow_missing: bool) -> List[str]:
+    """Refuse a checkpoint that is not the config's model, from transformers' loading info
+    (``output_loading_info=True``): missing, unexpected and mismatched tensors, named (and
+    for a mismatch its file and both shapes). ``allow_missing`` turns missing and unexpected
+    tensors into warnings (returned), except a missing MLP down-projection."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
+    if mismatched:
+        parts = []
+        for name, theirs, mine in mismatched[:8]:
+            f = ckpt.get(name, (None,))[0]
+            parts.append(f"{name!r}{f' in {f.name}' if f is not None else ''} has shape {tuple(theirs)}, the model "
+                         f"(config.json) needs {tuple(mine)}")
+        more = f" ... ({len(mismatched) - 8} more)" if len(mismatched) > 8 else ""
+        raise ModelLoadError(f"{model_dir}: the checkpoint does not fit config.json: {'; '.join(parts)}{more}. "
+                             "A tensor of the wrong shape would be initialised at random; fix the config or the "
+                             "checkpoint")
+    down = [n for n in missing if _weights.match_down_proj(n) is not None]
+    found = []
+    if missing:
+        found.append(f"{len(missing)} tensor(s) the model needs are not in the checkpoint (transformers would "
+                     f"initialise them at random): {_grouped(missing)}")
+    if unexpected:
+        found.append(f"{len(unexpected)} checkpoint tensor(s) have no place in the model config.json describes "
+                     f"(they would be ignored): {_grouped(unexpected)}")
+    if not found:
+        return []
+    what = "; ".join(found)
+    if not allow_missing or down:
+        hint = (" MLP down-projections are measured and are never allowed to be missing." if down and allow_missing
+                else " If these are heads that are tied or unused, --allow-missing (allow_missing=True) downgrades "
+                     "this to a warning recorded in summary.json.")
+        raise ModelLoadError(f"{model_dir}: config.json and the weights disagree (e.g. num_hidden_layers, or a "
+                             f"shard or tensor missing): {what}.{hint}")
+    msg = f"{model_dir}: --allow-missing: {what}"
+    logger.warning("%s", msg)
+    return [msg]
 
 
 def _map_budget(device: str, device_map: str, max_memory):

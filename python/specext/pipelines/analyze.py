@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: seconds a rank waits for the others (process group and collectives)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model directory's own Python code")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled *.bin weights (unsafe)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="checkpoint tensors missing for the config's model, or left over, are a warning (recorded in "
+                        "summary.json) instead of an error: for heads that are tied or unused")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     return p
 
@@ -195,7 +198,7 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
             model_dir=args.model_dir, probe=args.probe or "world", out=args.out, dtype=args.dtype,
             device=args.device, batch_size=args.batch_size, max_concepts=args.max_concepts, positions=args.positions,
             stat=args.stat, seed=args.seed, resume=args.resume, trust_remote_code=args.trust_remote_code,
-            allow_pickle=args.allow_pickle, open_ended=not args.no_open, max_new_tokens=args.max_new_tokens,
+            allow_pickle=args.allow_pickle, allow_missing=args.allow_missing, open_ended=not args.no_open, max_new_tokens=args.max_new_tokens,
             chunk_size=args.chunk_size, checkpoint_every=args.checkpoint_every, report=not args.no_report,
             pss=not args.no_pss, pss_config=pss_cfg, null_permutations=args.null_permutations,
             random_twin=args.random_twin, accumulate_device=args.accumulate_device, device_map=args.device_map,

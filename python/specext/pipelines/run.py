@@ -57,6 +57,7 @@ class AnalyzeConfig:
     resume: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    allow_missing: bool = False  # missing/unexpected checkpoint tensors: a warning in summary.json, not an error
     open_ended: bool = True
     max_new_tokens: int = 12
     chunk_size: int = 64  # questions per unit of work (a checkpoint falls between chunks)
@@ -156,9 +157,17 @@ def _analysis(cfg: AnalyzeConfig, dd: distributed.Dist, *, progress: bool,
     if cfg.pss:
         cfg.pss_config.check_probe(probe)  # before minutes of scoring, not after
     out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"{Path(cfg.model_dir).name}-{probe.name}"
+    made = rundir.missing_root(out)  # the folder this run creates, if any: removed again if it fails early
+    if dd.active:
+        made = next((m for m in dd.all_gather(made, "whether --out exists") if m is not None), None)
     rundir.check_writable(out)  # before loading the model, not at the first checkpoint
-    with _lock(out, dd):
-        return _locked(cfg, dd, probe, out, t_start, progress=progress, on_checkpoint=on_checkpoint)
+    with _lock(out, dd) as lock:
+        try:
+            return _locked(cfg, dd, probe, out, t_start, progress=progress, on_checkpoint=on_checkpoint)
+        except BaseException:
+            if made is not None and dd.is_main:  # e.g. a damaged checkpoint: no run directory left behind
+                rundir.discard_new(out, made, lock)
+            raise
 
 
 def _lock(out: Path, dd: distributed.Dist) -> rundir.RunLock:
@@ -185,7 +194,7 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
         (out / "summary.json").unlink(missing_ok=True)
     lm = load_model(cfg.model_dir, dtype=cfg.dtype, device=distributed.rank_device(dd, cfg.device), trust_remote_code=cfg.trust_remote_code,
                     allow_pickle=cfg.allow_pickle, device_map=cfg.device_map, max_memory=cfg.max_memory,
-                    offload_dir=cfg.offload_dir)
+                    offload_dir=cfg.offload_dir, allow_missing=cfg.allow_missing)
     fp = rundir.fingerprint(cfg, probe, Path(cfg.model_dir), cache=out / rundir.WEIGHTS_CACHE)
     if dd.active:
         fp["world_size"] = dd.world  # each rank's checkpoint holds its share, which depends on it
@@ -494,7 +503,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "nonfinite_prompt_layers": nonfinite,
         "prompts_without_positions": unselected,
         "truncated_prompts": truncated,  # --truncate left: prompts cut to the model's positions
-        "warnings": _degenerate_probe(lm, probe),
+        "warnings": lm.warnings + _degenerate_probe(lm, probe),  # lm.warnings: what --allow-missing let through
         "pss": pss.summary if pss is not None else None,
         "random_twin": _twin_summary(spec.summary["neurons"], twin),
         "seconds": round(seconds, 2),

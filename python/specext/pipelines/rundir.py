@@ -184,6 +184,44 @@ def check_writable(out: Path) -> None:
         raise OSError(e.errno, f"--out {out} is not a writable directory: {e.strerror or e}") from None
 
 
+def missing_root(out: Path) -> Optional[Path]:
+    """The topmost folder of ``out`` (``out`` itself or an ancestor) that does not exist yet,
+    i.e. what :func:`check_writable` will create; None when ``out`` exists."""
+    out = Path(out).absolute()
+    if out.exists():
+        return None
+    root = out
+    while not root.parent.exists() and root.parent != root:
+        root = root.parent
+    return root
+
+
+def discard_new(out: Path, made: Path, lock: "RunLock") -> None:
+    """Remove a run directory this run created (``made``: the topmost folder it created, from
+    :func:`missing_root`) when the run failed before its first checkpoint: nothing in it is
+    worth keeping (e.g. the model's checkpoint is damaged). A directory with a checkpoint
+    (``OUT/.state``) is kept for ``--resume``. Called holding ``lock``, which it releases."""
+    import shutil
+
+    out = Path(out).absolute()
+    if (out / STATE).exists():
+        return
+    for p in out.iterdir():
+        if p.name != LOCK:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    lock.release()
+    (out / LOCK).unlink(missing_ok=True)
+    d = out
+    while True:  # out, then each parent this run created, while empty
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == made or d.parent == d:
+            return
+        d = d.parent
+
+
 class RunLock:
     """Exclusive lock on a run directory: ``fcntl.flock`` on ``OUT/.lock``, which holds the
     holder's process id. A second run on the same ``--out`` is refused with that id. The
@@ -259,6 +297,45 @@ def check_rows(rows: List[dict], questions: Sequence, first: int, path: Path, ne
                              f"is of another probe or run; {restart}")
 
 
+# Fingerprint option -> the command-line option that sets it (the rest: --NAME).
+_OPTION_FLAGS = {"pss": "PSS (--no-pss)", "open_ended": "--no-open", "pss.ratios": "--ratios",
+                 "pss.control_size": "--pss-control", "pss.concepts": "--pss-concepts",
+                 "pss.random_control": "--no-random-control", "pss.seed": "--seed", "pss.bootstrap": "--bootstrap",
+                 "pss.batch_rows": "--pss-batch-rows", "world_size": "torchrun --nproc_per_node"}
+
+
+def fingerprint_changes(old: Dict[str, object], new: Dict[str, object]) -> List[str]:
+    """What differs between a checkpoint's fingerprint (``old``) and this run's (``new``), one
+    entry per option: ``--batch-size: 8 in the checkpoint, 4 now``; hashes are named only."""
+    out: List[str] = []
+
+    def flag(key: str) -> str:
+        if key in _OPTION_FLAGS:
+            return _OPTION_FLAGS[key]
+        return "--" + key.replace("pss.", "pss-").replace("_", "-")
+
+    def show(v, other) -> str:
+        if isinstance(v, dict) or isinstance(other, dict):  # a block switched on or off (PSS)
+            return "on" if isinstance(v, dict) else "off"
+        return "none" if v is None else json.dumps(v)
+
+    def walk(a, b, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in list(a) + [k for k in b if k not in a]:
+                if a.get(k) != b.get(k):
+                    walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+            return
+        if path.endswith("sha256"):
+            out.append(f"{path} (the file's contents changed)")
+            return
+        key = path[len("options."):] if path.startswith("options.") else path
+        name = flag(key) if path.startswith("options.") or path == "world_size" else path
+        out.append(f"{name}: {show(a, b)} in the checkpoint, {show(b, a)} now")
+
+    walk(old, new, "")
+    return out
+
+
 class RunState:
     """Checkpoint of a run in ``OUT/.state``: the accumulators (one file per checkpoint) and
     an append-only ``rows.jsonl``, published by an atomic rewrite of ``progress.json``
@@ -294,8 +371,11 @@ class RunState:
             diff = [k for k in fingerprint if fpo.get(k) != fingerprint[k]]
             why = (": the model's weights differ from those the run was started with (same file layout, "
                    "other tensor bytes, e.g. a fine-tune of the same base)") if "weights_sha256" in diff else ""
+            changed = fingerprint_changes(fpo, fingerprint)
             raise ValueError(f"--resume: the run in {self.dir.parent} was started with different inputs "
-                             f"({', '.join(diff)} differ){why}; use another --out or drop --resume")
+                             f"({', '.join(diff)} differ){why}"
+                             + (f"; changed: {'; '.join(changed)}" if changed else "")
+                             + "; use another --out, drop --resume, or resume with the checkpoint's values")
         acc_path = self.dir / acc_name
         try:
             acc = read_safetensors(acc_path)

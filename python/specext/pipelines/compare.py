@@ -49,9 +49,12 @@ def load_run(run_dir: Path, score: Optional[str] = None) -> Dict[str, object]:
                              f"is still running); finish it with `python -m specext.analyze ... --resume`")
         raise FileNotFoundError(f"{run_dir}: no summary.json (is it a finished specext.analyze run directory?)")
     try:
-        s = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: invalid JSON ({e})") from None
+        s = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not a specext summary: invalid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read it ({e.strerror or e})") from None
+    _check_summary(p, s)
     pss = s.get("pss") or {}
     acc = s.get("accuracy") or {}
     neu = s.get("neurons") or {}
@@ -76,6 +79,53 @@ def load_run(run_dir: Path, score: Optional[str] = None) -> Dict[str, object]:
         "probe": (s.get("probe") or {}).get("name"), "questions": (s.get("probe") or {}).get("questions"),
         "positions": s.get("positions"),
     }
+
+
+# summary.json's fields that compare reads: (path, allowed types); None is always allowed.
+_NUM = (int, float)
+_SUMMARY_FIELDS = (
+    ("model", (str,)), ("architecture", (str,)), ("parameters", (int,)), ("positions", (str,)),
+    ("accuracy", (dict,)), ("accuracy.mcq", _NUM), ("accuracy.mcq_norm", _NUM), ("accuracy.open", _NUM),
+    ("neurons", (dict,)), ("neurons.mean_gini", _NUM), ("neurons.mean_gini_null", _NUM),
+    ("neurons.mean_excess_gini", _NUM), ("neurons.share_above_null", _NUM), ("neurons.mean_norm_entropy", _NUM),
+    ("probe", (dict,)), ("probe.name", (str,)), ("probe.questions", (int,)),
+    ("pss", (dict,)), ("pss.score", (str,)), ("pss.floor", _NUM),
+    ("pss.paper", (dict,)), ("pss.delta", (dict,)),
+    ("pss.paper.peak", _NUM), ("pss.paper.peak_ratio", _NUM), ("pss.paper.peak_ci", (list,)),
+    ("pss.delta.peak", _NUM), ("pss.delta.peak_ratio", _NUM), ("pss.delta.peak_ci", (list,)),
+    ("random_twin", (dict,)), ("random_twin.mean_gini", _NUM), ("random_twin.mean_excess_gini", _NUM),
+    ("random_twin.model_over_twin", (dict,)),
+)
+
+
+def _check_summary(p: Path, s) -> None:
+    """A malformed summary.json (hand-edited, another tool's, cut short by a copy) is refused
+    naming the file and the field, before a field of the wrong type reaches the table."""
+    if not isinstance(s, dict):
+        raise ValueError(f"{p}: not a specext summary: the file holds a JSON {type(s).__name__}, not an object")
+    if "accuracy" not in s or "neurons" not in s:
+        missing = [k for k in ("accuracy", "neurons") if k not in s]
+        raise ValueError(f"{p}: not a specext summary: no {' or '.join(repr(k) for k in missing)} field "
+                         f"(fields: {', '.join(list(s)[:10]) or 'none'})")
+    for path, types in _SUMMARY_FIELDS:
+        v, ok = s, True
+        for part in path.split("."):
+            if not isinstance(v, dict) or part not in v:
+                ok = False
+                break
+            v = v[part]
+        if not ok or v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, types):
+            want = " or ".join({"int": "an integer", "float": "a number", "str": "a string", "dict": "an object",
+                                "list": "a list"}[t.__name__] for t in types)
+            raise ValueError(f"{p}: malformed summary: '{path}' is {json.dumps(v)[:60]} ({type(v).__name__}), "
+                             f"expected {want}")
+    for sc in ("paper", "delta"):
+        ci = ((s.get("pss") or {}).get(sc) or {}).get("peak_ci")
+        if ci is not None and (len(ci) != 2 or not all(x is None or isinstance(x, _NUM) for x in ci)):
+            raise ValueError(f"{p}: malformed summary: 'pss.{sc}.peak_ci' is {json.dumps(ci)[:60]}, expected "
+                             "[low, high]")
 
 
 def _finite(v) -> bool:
@@ -134,6 +184,10 @@ def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Option
     if score is not None:
         one_of("--pss-score", score, SCORES)
     at_least("--bootstrap", bootstrap, 10, off=0, unit=" resamples")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a directory: give a directory (created if missing) "
+                         "for compare.csv, compare.json and compare.html")
     rows = [load_run(Path(d), score) for d in run_dirs]
     used = sorted({r["pss_score"] for r in rows if r["pss_score"]})
     if len(used) > 1:
@@ -144,7 +198,10 @@ def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Option
             logger.warning("the runs differ in %s (%s): their numbers are not directly comparable", key,
                            ", ".join(vals))
     corr = correlations(rows, accuracy, bootstrap, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the output directory ({e.strerror or e})") from None
     rundir.write_text(out / "compare.csv", rundir.csv_text(COLUMNS, (["" if r[c] is None else r[c] for c in COLUMNS]
                                                                      for r in rows)))
     result = {"runs": rows, "correlations": corr, "accuracy": accuracy, "pss_score": used[0] if used else None,

@@ -480,12 +480,6 @@ def load_model(
     # allow_pickle permits a pickle-only checkpoint; it never forces one: safetensors win
     # whenever the directory has them.
     use_safetensors = _check_dir(model_dir, allow_pickle)
-    ckpt = {}
-    if use_safetensors:
-        try:  # every header and offset, before transformers reads (and dies on) a damaged file
-            ckpt = _weights.checkpoint_tensors(model_dir)
-        except (ValueError, OSError) as e:
-            raise ModelLoadError(f"damaged checkpoint: {e}") from None
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     if device_map is not None:
@@ -501,6 +495,12 @@ def load_model(
         raise ModelLoadError(f"{model_dir}/config.json: unsupported or unreadable config ({e})") from None
     if getattr(cfg, "is_encoder_decoder", False):
         raise ModelLoadError(f"{model_dir}: encoder-decoder models ({cfg.model_type}) are not supported")
+    ckpt = {}
+    if use_safetensors:
+        try:  # every header and offset, before transformers reads (and dies on) a damaged file
+            ckpt = _weights.checkpoint_tensors(model_dir)
+        except (ValueError, OSError) as e:
+            raise ModelLoadError(f"damaged checkpoint: {e}") from None
     archs = list(getattr(cfg, "architectures", None) or [])
     causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
     kwargs = dict(
@@ -595,8 +595,9 @@ def _check_loading(model_dir: Path, info: Dict[str, object], ckpt: Dict[str, tup
         found.append(f"{len(missing)} tensor(s) the model needs are not in the checkpoint (transformers would "
                      f"initialise them at random): {_grouped(missing)}")
     if unexpected:
+        files = sorted({str(ckpt[n][0]) for n in unexpected if n in ckpt})
         found.append(f"{len(unexpected)} checkpoint tensor(s) have no place in the model config.json describes "
-                     f"(they would be ignored): {_grouped(unexpected)}")
+                     f"(they would be ignored): {_grouped(unexpected)}" + (f" (in {', '.join(files)})" if files else ""))
     if not found:
         return []
     what = "; ".join(found)

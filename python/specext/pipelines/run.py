@@ -145,7 +145,7 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True,
     ranks, rank 0 alone writes the run directory, and every rank returns the summary
     (:mod:`specext.pipelines.distributed`)."""
     require("transformers", "tokenizers", "tqdm", *(("matplotlib",) if cfg.report else ()), what="run_analysis")
-    with distributed.session(cfg.dist_timeout, cfg.device) as dd:
+    with distributed.session(cfg.dist_timeout, cfg.device, cfg.device_map) as dd:
         return _analysis(cfg, dd, progress=progress and dd.is_main, on_checkpoint=on_checkpoint)
 
 
@@ -192,9 +192,10 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
     if dd.is_main:
         # summary.json marks a complete run (written last): a run in progress has none
         (out / "summary.json").unlink(missing_ok=True)
-    lm = load_model(cfg.model_dir, dtype=cfg.dtype, device=distributed.rank_device(dd, cfg.device), trust_remote_code=cfg.trust_remote_code,
-                    allow_pickle=cfg.allow_pickle, device_map=cfg.device_map, max_memory=cfg.max_memory,
-                    offload_dir=cfg.offload_dir, allow_missing=cfg.allow_missing)
+    # under torchrun with --device-map: the rank's own cards, budget and offload folder
+    place = distributed.load_options(dd, cfg.device, cfg.device_map, cfg.max_memory, cfg.offload_dir)
+    lm = load_model(cfg.model_dir, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                    allow_pickle=cfg.allow_pickle, allow_missing=cfg.allow_missing, **place)
     fp = rundir.fingerprint(cfg, probe, Path(cfg.model_dir), cache=out / rundir.WEIGHTS_CACHE)
     if dd.active:
         fp["world_size"] = dd.world  # each rank's checkpoint holds its share, which depends on it

@@ -270,3 +270,19 @@ def test_compare_out_is_a_file(tmp_path, capsys):
     assert f.read_text() == "mine"
     assert cmain([str(ok), "--out", str(f / "sub"), "--bootstrap", "0"]) == 2
     assert "cannot create the output directory" in capsys.readouterr().err
+
+
+def test_failure_after_a_checkpoint_keeps_the_new_run_directory(base, tmp_path):
+    """Only a run that fails before its first checkpoint removes the directory it created."""
+    from specext.analyze import AnalyzeConfig, run_analysis
+
+    out = tmp_path / "new" / "run"
+
+    def stop(stage, k):
+        raise KeyboardInterrupt
+
+    cfg = AnalyzeConfig(model_dir=str(base["llama"]), probe=str(base["probe"]), out=str(out), device="cpu",
+                        pss=False, report=False, open_ended=False, null_permutations=0, checkpoint_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(cfg, progress=False, on_checkpoint=stop)
+    assert (out / ".state" / "progress.json").is_file()

@@ -200,11 +200,11 @@ def discard_new(out: Path, made: Path, lock: "RunLock") -> None:
     """Remove a run directory this run created (``made``: the topmost folder it created, from
     :func:`missing_root`) when the run failed before its first checkpoint: nothing in it is
     worth keeping (e.g. the model's checkpoint is damaged). A directory with a checkpoint
-    (``OUT/.state``) is kept for ``--resume``. Called holding ``lock``, which it releases."""
+    (``OUT/.state``, kept for ``--resume``) or a finished run (``summary.json``) is kept. Called holding ``lock``, which it releases."""
     import shutil
 
     out = Path(out).absolute()
-    if (out / STATE).exists():
+    if (out / STATE).exists() or (out / "summary.json").exists():  # a checkpoint, or a finished run
         return
     for p in out.iterdir():
         if p.name != LOCK:

@@ -115,6 +115,45 @@ def test_tied_heads_and_buffers_are_not_missing(base, tmp_path):
     assert lm.warnings == [] and lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
 
 
+
+def test_buffers_saved_by_older_code_are_not_unexpected(base, tmp_path):
+    """Old GPT-2 checkpoints carry attn.bias / attn.masked_bias (causal masks), old Llama ones
+    rotary_emb.inv_freq: buffers computed from the config today, not another model."""
+    def add(names, shape):
+        return lambda t: t.update({n: torch.zeros(shape) for n in names})
+
+    g = variant(base["gpt2"], tmp_path / "g", edit=add([f"transformer.h.{i}.attn.{b}" for i in range(2)
+                                                           for b in ("bias", "masked_bias")], (1, 1, 4, 4)))
+    l = variant(base["llama"], tmp_path / "l", edit=add([f"model.layers.{i}.self_attn.rotary_emb.inv_freq"
+                                                         for i in range(4)], (4,)))
+    assert load_model(g, device="cpu").warnings == [] and load_model(l, device="cpu").warnings == []
+    # a real attention bias of a module that does not exist is still unexpected
+    x = variant(base["gpt2"], tmp_path / "x", edit=add(["transformer.h.1.attn.c_extra.bias"], (4,)))
+    with pytest.raises(ModelLoadError, match=r"transformer\.h\.1\.attn\.c_extra\.bias"):
+        load_model(x, device="cpu")
+
+
+def test_encoder_task_head_loaded_as_base_is_not_a_disagreement(tmp_path):
+    """bert-base-uncased style: a BertForMaskedLM checkpoint (MLM head, no pooler) loads as
+    BertModel for specialisation; the head's tensors and the pooler are expected, not refused."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = T.config("bert")
+    cfg.architectures = ["BertForMaskedLM"]
+    d = tmp_path / "bert-mlm"
+    tf.BertForMaskedLM(cfg).save_pretrained(d)
+    T.tokenizer().save_pretrained(d)
+    lm = load_model(d, device="cpu")
+    assert lm.warnings == [] and not lm.has_lm_head
+    # but an unexpected tensor of the base model itself still is one
+    t = load_file(str(d / "model.safetensors"))
+    t["bert.encoder.layer.1.extra.weight"] = torch.zeros(2)
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"have no place .*: bert\.encoder\.layer\.1\.extra\.weight"):
+        load_model(d, device="cpu")
+
+
 # ---------------------------------------------------------------- item 8: corrupt or truncated checkpoints
 
 

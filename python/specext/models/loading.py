@@ -29,6 +29,7 @@ streamed to), :attr:`LoadedModel.device` the input device (where the embeddings 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -521,7 +522,8 @@ def load_model(
         hint = (" (a layer that does not fit --max-memory goes to disk: give --offload-dir DIR)"
                 if device_map is not None and offload_dir is None and "offload" in str(e) else "")
         raise ModelLoadError(f"{model_dir}: cannot load {cfg.model_type} with {loader.__name__} ({e}){hint}") from None
-    load_warnings = _check_loading(model_dir, loading, ckpt, allow_missing)
+    load_warnings = _check_loading(model_dir, loading, ckpt, allow_missing, model=model, causal=causal,
+                                   arch=archs[0] if archs else None)
     hf_map = getattr(model, "hf_device_map", None) if device_map is not None else None
     if device_map is None:
         model.to(dev)
@@ -554,8 +556,6 @@ def load_model(
 def _grouped(names) -> str:
     """Tensor names, layers folded: ``model.layers.{4, 5}.mlp.up_proj.weight`` (as transformers'
     load report writes them); at most 12 groups, then a count."""
-    import re
-
     groups: Dict[str, List[int]] = {}
     for n in sorted(names):
         m = re.search(r"\.(\d+)\.", n)
@@ -571,13 +571,42 @@ def _grouped(names) -> str:
     return ", ".join(out[:12]) + more
 
 
-def _check_loading(model_dir: Path, info: Dict[str, object], ckpt: Dict[str, tuple], allow_missing: bool) -> List[str]:
+# Buffers older transformers versions saved in checkpoints (causal masks, rotary tables) that
+# today's models compute from the config: a checkpoint that has them is not another model.
+_DERIVED_BUFFER = re.compile(
+    r"(?:^|\.)(?:(?:attn|attention)\.(?:masked_bias|bias)|rotary_emb\.(?:inv_freq|cos_cached|sin_cached))$")
+
+
+def _check_loading(model_dir: Path, info: Dict[str, object], ckpt: Dict[str, tuple], allow_missing: bool, *,
+                   model: Optional[nn.Module] = None, causal: bool = True, arch: Optional[str] = None) -> List[str]:
     """Refuse a checkpoint that is not the config's model, from transformers' loading info
     (``output_loading_info=True``): missing, unexpected and mismatched tensors, named (and
     for a mismatch its file and both shapes). ``allow_missing`` turns missing and unexpected
-    tensors into warnings (returned), except a missing MLP down-projection."""
+    tensors into warnings (returned), except a missing MLP down-projection.
+
+    An encoder saved with a task head (``BertForMaskedLM``) and loaded as its base model
+    (``AutoModel``: specialisation only) is the one expected disagreement, and is not one:
+    the head's tensors (outside the base model's ``base_model_prefix``) are dropped on
+    purpose, and a pooler the task model never had reads only the last layer's output,
+    which specext never uses; both are logged, not refused."""
     missing = sorted(info.get("missing_keys") or ())
     unexpected = sorted(info.get("unexpected_keys") or ())
+    stale = [n for n in unexpected if _DERIVED_BUFFER.search(n)]
+    if stale:  # masks and rotary tables older code saved as buffers; computed from the config now
+        logger.info("%s: buffers saved by older code, recomputed from the config: %s", model_dir, _grouped(stale))
+        unexpected = [n for n in unexpected if not _DERIVED_BUFFER.search(n)]
+    if model is not None and not causal and arch and arch != type(model).__name__:
+        prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        if prefix != "." and any(n.startswith(prefix) for n in ckpt):
+            head = [n for n in unexpected if not n.startswith(prefix)]
+            unexpected = [n for n in unexpected if n.startswith(prefix)]
+            if head:
+                logger.info("%s: %s's task head is not loaded (specialisation only): %s", model_dir, arch,
+                            _grouped(head))
+        pooler = [n for n in missing if n.startswith("pooler.")]
+        missing = [n for n in missing if not n.startswith("pooler.")]
+        if pooler:
+            logger.info("%s: %s has no pooler; the base model's is initialised but never read", model_dir, arch)
     mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
     if mismatched:
         parts = []

@@ -325,3 +325,25 @@ def test_failure_after_a_checkpoint_keeps_the_new_run_directory(base, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_analysis(cfg, progress=False, on_checkpoint=stop)
     assert (out / ".state" / "progress.json").is_file()
+
+
+def test_sharded_checkpoint_validated_through_its_index(tmp_path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = T.config("llama")
+    cfg.architectures = ["LlamaForCausalLM"]
+    d = tmp_path / "sharded"
+    tf.LlamaForCausalLM(cfg).save_pretrained(d, max_shard_size="40KB")
+    T.tokenizer().save_pretrained(d)
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (d / W.INDEX_NAME).is_file()
+    names = W.checkpoint_tensors(d)
+    assert {f for f, _, _ in names.values()} == set(shards)
+    load_model(d, device="cpu")
+    shards[-1].write_bytes(shards[-1].read_bytes()[:-8])
+    with pytest.raises(ModelLoadError, match=rf"{shards[-1]} is cut short"):
+        load_model(d, device="cpu")
+    shards[-1].unlink()
+    with pytest.raises(ModelLoadError, match=rf"maps tensors to {shards[-1].name}, which does not exist"):
+        load_model(d, device="cpu")

@@ -28,7 +28,8 @@ from specext.pipelines import distributed, rundir
 from specext._deps import require
 from specext._options import at_least, one_of
 from specext.metrics.accuracy import accuracy_by_group
-from specext.models.loading import DEVICE_MAPS, LoadedModel, load_model, parse_max_memory, value_norms
+from specext.models.loading import (DEVICE_MAPS, LoadedModel, check_model_dir, load_model, parse_max_memory,
+                                    quiet_transformers, value_norms)
 from specext.metrics.null_model import permutation_null
 from specext.probes.probeset import ProbeSet, load_probe
 from specext.metrics.pss import MaskedScorer, PSSConfig, compute_pss
@@ -55,6 +56,7 @@ class AnalyzeConfig:
     stat: str = "abs"
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # clear a --out that holds a specext run (never a folder of other files)
     trust_remote_code: bool = False
     allow_pickle: bool = False
     open_ended: bool = True
@@ -83,6 +85,8 @@ class AnalyzeConfig:
         were checked when ``pss_config`` was built)."""
         one_of("--positions", self.positions, POSITIONS)
         one_of("--stat", self.stat, STATS)
+        if self.resume and self.overwrite:
+            raise ValueError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
         at_least("--batch-size", self.batch_size, 1)
         at_least("--chunk-size", self.chunk_size, 1)
         at_least("--checkpoint-every", self.checkpoint_every, 0, unit=" seconds")
@@ -144,7 +148,8 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True,
     ranks, rank 0 alone writes the run directory, and every rank returns the summary
     (:mod:`specext.pipelines.distributed`)."""
     require("transformers", "tokenizers", "tqdm", *(("matplotlib",) if cfg.report else ()), what="run_analysis")
-    with distributed.session(cfg.dist_timeout, cfg.device) as dd:
+    # transformers' own bars (weight loading) and info logs are off in a notebook as on the command line
+    with quiet_transformers(), distributed.session(cfg.dist_timeout, cfg.device) as dd:
         return _analysis(cfg, dd, progress=progress and dd.is_main, on_checkpoint=on_checkpoint)
 
 
@@ -152,22 +157,27 @@ def _analysis(cfg: AnalyzeConfig, dd: distributed.Dist, *, progress: bool,
               on_checkpoint: Optional[Callable[[str, int], None]]) -> Dict[str, object]:
     t_start = time.time()
     torch.manual_seed(cfg.seed)
+    check_model_dir(cfg.model_dir, cfg.allow_pickle)  # a wrong MODEL_DIR fails before the probe loads
     probe = load_probe(cfg.probe, max_concepts=cfg.max_concepts, seed=cfg.seed)
     if cfg.pss:
         cfg.pss_config.check_probe(probe)  # before minutes of scoring, not after
     out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"{Path(cfg.model_dir).name}-{probe.name}"
     rundir.check_writable(out)  # before loading the model, not at the first checkpoint
-    with _lock(out, dd):
+    with _lock(out, dd, cfg):
         return _locked(cfg, dd, probe, out, t_start, progress=progress, on_checkpoint=on_checkpoint)
 
 
-def _lock(out: Path, dd: distributed.Dist) -> rundir.RunLock:
-    """The run directory's lock (:class:`rundir.RunLock`). Under torchrun rank 0 takes it and
-    tells every rank whether it got it, before any rank writes its checkpoint folder."""
+def _lock(out: Path, dd: distributed.Dist, cfg: Optional[AnalyzeConfig] = None) -> rundir.RunLock:
+    """The run directory's lock (:class:`rundir.RunLock`), then the check that ``out`` holds no
+    other run (:func:`rundir.prepare_out`: ``--resume``, ``--overwrite``). Under torchrun
+    rank 0 does both and tells every rank whether they succeeded, before any rank writes its
+    checkpoint folder."""
     lock, err = rundir.RunLock(out), None
     if dd.is_main:
         try:
             lock.acquire()
+            if cfg is not None:
+                rundir.prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite)
         except (ValueError, OSError) as e:
             err = str(e)
     if dd.active:
@@ -187,6 +197,7 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
                     allow_pickle=cfg.allow_pickle, device_map=cfg.device_map, max_memory=cfg.max_memory,
                     offload_dir=cfg.offload_dir)
     fp = rundir.fingerprint(cfg, probe, Path(cfg.model_dir), cache=out / rundir.WEIGHTS_CACHE)
+    fp["model_dtype"] = str(lm.dtype).replace("torch.", "")  # --dtype auto may choose differently elsewhere
     if dd.active:
         fp["world_size"] = dd.world  # each rank's checkpoint holds its share, which depends on it
     state = RunState(out, rank=dd.rank if dd.active else None)
@@ -213,7 +224,7 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
                     truncate=cfg.truncate)
     truncated = scorer.check(probe.questions)  # every prompt against the model's positions, before any forward pass
     runner = _Runner(lm, scorer, probe, mass, cfg.batch_size)
-    from tqdm.auto import tqdm
+    from specext._progress import progress as tqdm
 
     with tqdm(total=hi - lo, initial=start - lo, desc="scoring", unit="q", disable=not progress) as bar:
         k = start // cfg.chunk_size
@@ -366,8 +377,7 @@ def _run_twin(cfg: AnalyzeConfig, lm: LoadedModel, probe: ProbeSet, progress: bo
               dd: Optional[distributed.Dist] = None) -> Optional[Dict[str, object]]:
     """The random-init twin on the same probe and positions: its specialisation and accuracy
     (under torchrun each rank scores its share; rank 0 gets the result, the others None)."""
-    from tqdm.auto import tqdm
-
+    from specext._progress import progress as tqdm
     from specext.models.twin import random_twin
 
     seed = cfg.seed + 1  # not the model's own sampling seed
@@ -488,6 +498,8 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "probe": {"name": probe.name, "questions": len(probe.questions), "concepts": len(probe.concepts),
                   "categories": probe.categories, "tiers": probe.tiers},
         "positions": cfg.positions,
+        # the dtype the model ran in and why (--dtype auto on a CPU without bfloat16 arithmetic: float32)
+        "dtype": lm.dtype_choice or {"requested": cfg.dtype, "used": str(lm.dtype).replace("torch.", "")},
         "categories_used": [probe.categories[c] for c in keep],
         "empty_categories": spec.empty,
         "categories_dropped_by_layer": {str(l): v for l, v in spec.dropped_by_layer.items()},
@@ -506,6 +518,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "versions": {"specext": __version__, **lm.info, "python": platform.python_version()},
         "build": build_info(),
         "model": {"architecture": lm.architecture, "model_type": lm.model_type, "dtype": str(lm.dtype),
+                  "dtype_choice": lm.dtype_choice,
                   "device": str(lm.device), "layers": lm.n_layers, "d_ff": lm.d_ff,
                   "down_proj": [s.name for s in lm.sites],
                   # --device-map: transformers' placement of each module and each layer's device

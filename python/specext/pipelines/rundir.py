@@ -184,6 +184,80 @@ def check_writable(out: Path) -> None:
         raise OSError(e.errno, f"--out {out} is not a writable directory: {e.strerror or e}") from None
 
 
+# specext's bookkeeping in a run directory: the lock (held by this run while it checks),
+# the weights' hash cache (valid whatever run it served) and the writability probe.
+_BOOKKEEPING = (LOCK, WEIGHTS_CACHE)
+
+
+def _own_entries(out: Path) -> List[Path]:
+    """What ``out`` holds besides specext's bookkeeping files."""
+    return sorted(p for p in out.iterdir() if p.name not in _BOOKKEEPING and not p.name.startswith(".write-test-"))
+
+
+def looks_like_run(out: Path) -> bool:
+    """Whether ``out`` is a specext run directory: a config.json written by specext (its
+    ``options`` and ``fingerprint``), a ``summary.json`` beside it, or a checkpoint in ``.state``."""
+    if (out / STATE).is_dir():
+        return True
+    try:
+        doc = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("options"), dict) and "fingerprint" in doc
+
+
+def _checkpoint(out: Path) -> bool:
+    st = out / STATE
+    return (st / "progress.json").is_file() or any(st.glob("rank-*/progress.json"))
+
+
+def prepare_out(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """A run directory never mixes two runs. ``out`` may be used when it is empty (besides
+    specext's lock and weights-hash cache), or with ``resume`` when it holds a checkpoint
+    (whose fingerprint the resume then checks: the same configuration) or nothing yet.
+    Otherwise ``overwrite`` clears it first, but only when it looks like a specext run
+    directory (:func:`looks_like_run`): a folder of other files is never deleted. Anything
+    else raises ``ValueError`` saying what ``out`` holds and what to do."""
+    if not out.is_dir():
+        return
+    entries = _own_entries(out)
+    if not entries:
+        return
+    names = ", ".join(p.name for p in entries[:8]) + (" ..." if len(entries) > 8 else "")
+    is_run = looks_like_run(out)
+    if resume:
+        if _checkpoint(out) or all(p.name == STATE for p in entries):
+            return  # a checkpoint to continue, or a run killed before its first one (starts over)
+        what = ("a finished run (summary.json): there is nothing to resume" if (out / "summary.json").is_file()
+                else "no checkpoint to resume (OUT/.state/progress.json)")
+        raise ValueError(f"--resume: --out {out} holds {what}; "
+                         + ("rerun with --overwrite to replace it, or use another --out" if is_run
+                            else "use another --out"))
+    if overwrite:
+        if not is_run:
+            raise ValueError(f"--overwrite: --out {out} is not a specext run directory (it holds {names}); refusing "
+                             f"to delete it: use another --out, or empty it yourself")
+        import logging
+        import shutil
+
+        logging.getLogger("specext.analyze").info("--overwrite: clearing %s (%d entries)", out, len(entries))
+        for p in entries:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        return
+    if not is_run:
+        raise ValueError(f"--out {out} is not empty and not a specext run directory (it holds {names}); a run "
+                         f"directory holds one run only: use another --out")
+    if _checkpoint(out):
+        raise ValueError(f"--out {out} holds an unfinished run (a checkpoint in {out / STATE}): continue it with "
+                         f"--resume, start it over with --overwrite, or use another --out")
+    what = "a finished run" if (out / "summary.json").is_file() else "an earlier run's files"
+    raise ValueError(f"--out {out} holds {what} ({names}); a run directory holds one run only: pass --overwrite "
+                     f"to replace it, or use another --out")
+
+
 class RunLock:
     """Exclusive lock on a run directory: ``fcntl.flock`` on ``OUT/.lock``, which holds the
     holder's process id. A second run on the same ``--out`` is refused with that id. The

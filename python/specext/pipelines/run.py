@@ -183,7 +183,7 @@ def _lock(out: Path, dd: distributed.Dist, cfg: Optional[AnalyzeConfig] = None) 
     if dd.active:
         err = dd.broadcast(err, "the run directory lock")
     if err:
-        lock.release()
+        lock.release(remove=lock.created)  # refused: leave the folder as it was
         raise ValueError(err)
     return lock
 

@@ -267,10 +267,12 @@ class RunLock:
     def __init__(self, out: Path):
         self.path = out / LOCK
         self.fd: Optional[int] = None
+        self.created = False  # whether acquire() created the lock file (it did not exist before)
 
     def acquire(self) -> "RunLock":
         import fcntl
 
+        self.created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -291,13 +293,17 @@ class RunLock:
         self.fd = fd
         return self
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Release the lock; ``remove``: also delete the lock file (a run refused before it
+        wrote anything leaves nothing behind in a folder that was not a run directory)."""
         if self.fd is None:
             return
         import fcntl
 
         try:
             os.ftruncate(self.fd, 0)  # a cleanly ended run leaves no pid behind
+            if remove:
+                self.path.unlink(missing_ok=True)
         except OSError:
             pass
         fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -318,7 +324,7 @@ def check_rows(rows: List[dict], questions: Sequence, first: int, path: Path, ne
     """Every saved row is the probe's question at its index (``first`` + its position): same
     question text and concept, and as many rows as questions before ``next_question``.
     Otherwise the checkpoint holds another probe's (or another share's) rows: a clear error."""
-    restart = "use another --out, or rerun without --resume (which starts the run over)"
+    restart = "use another --out, or rerun with --overwrite instead of --resume (which starts the run over)"
     if next_question is not None and len(rows) != next_question - first:
         raise ValueError(f"--resume: {path} holds {len(rows)} rows but the checkpoint continues at question "
                          f"{next_question} (expected {next_question - first} rows from question {first}); {restart}")
@@ -355,7 +361,7 @@ class RunState:
         every saved row must be the question at its index (question text and concept)."""
         if not self.progress.is_file():
             return None
-        restart = "the checkpoint cannot be resumed: rerun without --resume (which starts the run over)"
+        restart = "the checkpoint cannot be resumed: rerun with --overwrite instead of --resume (which starts the run over)"
         try:
             prog = json.loads(self.progress.read_text())
             n, acc_name, nxt = prog["rows"], prog["accumulators"], prog["next_question"]
@@ -369,7 +375,7 @@ class RunState:
             why = (": the model's weights differ from those the run was started with (same file layout, "
                    "other tensor bytes, e.g. a fine-tune of the same base)") if "weights_sha256" in diff else ""
             raise ValueError(f"--resume: the run in {self.dir.parent} was started with different inputs "
-                             f"({', '.join(diff)} differ){why}; use another --out or drop --resume")
+                             f"({', '.join(diff)} differ){why}; use another --out, or start over with --overwrite instead of --resume")
         acc_path = self.dir / acc_name
         try:
             acc = read_safetensors(acc_path)

@@ -95,3 +95,23 @@ def test_set_simd_level_lists_the_valid_levels():
     # the extension itself says the same (its own message, with the source location)
     with pytest.raises(ValueError, match="valid levels on this CPU/build: 'scalar'"):
         specext._ext().set_simd_level("sse")
+
+
+def test_run_analysis_hides_transformers_loading_bar_like_the_cli(tmp_path, capfd):
+    """From a notebook (no CLI), transformers' weight-loading bar stays hidden; its own
+    settings are restored afterwards."""
+    import tiny_models as T
+    from transformers.utils import logging as tl
+
+    from specext.analyze import AnalyzeConfig, run_analysis
+    from test_analyze import make_probe
+
+    model = T.save_tiny("llama", tmp_path / "m", seed=1)
+    probe = make_probe(tmp_path / "probe.jsonl")
+    before = (tl.get_verbosity(), tl.is_progress_bar_enabled())
+    capfd.readouterr()
+    run_analysis(AnalyzeConfig(model_dir=str(model), probe=str(probe), out=str(tmp_path / "r"), device="cpu",
+                               report=False, pss=False, open_ended=False, null_permutations=0), progress=False)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+    assert (tl.get_verbosity(), tl.is_progress_bar_enabled()) == before

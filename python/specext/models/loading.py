@@ -476,16 +476,18 @@ def choose_dtype(requested: str, checkpoint: Optional[torch.dtype], on_cpu: bool
         return keep | {"reason": f"--dtype auto: the checkpoint's dtype ({ck}); this CPU computes in {ck} natively"}
     flags = " / ".join(_NATIVE_HALF_FLAGS["x86"][checkpoint])
     need = 4 * numel if numel is not None else None
+    # "reason" is the same on every run (summary.json is reproducible); "memory" says what was free
+    memory = {"memory": f"{_gib(available)} available"} if available is not None else {}
     if need is not None and available is not None and need <= FLOAT32_FIT * available:
-        return out | {"used": "float32",
-                      "reason": f"--dtype auto: this CPU has no native {ck} arithmetic (no {flags}), where float32 "
-                                f"runs several times faster; float32 weights need {_gib(need)}, {_gib(available)} "
-                                f"of memory is available"}
+        return out | memory | {
+            "used": "float32",
+            "reason": f"--dtype auto: this CPU has no native {ck} arithmetic (no {flags}), where float32 runs "
+                      f"several times faster; the float32 weights ({_gib(need)}) fit in {FLOAT32_FIT:.0%} of the "
+                      f"available memory"}
     why = ("the weights' size is unknown" if need is None else "the available memory is unknown" if available is None
-           else f"float32 weights would need {_gib(need)}, more than {FLOAT32_FIT:.0%} of the {_gib(available)} "
-                f"available")
-    return keep | {"reason": f"--dtype auto: kept the checkpoint's {ck} although this CPU has no native {ck} "
-                             f"arithmetic (no {flags}; float32 would run several times faster): {why}"}
+           else f"the float32 weights would need {_gib(need)}, more than {FLOAT32_FIT:.0%} of the available memory")
+    return keep | memory | {"reason": f"--dtype auto: kept the checkpoint's {ck} although this CPU has no native "
+                                      f"{ck} arithmetic (no {flags}; float32 would run several times faster): {why}"}
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -715,7 +717,7 @@ def load_model(
     choice = choose_dtype(dtype, _config_dtype(cfg), on_cpu, numel,
                           host_memory_available() if on_cpu and dtype == "auto" else None)
     (logger.warning if "kept the checkpoint's" in choice["reason"] else logger.info)(
-        "dtype %s: %s", choice["used"], choice["reason"])
+        "dtype %s: %s%s", choice["used"], choice["reason"], f" ({choice['memory']})" if "memory" in choice else "")
     kwargs = dict(
         trust_remote_code=trust_remote_code,
         local_files_only=True,

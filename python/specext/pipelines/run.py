@@ -499,7 +499,9 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
                   "categories": probe.categories, "tiers": probe.tiers},
         "positions": cfg.positions,
         # the dtype the model ran in and why (--dtype auto on a CPU without bfloat16 arithmetic: float32)
-        "dtype": lm.dtype_choice or {"requested": cfg.dtype, "used": str(lm.dtype).replace("torch.", "")},
+        "dtype": {k: v for k, v in (lm.dtype_choice or {"requested": cfg.dtype,
+                                                         "used": str(lm.dtype).replace("torch.", "")}).items()
+                  if k != "memory"},  # config.json's model.dtype_choice has the free memory too
         "categories_used": [probe.categories[c] for c in keep],
         "empty_categories": spec.empty,
         "categories_dropped_by_layer": {str(l): v for l, v in spec.dropped_by_layer.items()},

@@ -402,7 +402,7 @@ def host_memory_available() -> Optional[int]:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024  # host: a line of /proc/meminfo
     except (OSError, ValueError, IndexError):
         return None
     return None

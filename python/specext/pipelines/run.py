@@ -28,8 +28,8 @@ from specext.pipelines import distributed, rundir
 from specext._deps import require
 from specext._options import at_least, one_of
 from specext.metrics.accuracy import accuracy_by_group
-from specext.models.loading import (DEVICE_MAPS, LoadedModel, check_model_dir, load_model, parse_max_memory,
-                                    quiet_transformers, value_norms)
+from specext.models.loading import (DEVICE_MAPS, LoadedModel, check_model_dir, host_memory_available, load_model,
+                                    parse_max_memory, quiet_transformers, value_norms)
 from specext.metrics.null_model import permutation_null
 from specext.probes.probeset import ProbeSet, load_probe
 from specext.metrics.pss import MaskedScorer, PSSConfig, compute_pss
@@ -269,14 +269,7 @@ def _free_bytes(device: torch.device) -> Optional[int]:
     """Memory free now on ``device`` (CPU: MemAvailable; CUDA: the driver's free), or None."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # host: a line of /proc/meminfo
-    except OSError:
-        return None
-    return None
+    return host_memory_available()
 
 
 def accumulate_devices(option: str, lm: LoadedModel):

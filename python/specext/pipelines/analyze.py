@@ -65,9 +65,9 @@ def print_summary(summary: Dict[str, object], out: Path, file=sys.stdout) -> Non
         extra = f"   {_fmt(l.get('mean_excess_gini')):>6}   {_fmt(l.get('share_above_null')):>5}" if has_null else ""
         print(f"  {l['layer']:>5}   {_fmt(l['mean_gini']):>9}   {_fmt(l['share_gini_above_0.3']):>5}   "
               f"{_fmt(l['mean_norm_entropy']):>13}   {l['dead']:>4}{extra}", file=file)
-    print("          (>0.3: share of the layer's live neurons with Gini above 0.3"
-          + ("; excess: mean Gini minus its null; >null: share above the null's 99th percentile" if has_null else "")
-          + ")", file=file)
+    print("  (>0.3: share of the layer's live neurons with Gini above 0.3" + (";" if has_null else ")"), file=file)
+    if has_null:
+        print("   excess: mean Gini minus its null; >null: share above the null's 99th percentile)", file=file)
     p = summary.get("pss")
     if p:
         def ci(c):

@@ -52,13 +52,32 @@ struct RuntimeError : std::runtime_error {
 #define SPECEXT_STR(...) #__VA_ARGS__
 #define SPECEXT_XSTR(...) SPECEXT_STR(__VA_ARGS__)
 
+// __FILE__ without the build machine's directories: from the last "csrc/" on
+// ("csrc/accumulate_cpu.cpp"), else the file name. The compiler may give an absolute path
+// (a pip build in /tmp/...); an error message shows the repository-relative one.
+inline const char* source_path(const char* file) {
+  const char* tail = nullptr;
+  for (const char* p = file; *p; ++p) {
+    if ((p == file || p[-1] == '/' || p[-1] == '\\') && std::strncmp(p, "csrc", 4) == 0 &&
+        (p[4] == '/' || p[4] == '\\'))
+      tail = p;
+  }
+  if (tail) return tail;
+  const char* base = file;
+  for (const char* p = file; *p; ++p)
+    if (*p == '/' || *p == '\\') base = p + 1;
+  return base;
+}
+
 // SPECEXT_CHECK(cond, ValueError, "labels must be ..." << x): throws with the message
-// followed by the C++ source location, so a report points at the check that fired.
+// followed by the C++ source location (csrc/file.cpp:line), so a report points at the
+// check that fired.
 #define SPECEXT_CHECK(cond, Kind, msg)                                                  \
   do {                                                                                  \
     if (!(cond)) {                                                                      \
       std::ostringstream specext_os_;                                                   \
-      specext_os_ << msg << " [" << __FILE__ << ":" << __LINE__ << "]";                 \
+      specext_os_ << msg << " [" << ::specext::source_path(__FILE__) << ":" << __LINE__ \
+                  << "]";                                                               \
       throw ::specext::Kind(specext_os_.str());                                         \
     }                                                                                   \
   } while (0)

@@ -72,8 +72,10 @@ std::string simd_level() { return isa_table().name; }
 
 void set_simd_level(const std::string& level) {
   auto avail = simd_levels_available();
+  std::string names;
+  for (const auto& a : avail) names += (names.empty() ? "'" : ", '") + a + "'";
   SPECEXT_CHECK(std::find(avail.begin(), avail.end(), level) != avail.end(), ValueError,
-                "SIMD level '" << level << "' is not available on this CPU/build");
+                "SIMD level '" << level << "' is not available; valid levels on this CPU/build: " << names);
   g_table.store(table_for(level), std::memory_order_release);
 }
 

@@ -65,7 +65,7 @@ def demo(args, out: Path):
     for dev in dict.fromkeys([args.device, "cpu"]):
         d = out / f"demo_{dev}"
         cmd = [sys.executable, "-m", "specext.analyze", "--demo", "--device", dev, "--out", str(d), "-q",
-               "--no-report", "--no-random-twin"] + (["--pss-concepts", "6", "--ratios", "1,10"] if args.quick else [])
+               "--overwrite", "--no-report", "--no-random-twin"] + (["--pss-concepts", "6", "--ratios", "1,10"] if args.quick else [])
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -219,7 +219,7 @@ def device_map_check(args, out: Path):
                                                            "--offload-dir", str(out / "offload")])):
         d = out / f"devicemap_{name.replace(' ', '_')}"
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "specext.analyze", str(path), "--out", str(d), *common, *extra],
+        r = subprocess.run([sys.executable, "-m", "specext.analyze", str(path), "--out", str(d), "--overwrite", *common, *extra],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"analyze ({name}) failed:\n{r.stderr[-3000:]}")

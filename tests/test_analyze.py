@@ -193,7 +193,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, llama_dir, probe_file)
     for k in n1:
         assert torch.equal(n1[k].nan_to_num(-7), n2[k].nan_to_num(-7)), k
     # --resume against changed options is refused: leave a checkpoint, then change --batch-size
-    r = run_cli(args + ["--out", killed], kill_at=("scoring", 0))
+    r = run_cli(args + ["--out", killed, "--overwrite"], kill_at=("scoring", 0))
     assert r.returncode == -signal.SIGKILL
     r = run_cli(args[:-6] + ["--batch-size", "2", "--chunk-size", "5", "-q", "--no-report", "--out", killed, "--resume"])
     assert r.returncode == 2 and "started with different inputs (options differ)" in r.stderr

@@ -17,7 +17,7 @@ ALLOWED = {
     "report": {"report", "pipelines.rundir"},
     "pipelines": {"kernels", "models", "probes", "metrics", "report", "pipelines"},
 }
-TOP = {"_deps", "_options", "_native", "__version__", "build_info", "_ext", "set_num_threads", "set_simd_level"}
+TOP = {"_deps", "_options", "_progress", "_native", "__version__", "build_info", "_ext", "set_num_threads", "set_simd_level"}
 
 
 def _imports(path: Path):
@@ -58,7 +58,7 @@ def test_folders_import_only_earlier_layers(folder):
 
 def test_every_module_lives_in_a_layer():
     top = sorted(p.stem for p in PKG.glob("*.py"))
-    assert top == ["__init__", "_deps", "_options", "analyze", "compare", "ops", "reference", "weights"]
+    assert top == ["__init__", "_deps", "_options", "_progress", "analyze", "compare", "ops", "reference", "weights"]
 
 
 def test_public_paths_are_the_real_modules():

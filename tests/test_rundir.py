@@ -99,9 +99,9 @@ def test_full_disk_names_the_file_leaves_no_tmp_and_compare_refuses(tmp_path, ll
     run_analysis(cfg(llama_dir, probe_file, out), progress=False)  # an earlier complete run in the same --out
     _fail_fsync_of(monkeypatch, victim)
     with pytest.raises(OSError, match=rf"cannot write .*{victim}: No space left on device"):
-        run_analysis(cfg(llama_dir, probe_file, out, report=victim == "report.html"), progress=False)
+        run_analysis(cfg(llama_dir, probe_file, out, report=victim == "report.html", overwrite=True), progress=False)
     assert not [p.name for p in out.rglob("*") if ".tmp" in p.name]
-    assert not (out / "summary.json").exists()  # written last; the earlier run's removed at the start
+    assert not (out / "summary.json").exists()  # written last; the earlier run's cleared at the start (--overwrite)
     with pytest.raises(ValueError, match="incomplete run directory"):
         compare.load_run(out)
     assert compare.main([str(out), "--out", str(tmp_path / "cmp")]) != 0
@@ -179,7 +179,7 @@ def test_resume_of_damaged_checkpoint_names_the_file(tmp_path, llama_dir, probe_
     out = tmp_path / "run"
     st = _killed_run(llama_dir, probe_file, out)
     name = damage(st)
-    with pytest.raises(ValueError, match=rf"{name}.* damaged.*rerun without --resume"):
+    with pytest.raises(ValueError, match=rf"{name}.* damaged.*rerun with --overwrite instead of --resume"):
         run_analysis(cfg(llama_dir, probe_file, out, resume=True), progress=False)
-    run_analysis(cfg(llama_dir, probe_file, out), progress=False)  # the advice works
+    run_analysis(cfg(llama_dir, probe_file, out, overwrite=True), progress=False)  # the advice works
     assert (out / "summary.json").is_file() and not st.exists()

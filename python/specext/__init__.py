@@ -46,7 +46,12 @@ def set_num_threads(n: int) -> None:
 def set_simd_level(level: str) -> None:
     """Force the CPU kernels' instruction set: ``"scalar"``, ``"avx2"`` or ``"avx512"``
     (only levels in ``build_info()["simd_available"]``). The environment variable
-    ``SPECEXT_SIMD`` sets the starting level."""
+    ``SPECEXT_SIMD`` sets the starting level. An unknown or unavailable level raises
+    ``ValueError`` listing the valid ones."""
+    avail = list(_ext().build_info().get("simd_available", ()))
+    if avail and level not in avail:
+        raise ValueError(f"SIMD level {level!r} is not available; valid levels on this CPU/build: "
+                         f"{', '.join(repr(a) for a in avail)}")
     _ext().set_simd_level(level)
 
 

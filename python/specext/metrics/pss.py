@@ -375,7 +375,7 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
     done = dict(done or {})
     rows: List[Dict[str, object]] = []
     layer_hist = {r: np.zeros(L) for r in cfg.ratios}
-    from tqdm.auto import tqdm
+    from specext._progress import progress as tqdm
 
     mine = share(chosen) if share is not None else chosen
     todo = [k for k in mine if probe.concepts[k] not in done]

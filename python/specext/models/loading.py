@@ -115,6 +115,8 @@ class LoadedModel:
     # What loading let through with allow_missing (missing or unexpected checkpoint tensors),
     # one sentence each; recorded in summary.json's warnings.
     warnings: List[str] = field(default_factory=list)
+    # How load_model chose the dtype: {"requested", "checkpoint", "used", "reason"} (None: wrap_model)
+    dtype_choice: Optional[Dict[str, object]] = None
 
     def __post_init__(self) -> None:
         if not self.layer_devices:
@@ -147,12 +149,44 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
+def specext_run_source(path: Path) -> Optional[str]:
+    """For a specext run directory (the ``--out`` of ``python -m specext.analyze``): the model
+    directory it was run on (``""`` when its config.json does not say); ``None`` for any
+    other directory."""
+    import json
+
+    cfg = path / "config.json"
+    marks = (path / "summary.json").is_file() or (path / ".state").is_dir() or (path / "neurons.safetensors").is_file()
+    try:
+        doc = json.loads(cfg.read_text()) if cfg.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        doc = None
+    ours = isinstance(doc, dict) and isinstance(doc.get("options"), dict) and "fingerprint" in doc
+    if not (ours or marks):
+        return None
+    src = doc["options"].get("model_dir") if ours else None
+    return str(src) if src else ""
+
+
+def check_model_dir(model_dir: Union[str, Path], allow_pickle: bool = False) -> bool:
+    """Refuse a directory that cannot be a model (missing, a file, empty, no config.json, no
+    weights, pickled weights without ``allow_pickle``, a specext run directory) with a
+    message that says why; returns whether the weights load from safetensors. Cheap: file
+    names and config.json only, nothing is loaded."""
+    return _check_dir(Path(model_dir), allow_pickle)
+
+
 def _check_dir(model_dir: Path, allow_pickle: bool) -> bool:
     """Refuse unusable directories; returns whether the weights load from safetensors."""
     if not model_dir.exists():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     if not model_dir.is_dir():
         raise ModelLoadError(f"{model_dir} is not a directory (expected a Hugging Face model directory)")
+    src = specext_run_source(model_dir)
+    if src is not None:
+        raise ModelLoadError(f"{model_dir} is a specext run directory (the output of python -m specext.analyze), "
+                             "not a model directory: pass the model directory itself"
+                             + (f" (this run used {src})" if src else ""))
     files = [p.name for p in model_dir.iterdir()]
     if not files:
         raise ModelLoadError(f"model directory {model_dir} is empty")
@@ -327,6 +361,178 @@ def value_norms(lm: "LoadedModel", device: Optional[Union[str, torch.device]] = 
     return torch.stack(rows)
 
 
+# x86 / Arm CPU flags (/proc/cpuinfo) for native arithmetic in each half-precision dtype: without
+# them torch converts on every operation and a bfloat16 matrix product runs several times
+# slower than float32 (measured 20.7 vs 110.5 GFLOP/s on a CPU without them, issue 12).
+_NATIVE_HALF_FLAGS = {
+    "x86": {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")},
+    "arm": {torch.bfloat16: ("bf16",), torch.float16: ("fphp", "asimdhp")},
+}
+# float32 is chosen only when the weights take at most this share of the memory available.
+FLOAT32_FIT = 0.8
+
+
+def cpu_flags() -> Optional[set]:
+    """The CPU's feature flags (``flags`` on x86, ``Features`` on Arm, from /proc/cpuinfo);
+    None where there is no /proc/cpuinfo (macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None
+    flags: set = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags or None
+
+
+def cpu_native_dtype(dtype: torch.dtype) -> Optional[bool]:
+    """Whether this CPU computes in ``dtype`` (bfloat16 / float16) natively; None if unknown."""
+    import platform
+
+    flags = cpu_flags()
+    if flags is None:
+        return None
+    arch = "arm" if platform.machine().lower() in ("aarch64", "arm64") else "x86"
+    names = _NATIVE_HALF_FLAGS[arch].get(dtype)
+    return None if names is None else any(f in flags for f in names)
+
+
+def host_memory_available() -> Optional[int]:
+    """Bytes of host memory available now (``MemAvailable`` of /proc/meminfo), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # host: a line of /proc/meminfo
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def checkpoint_numel(model_dir: Path) -> Optional[int]:
+    """Number of floating-point weights in the directory's safetensors files (headers only)."""
+    import json
+
+    total, seen = 0, False
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                head = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            return None
+        for name, t in head.items():
+            if name != "__metadata__" and isinstance(t, dict) and str(t.get("dtype", "")).startswith(("F", "BF")):
+                size = 1
+                for d in t.get("shape", []):
+                    size *= int(d)
+                total += size
+                seen = True
+    return total if seen else None
+
+
+def _config_dtype(cfg) -> Optional[torch.dtype]:
+    """The checkpoint's dtype as its config states it (``dtype``, formerly ``torch_dtype``)."""
+    for key in ("dtype", "torch_dtype"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, torch.dtype):
+            return v
+        if isinstance(v, str) and v.replace("torch.", "") in DTYPES:
+            return DTYPES[v.replace("torch.", "")]
+    return None
+
+
+def _gib(n: Optional[float]) -> str:
+    return "unknown" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+def choose_dtype(requested: str, checkpoint: Optional[torch.dtype], on_cpu: bool, numel: Optional[int],
+                 available: Optional[int]) -> Dict[str, object]:
+    """The dtype the model loads in and why: ``{"requested", "checkpoint", "used", "reason"}``
+    (``used``: a name of :data:`DTYPES`, or ``"auto"`` when the checkpoint does not say).
+
+    ``--dtype auto`` keeps the checkpoint's dtype, except on a CPU that lacks native
+    arithmetic for a bfloat16 / float16 checkpoint (no ``avx512_bf16``/``amx_bf16``, resp.
+    ``avx512_fp16``/``amx_fp16``; Arm ``bf16``/``fphp``), where float32 runs several times
+    faster: float32 when its weights (``4 * numel`` bytes) fit in ``FLOAT32_FIT`` of the
+    ``available`` host memory, else the checkpoint's dtype (said in the reason)."""
+    name = {v: k for k, v in DTYPES.items()}
+    ck = name.get(checkpoint) if checkpoint is not None else None
+    out = {"requested": requested, "checkpoint": ck}
+    if requested != "auto":
+        return out | {"used": requested, "reason": f"--dtype {requested}"}
+    if ck is None:
+        return out | {"used": "auto", "reason": "--dtype auto: the checkpoint's config names no dtype; "
+                                                "transformers' default"}
+    keep = out | {"used": ck}
+    if checkpoint not in (torch.bfloat16, torch.float16):
+        return keep | {"reason": f"--dtype auto: the checkpoint's dtype ({ck})"}
+    if not on_cpu:
+        return keep | {"reason": f"--dtype auto: the checkpoint's dtype ({ck}) on an accelerator"}
+    native = cpu_native_dtype(checkpoint)
+    if native is None:
+        return keep | {"reason": f"--dtype auto: the checkpoint's dtype ({ck}); whether this CPU computes in {ck} "
+                                 f"natively is unknown"}
+    if native:
+        return keep | {"reason": f"--dtype auto: the checkpoint's dtype ({ck}); this CPU computes in {ck} natively"}
+    flags = " / ".join(_NATIVE_HALF_FLAGS["x86"][checkpoint])
+    need = 4 * numel if numel is not None else None
+    # "reason" is the same on every run (summary.json is reproducible); "memory" says what was free
+    memory = {"memory": f"{_gib(available)} available"} if available is not None else {}
+    if need is not None and available is not None and need <= FLOAT32_FIT * available:
+        return out | memory | {
+            "used": "float32",
+            "reason": f"--dtype auto: this CPU has no native {ck} arithmetic (no {flags}), where float32 runs "
+                      f"several times faster; the float32 weights ({_gib(need)}) fit in {FLOAT32_FIT:.0%} of the "
+                      f"available memory"}
+    why = ("the weights' size is unknown" if need is None else "the available memory is unknown" if available is None
+           else f"the float32 weights would need {_gib(need)}, more than {FLOAT32_FIT:.0%} of the available memory")
+    return keep | memory | {"reason": f"--dtype auto: kept the checkpoint's {ck} although this CPU has no native "
+                                      f"{ck} arithmetic (no {flags}; float32 would run several times faster): {why}"}
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    msg = str(e).lower()
+    return any(s in msg for s in ("cannot allocate memory", "out of memory", "can't allocate memory",
+                                  "unable to mmap", "failed to allocate"))
+
+
+def _oom_error(model_dir: Path, e: BaseException, *, dtype_used: str, numel: Optional[int], device,
+               device_map: Optional[str], offload_dir) -> "ModelLoadError":
+    """The error for running out of memory while loading: what the weights need, what is
+    free, and the options that help."""
+    per = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype_used)
+    need = numel * per if numel is not None and per is not None else None
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        try:
+            free = int(torch.cuda.mem_get_info(dev)[0])
+        except Exception:  # the device may be in a bad state after the failure
+            free = None
+        where = str(dev)
+    else:
+        free, where = host_memory_available(), "host memory"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    tips = []
+    if dtype_used == "float32":
+        tips.append("--dtype bfloat16 (or float16) halves the weights")
+    if device_map is None:
+        tips.append("--device-map auto with --max-memory (e.g. cpu=20GiB) and --offload-dir DIR keeps what does "
+                    "not fit on disk" + ("; over several GPUs, --device-map auto alone" if dev.type == "cuda" else ""))
+    else:
+        tips.append("a smaller --max-memory budget" + ("" if offload_dir else " with --offload-dir DIR") +
+                    " puts more layers on disk")
+    tips.append("or free memory (other processes)")
+    return ModelLoadError(
+        f"{model_dir}: out of memory while loading the model ({type(e).__name__}: {first}). Its weights need about "
+        f"{_gib(need)} in {dtype_used}; {_gib(free)} of {where} is free. Options: {'; '.join(tips)}.")
+
+
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 
 
@@ -429,6 +635,31 @@ def _mapped_devices(model: nn.Module, sites: List[MlpSite]) -> tuple:
     return dev_in, layers
 
 
+class quiet_transformers:
+    """Within ``with quiet_transformers():`` transformers shows no progress bars (the
+    weight-loading bar) and logs errors only; its settings are restored afterwards. The
+    command line and a notebook's :func:`run_analysis` load models the same way."""
+
+    def __enter__(self):
+        try:
+            from transformers.utils import logging as tl
+        except ImportError:  # pragma: no cover - transformers is required to load
+            self.tl = None
+            return self
+        self.tl = tl
+        self.verbosity, self.bars = tl.get_verbosity(), tl.is_progress_bar_enabled()
+        tl.set_verbosity_error()
+        tl.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tl is None:
+            return
+        self.tl.set_verbosity(self.verbosity)
+        if self.bars:
+            self.tl.enable_progress_bar()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -504,11 +735,17 @@ def load_model(
             raise ModelLoadError(f"damaged checkpoint: {e}") from None
     archs = list(getattr(cfg, "architectures", None) or [])
     causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
+    on_cpu = (dev.type == "cpu") if dev is not None else (device == "cpu" or not torch.cuda.is_available())
+    numel = checkpoint_numel(model_dir) if use_safetensors else None
+    choice = choose_dtype(dtype, _config_dtype(cfg), on_cpu, numel,
+                          host_memory_available() if on_cpu and dtype == "auto" else None)
+    (logger.warning if "kept the checkpoint's" in choice["reason"] else logger.info)(
+        "dtype %s: %s%s", choice["used"], choice["reason"], f" ({choice['memory']})" if "memory" in choice else "")
     kwargs = dict(
         trust_remote_code=trust_remote_code,
         local_files_only=True,
         use_safetensors=use_safetensors,
-        dtype=DTYPES.get(dtype, "auto"),
+        dtype=DTYPES.get(choice["used"], "auto"),
         output_loading_info=True,  # missing / unexpected / mismatched tensors: checked below
         ignore_mismatched_sizes=True,  # reported in the loading info, refused below with the tensor's name
     )
@@ -516,17 +753,34 @@ def load_model(
         kwargs.update(device_map=device_map, max_memory=max_memory,
                       offload_folder=str(offload_dir) if offload_dir is not None else None)
     loader = AutoModelForCausalLM if causal else AutoModel
+
+    def oom(e):
+        used = choice["used"] if choice["used"] != "auto" else str(_config_dtype(cfg) or torch.float32).replace("torch.", "")
+        return _oom_error(model_dir, e, dtype_used=used, numel=numel, device=dev, device_map=device_map,
+                          offload_dir=offload_dir)
+
     try:
-        model, loading = loader.from_pretrained(model_dir, **kwargs)
+        with quiet_transformers():
+            model, loading = loader.from_pretrained(model_dir, **kwargs)
     except ValueError as e:
         hint = (" (a layer that does not fit --max-memory goes to disk: give --offload-dir DIR)"
                 if device_map is not None and offload_dir is None and "offload" in str(e) else "")
         raise ModelLoadError(f"{model_dir}: cannot load {cfg.model_type} with {loader.__name__} ({e}){hint}") from None
+    except (RuntimeError, MemoryError, OSError) as e:
+        if _is_oom(e):
+            raise oom(e) from None
+        raise
     load_warnings = _check_loading(model_dir, loading, ckpt, allow_missing, model=model, causal=causal,
                                    arch=archs[0] if archs else None)
     hf_map = getattr(model, "hf_device_map", None) if device_map is not None else None
     if device_map is None:
-        model.to(dev)
+        try:
+            model.to(dev)
+        except (RuntimeError, MemoryError) as e:
+            if _is_oom(e):
+                del model
+                raise oom(e) from None
+            raise
     model.eval()
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
@@ -538,6 +792,7 @@ def load_model(
                              f"with vocab.json + merges.txt, tokenizer.model or vocab.txt): {why}")
     lm = wrap_model(model, tok, path=model_dir, has_lm_head=causal, device=dev)
     lm.warnings = load_warnings
+    lm.dtype_choice = choice | {"used": str(lm.dtype).replace("torch.", "")}
     if use_safetensors:
         bind_checkpoint(lm.sites, model_dir)
     elif any(s.module.weight.is_meta for s in lm.sites):

@@ -65,6 +65,9 @@ def print_summary(summary: Dict[str, object], out: Path, file=sys.stdout) -> Non
         extra = f"   {_fmt(l.get('mean_excess_gini')):>6}   {_fmt(l.get('share_above_null')):>5}" if has_null else ""
         print(f"  {l['layer']:>5}   {_fmt(l['mean_gini']):>9}   {_fmt(l['share_gini_above_0.3']):>5}   "
               f"{_fmt(l['mean_norm_entropy']):>13}   {l['dead']:>4}{extra}", file=file)
+    print("  (>0.3: share of the layer's live neurons with Gini above 0.3" + (";" if has_null else ")"), file=file)
+    if has_null:
+        print("   excess: mean Gini minus its null; >null: share above the null's 99th percentile)", file=file)
     p = summary.get("pss")
     if p:
         def ci(c):
@@ -85,97 +88,139 @@ def print_summary(summary: Dict[str, object], out: Path, file=sys.stdout) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m specext.analyze", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_dir", nargs="?", help="local Hugging Face model directory (config.json, *.safetensors, tokenizer)")
-    p.add_argument("--demo", action="store_true", help="the shipped demo model with the synthetic probe")
-    p.add_argument("--probe", default=None, help="world | synthetic | path to a JSONL probe (default: world; synthetic with --demo)")
-    p.add_argument("--out", default=None, help="run directory (default: specext-runs/MODEL-PROBE)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-concepts", type=int, default=None, help="a seeded sample of this many concepts")
+    """The command line's options. Every option has help text that states its default once
+    (``tests/test_cli_help.py`` holds it to that)."""
+    p = argparse.ArgumentParser(
+        prog="python -m specext.analyze", description=__doc__.split("\n\n")[0].replace("``", ""),
+        epilog="Examples: python -m specext.analyze --demo;  python -m specext.analyze MODEL_DIR --probe world "
+               "--out runs/mymodel. Each run writes one run directory (--out); see README.md.")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR",
+                   help="local Hugging Face model directory (config.json, *.safetensors, tokenizer); required "
+                        "unless --demo")
+    p.add_argument("--demo", action="store_true",
+                   help="analyse the shipped demo model (a tiny Llama) on the synthetic probe, into "
+                        f"specext-runs/demo (replaced on every --demo run unless --out is given), with "
+                        f"--pss-concepts {DEMO_PSS_CONCEPTS} and --random-twin")
+    p.add_argument("--probe", default=None, metavar="PROBE",
+                   help="world (198 real-world concepts), synthetic (the demo's world) or a JSONL probe file "
+                        "(default: world; synthetic with --demo)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="run directory; it must be empty, or hold a checkpoint of the same run with --resume, or "
+                        "be replaced with --overwrite (default: specext-runs/MODEL-PROBE; specext-runs/demo with "
+                        "--demo)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="clear --out first when it holds an earlier specext run (a folder of other files is never "
+                        "deleted)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out from its last checkpoint")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="dtype of the model's weights and computation; auto: the checkpoint's, except float32 for a "
+                        "bfloat16/float16 checkpoint on a CPU without native arithmetic for it when float32 fits "
+                        "in memory (default: auto)")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="cpu, cuda, cuda:N, or auto: cuda when torch sees a GPU, else cpu (default: auto)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="questions per forward pass, halved automatically on CUDA out-of-memory (default: 8)")
+    p.add_argument("--max-concepts", type=int, default=None, metavar="N",
+                   help="a seeded sample of N concepts, at least one per category (default: all)")
     p.add_argument("--positions", default="question", choices=list(POSITIONS),
-                   help="tokens whose coefficients form a prompt's statistic")
-    p.add_argument("--stat", default="abs", choices=list(STATS), help="abs: |m|; contribution: |m| * ||v||")
-    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-open", action="store_true", help="skip open-ended generation")
-    p.add_argument("--max-new-tokens", type=int, default=12)
+                   help="tokens whose MLP coefficients form a prompt's statistic: the question's, the last "
+                        "prompt token, all, the concept's name (subject) or its last token (default: question)")
+    p.add_argument("--stat", default="abs", choices=list(STATS),
+                   help="abs: mean |m|; contribution: |m| times the value-vector norm (default: abs)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of every sample: concepts, PSS control set, random controls, null model "
+                        "(default: 0)")
+    p.add_argument("--no-open", action="store_true", help="skip open-ended generation (multiple choice only)")
+    p.add_argument("--max-new-tokens", type=int, default=12, metavar="N",
+                   help="tokens generated for an open-ended answer (default: 12)")
     p.add_argument("--truncate", default=None, choices=["left"],
-                   help="a prompt past the model's positions (with its options / --max-new-tokens): cut it from the "
-                        "left, with a warning and a count in summary.json (default: an error naming the question)")
-    p.add_argument("--chunk-size", type=int, default=64, help="questions per unit of work (checkpoints fall between chunks)")
-    p.add_argument("--checkpoint-every", type=float, default=300.0,
-                   help="seconds between checkpoints for --resume (0: after every chunk)")
-    p.add_argument("--no-report", action="store_true", help="skip report.html")
-    g = p.add_argument_group("Parameter Specialization Score (PSS)")
-    g.add_argument("--no-pss", action="store_true", help="skip the masking experiment")
-    g.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS),
-                   help="percent of all L*d_ff value vectors to mask, comma-separated")
-    g.add_argument("--pss-concepts", type=int, default=None, help="evaluate a seeded sample of N concepts")
-    g.add_argument("--pss-unrelated", default="other", choices=["other", "same-category", "other-category"],
-                   help="concepts whose mean mass is subtracted in the differential score")
-    g.add_argument("--pss-selection", default="global", choices=["global", "per-layer"])
-    g.add_argument("--pss-control", type=int, default=200, help="control questions (other concepts')")
-    g.add_argument("--pss-denominator", default="overall", choices=list(DENOMINATORS),
-                   help="overall: the model's overall accuracy before masking (the paper's); general: the control "
-                        "set's accuracy without a mask")
-    g.add_argument("--pss-score", default="paper", choices=list(SCORES),
-                   help="the headline score: paper |G - CS| / A (has a floor at ratio 0), or delta "
-                        "|dG - dCS| / A (baseline-corrected); both are always written")
-    g.add_argument("--bootstrap", type=int, default=1000,
-                   help="bootstrap resamples of concepts for the 95%% intervals (0: none)")
-    g.add_argument("--pss-metric", default="mcq", choices=["mcq", "mcq_norm"])
-    g.add_argument("--no-random-control", action="store_true", help="skip the random-vector control")
-    g.add_argument("--pss-batch-rows", type=int, default=256, help="(question, mask) rows per forward pass")
-    s = p.add_argument_group("specialisation controls")
-    s.add_argument("--null-permutations", type=int, default=8,
-                   help="random reassignments of concepts to categories for the Gini null model (0: off)")
+                   help="a prompt past the model's positions (with its options / --max-new-tokens): left cuts it "
+                        "from the left, with a warning and a count in summary.json (default: an error naming the "
+                        "question)")
+    p.add_argument("--chunk-size", type=int, default=64, metavar="N",
+                   help="questions per unit of work; checkpoints fall between chunks (default: 64)")
+    p.add_argument("--checkpoint-every", type=float, default=300.0, metavar="S",
+                   help="seconds between checkpoints for --resume, 0: after every chunk (default: 300)")
+    p.add_argument("--no-report", action="store_true", help="skip report.html and its plots")
     p.add_argument("--accumulate-device", default="auto", choices=["auto", "cpu"],
-                   help="where the concept accumulators live: the model's device (with --device-map: each layer's "
-                        "device), or host memory (large models)")
-    m = p.add_argument_group("one model over several devices (accelerate)")
-    m.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
-                   help="split the model over the GPUs, the CPU and disk (transformers' device_map); --device auto "
-                        "uses every GPU, --device cpu the CPU and disk only")
-    m.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
-                   help="per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=100GiB or cpu=200MB")
-    m.add_argument("--offload-dir", default=None, metavar="DIR",
-                   help="folder for layers that fit no device's budget (disk offload)")
-    s.add_argument("--random-twin", action="store_true", default=None,
-                   help="also run the same architecture with seeded random weights on the same probe (a control; "
-                        "on by default with --demo)")
-    s.add_argument("--no-random-twin", dest="random_twin", action="store_false")
-    p.add_argument("--dist-timeout", type=float, default=1800.0,
-                   help="under torchrun: seconds a rank waits for the others (process group and collectives)")
+                   help="where the concept accumulators live: auto, the model's device (with --device-map: each "
+                        "layer's device); cpu: host memory, for large models (default: auto)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
+                   help="under torchrun: seconds a rank waits for the others in the process group and its "
+                        "collectives (default: 1800)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model directory's own Python code")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickled *.bin weights (unsafe)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow a checkpoint with only pickled *.bin weights (unpickling can run code)")
     p.add_argument("--allow-missing", action="store_true",
                    help="checkpoint tensors missing for the config's model, or left over, are a warning (recorded in "
                         "summary.json) instead of an error: for heads that are tied or unused")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display, warnings and errors only")
+    g = p.add_argument_group("Parameter Specialization Score (PSS)")
+    g.add_argument("--no-pss", action="store_true", help="skip the masking experiment")
+    g.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS), metavar="R,R,...",
+                   help="percent of all layers x d_ff value vectors to mask, comma-separated (default: "
+                        + ",".join(f"{r:g}" for r in RATIOS) + ")")
+    g.add_argument("--pss-concepts", type=int, default=None, metavar="N",
+                   help="evaluate a seeded sample of N concepts, round-robin over categories (default: all; "
+                        f"{DEMO_PSS_CONCEPTS} with --demo)")
+    g.add_argument("--pss-unrelated", default="other", choices=["other", "same-category", "other-category"],
+                   help="concepts whose mean mass is subtracted in the differential score (default: other)")
+    g.add_argument("--pss-selection", default="global", choices=["global", "per-layer"],
+                   help="mask the top vectors across all layers, or the top share of each layer (default: global)")
+    g.add_argument("--pss-control", type=int, default=200, metavar="N",
+                   help="control questions, of other concepts, at least one per category (default: 200)")
+    g.add_argument("--pss-denominator", default="overall", choices=list(DENOMINATORS),
+                   help="overall: the model's overall accuracy before masking (the paper's); general: the control "
+                        "set's accuracy without a mask (default: overall)")
+    g.add_argument("--pss-score", default="paper", choices=list(SCORES),
+                   help="the headline score: paper |G - CS| / A (has a floor at ratio 0), or delta "
+                        "|dG - dCS| / A (baseline-corrected); both are always written (default: paper)")
+    g.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples of concepts for the 95%% intervals, 0: none (default: 1000)")
+    g.add_argument("--pss-metric", default="mcq", choices=["mcq", "mcq_norm"],
+                   help="accuracy under a mask: mcq, lm-evaluation-harness acc (summed option log-likelihood), or "
+                        "mcq_norm, its acc_norm per character (default: mcq)")
+    g.add_argument("--no-random-control", action="store_true",
+                   help="skip the control that masks as many random vectors")
+    g.add_argument("--pss-batch-rows", type=int, default=256, metavar="N",
+                   help="(question, mask) rows per masked forward pass (default: 256)")
+    s = p.add_argument_group("specialisation controls")
+    s.add_argument("--null-permutations", type=int, default=8, metavar="P",
+                   help="random reassignments of concepts to categories for the Gini null model, 0: off "
+                        "(default: 8)")
+    s.add_argument("--random-twin", action="store_true", default=None,
+                   help="also run the same architecture with seeded random weights on the same probe, a control "
+                        "(default: on with --demo, off otherwise)")
+    s.add_argument("--no-random-twin", dest="random_twin", action="store_false",
+                   help="no random twin, also with --demo")
+    m = p.add_argument_group("one model over several devices (accelerate)")
+    m.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="split the model over the GPUs, the CPU and disk (transformers' device_map); --device auto "
+                        "uses every GPU, --device cpu the CPU and disk only (default: off, the whole model on "
+                        "--device)")
+    m.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=100GiB or cpu=200MB "
+                        "(default: what is free)")
+    m.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="folder for layers that fit no device's budget, i.e. disk offload (default: none)")
     return p
 
 
 def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[str, int], None]] = None) -> int:
     """The command line; ``on_checkpoint`` is passed to :func:`run_analysis`."""
     args = build_parser().parse_args(argv)
+    # transformers stays quiet (no weight-loading bar) inside run_analysis, as in a notebook
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
     if args.demo:
         if args.model_dir:
             print("error: give either MODEL_DIR or --demo, not both", file=sys.stderr)
             return 2
         args.model_dir = str(DEMO_MODEL)
         args.probe = args.probe or "synthetic"
-        args.out = args.out or str(Path("specext-runs") / "demo")
+        if args.out is None:
+            # the demo's own folder: a re-run replaces the previous demo run (unless --resume)
+            args.out = str(Path("specext-runs") / "demo")
+            args.overwrite = args.overwrite or not args.resume
     if not args.model_dir:
         print("error: MODEL_DIR is required (or --demo)", file=sys.stderr)
         return 2
@@ -197,7 +242,7 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
         cfg = AnalyzeConfig(
             model_dir=args.model_dir, probe=args.probe or "world", out=args.out, dtype=args.dtype,
             device=args.device, batch_size=args.batch_size, max_concepts=args.max_concepts, positions=args.positions,
-            stat=args.stat, seed=args.seed, resume=args.resume, trust_remote_code=args.trust_remote_code,
+            stat=args.stat, seed=args.seed, resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
             allow_pickle=args.allow_pickle, allow_missing=args.allow_missing, open_ended=not args.no_open, max_new_tokens=args.max_new_tokens,
             chunk_size=args.chunk_size, checkpoint_every=args.checkpoint_every, report=not args.no_report,
             pss=not args.no_pss, pss_config=pss_cfg, null_permutations=args.null_permutations,

@@ -28,7 +28,8 @@ from specext.pipelines import distributed, rundir
 from specext._deps import require
 from specext._options import at_least, one_of
 from specext.metrics.accuracy import accuracy_by_group
-from specext.models.loading import DEVICE_MAPS, LoadedModel, load_model, parse_max_memory, value_norms
+from specext.models.loading import (DEVICE_MAPS, LoadedModel, check_model_dir, host_memory_available, load_model,
+                                    parse_max_memory, quiet_transformers, value_norms)
 from specext.metrics.null_model import permutation_null
 from specext.probes.probeset import ProbeSet, load_probe
 from specext.metrics.pss import MaskedScorer, PSSConfig, compute_pss
@@ -55,6 +56,7 @@ class AnalyzeConfig:
     stat: str = "abs"
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # clear a --out that holds a specext run (never a folder of other files)
     trust_remote_code: bool = False
     allow_pickle: bool = False
     allow_missing: bool = False  # missing/unexpected checkpoint tensors: a warning in summary.json, not an error
@@ -84,6 +86,8 @@ class AnalyzeConfig:
         were checked when ``pss_config`` was built)."""
         one_of("--positions", self.positions, POSITIONS)
         one_of("--stat", self.stat, STATS)
+        if self.resume and self.overwrite:
+            raise ValueError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
         at_least("--batch-size", self.batch_size, 1)
         at_least("--chunk-size", self.chunk_size, 1)
         at_least("--checkpoint-every", self.checkpoint_every, 0, unit=" seconds")
@@ -145,7 +149,8 @@ def run_analysis(cfg: AnalyzeConfig, *, progress: bool = True,
     ranks, rank 0 alone writes the run directory, and every rank returns the summary
     (:mod:`specext.pipelines.distributed`)."""
     require("transformers", "tokenizers", "tqdm", *(("matplotlib",) if cfg.report else ()), what="run_analysis")
-    with distributed.session(cfg.dist_timeout, cfg.device, cfg.device_map) as dd:
+    # transformers' own bars (weight loading) and info logs are off in a notebook as on the command line
+    with quiet_transformers(), distributed.session(cfg.dist_timeout, cfg.device, cfg.device_map) as dd:
         return _analysis(cfg, dd, progress=progress and dd.is_main, on_checkpoint=on_checkpoint)
 
 
@@ -153,6 +158,7 @@ def _analysis(cfg: AnalyzeConfig, dd: distributed.Dist, *, progress: bool,
               on_checkpoint: Optional[Callable[[str, int], None]]) -> Dict[str, object]:
     t_start = time.time()
     torch.manual_seed(cfg.seed)
+    check_model_dir(cfg.model_dir, cfg.allow_pickle)  # a wrong MODEL_DIR fails before the probe loads
     probe = load_probe(cfg.probe, max_concepts=cfg.max_concepts, seed=cfg.seed)
     if cfg.pss:
         cfg.pss_config.check_probe(probe)  # before minutes of scoring, not after
@@ -161,7 +167,7 @@ def _analysis(cfg: AnalyzeConfig, dd: distributed.Dist, *, progress: bool,
     if dd.active:
         made = next((m for m in dd.all_gather(made, "whether --out exists") if m is not None), None)
     rundir.check_writable(out)  # before loading the model, not at the first checkpoint
-    with _lock(out, dd) as lock:
+    with _lock(out, dd, cfg) as lock:
         try:
             return _locked(cfg, dd, probe, out, t_start, progress=progress, on_checkpoint=on_checkpoint)
         except BaseException:
@@ -170,19 +176,23 @@ def _analysis(cfg: AnalyzeConfig, dd: distributed.Dist, *, progress: bool,
             raise
 
 
-def _lock(out: Path, dd: distributed.Dist) -> rundir.RunLock:
-    """The run directory's lock (:class:`rundir.RunLock`). Under torchrun rank 0 takes it and
-    tells every rank whether it got it, before any rank writes its checkpoint folder."""
+def _lock(out: Path, dd: distributed.Dist, cfg: Optional[AnalyzeConfig] = None) -> rundir.RunLock:
+    """The run directory's lock (:class:`rundir.RunLock`), then the check that ``out`` holds no
+    other run (:func:`rundir.prepare_out`: ``--resume``, ``--overwrite``). Under torchrun
+    rank 0 does both and tells every rank whether they succeeded, before any rank writes its
+    checkpoint folder."""
     lock, err = rundir.RunLock(out), None
     if dd.is_main:
         try:
             lock.acquire()
+            if cfg is not None:
+                rundir.prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite)
         except (ValueError, OSError) as e:
             err = str(e)
     if dd.active:
         err = dd.broadcast(err, "the run directory lock")
     if err:
-        lock.release()
+        lock.release(remove=lock.created)  # refused: leave the folder as it was
         raise ValueError(err)
     return lock
 
@@ -197,6 +207,7 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
     lm = load_model(cfg.model_dir, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                     allow_pickle=cfg.allow_pickle, allow_missing=cfg.allow_missing, **place)
     fp = rundir.fingerprint(cfg, probe, Path(cfg.model_dir), cache=out / rundir.WEIGHTS_CACHE)
+    fp["model_dtype"] = str(lm.dtype).replace("torch.", "")  # --dtype auto may choose differently elsewhere
     if dd.active:
         fp["world_size"] = dd.world  # each rank's checkpoint holds its share, which depends on it
     state = RunState(out, rank=dd.rank if dd.active else None)
@@ -223,7 +234,7 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
                     truncate=cfg.truncate)
     truncated = scorer.check(probe.questions)  # every prompt against the model's positions, before any forward pass
     runner = _Runner(lm, scorer, probe, mass, cfg.batch_size)
-    from tqdm.auto import tqdm
+    from specext._progress import progress as tqdm
 
     with tqdm(total=hi - lo, initial=start - lo, desc="scoring", unit="q", disable=not progress) as bar:
         k = start // cfg.chunk_size
@@ -268,14 +279,7 @@ def _free_bytes(device: torch.device) -> Optional[int]:
     """Memory free now on ``device`` (CPU: MemAvailable; CUDA: the driver's free), or None."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # host: a line of /proc/meminfo
-    except OSError:
-        return None
-    return None
+    return host_memory_available()
 
 
 def accumulate_devices(option: str, lm: LoadedModel):
@@ -376,8 +380,7 @@ def _run_twin(cfg: AnalyzeConfig, lm: LoadedModel, probe: ProbeSet, progress: bo
               dd: Optional[distributed.Dist] = None) -> Optional[Dict[str, object]]:
     """The random-init twin on the same probe and positions: its specialisation and accuracy
     (under torchrun each rank scores its share; rank 0 gets the result, the others None)."""
-    from tqdm.auto import tqdm
-
+    from specext._progress import progress as tqdm
     from specext.models.twin import random_twin
 
     seed = cfg.seed + 1  # not the model's own sampling seed
@@ -498,6 +501,10 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "probe": {"name": probe.name, "questions": len(probe.questions), "concepts": len(probe.concepts),
                   "categories": probe.categories, "tiers": probe.tiers},
         "positions": cfg.positions,
+        # the dtype the model ran in and why (--dtype auto on a CPU without bfloat16 arithmetic: float32)
+        "dtype": {k: v for k, v in (lm.dtype_choice or {"requested": cfg.dtype,
+                                                         "used": str(lm.dtype).replace("torch.", "")}).items()
+                  if k != "memory"},  # config.json's model.dtype_choice has the free memory too
         "categories_used": [probe.categories[c] for c in keep],
         "empty_categories": spec.empty,
         "categories_dropped_by_layer": {str(l): v for l, v in spec.dropped_by_layer.items()},
@@ -516,6 +523,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "versions": {"specext": __version__, **lm.info, "python": platform.python_version()},
         "build": build_info(),
         "model": {"architecture": lm.architecture, "model_type": lm.model_type, "dtype": str(lm.dtype),
+                  "dtype_choice": lm.dtype_choice,
                   "device": str(lm.device), "layers": lm.n_layers, "d_ff": lm.d_ff,
                   "down_proj": [s.name for s in lm.sites],
                   # --device-map: transformers' placement of each module and each layer's device

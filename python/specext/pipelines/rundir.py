@@ -220,6 +220,78 @@ def discard_new(out: Path, made: Path, lock: "RunLock") -> None:
         if d == made or d.parent == d:
             return
         d = d.parent
+# specext's bookkeeping in a run directory: the lock (held by this run while it checks),
+# the weights' hash cache (valid whatever run it served) and the writability probe.
+_BOOKKEEPING = (LOCK, WEIGHTS_CACHE)
+
+
+def _own_entries(out: Path) -> List[Path]:
+    """What ``out`` holds besides specext's bookkeeping files."""
+    return sorted(p for p in out.iterdir() if p.name not in _BOOKKEEPING and not p.name.startswith(".write-test-"))
+
+
+def looks_like_run(out: Path) -> bool:
+    """Whether ``out`` is a specext run directory: a config.json written by specext (its
+    ``options`` and ``fingerprint``), a ``summary.json`` beside it, or a checkpoint in ``.state``."""
+    if (out / STATE).is_dir():
+        return True
+    try:
+        doc = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("options"), dict) and "fingerprint" in doc
+
+
+def _checkpoint(out: Path) -> bool:
+    st = out / STATE
+    return (st / "progress.json").is_file() or any(st.glob("rank-*/progress.json"))
+
+
+def prepare_out(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """A run directory never mixes two runs. ``out`` may be used when it is empty (besides
+    specext's lock and weights-hash cache), or with ``resume`` when it holds a checkpoint
+    (whose fingerprint the resume then checks: the same configuration) or nothing yet.
+    Otherwise ``overwrite`` clears it first, but only when it looks like a specext run
+    directory (:func:`looks_like_run`): a folder of other files is never deleted. Anything
+    else raises ``ValueError`` saying what ``out`` holds and what to do."""
+    if not out.is_dir():
+        return
+    entries = _own_entries(out)
+    if not entries:
+        return
+    names = ", ".join(p.name for p in entries[:8]) + (" ..." if len(entries) > 8 else "")
+    is_run = looks_like_run(out)
+    if resume:
+        if _checkpoint(out) or all(p.name == STATE for p in entries):
+            return  # a checkpoint to continue, or a run killed before its first one (starts over)
+        what = ("a finished run (summary.json): there is nothing to resume" if (out / "summary.json").is_file()
+                else "no checkpoint to resume (OUT/.state/progress.json)")
+        raise ValueError(f"--resume: --out {out} holds {what}; "
+                         + ("rerun with --overwrite to replace it, or use another --out" if is_run
+                            else "use another --out"))
+    if overwrite:
+        if not is_run:
+            raise ValueError(f"--overwrite: --out {out} is not a specext run directory (it holds {names}); refusing "
+                             f"to delete it: use another --out, or empty it yourself")
+        import logging
+        import shutil
+
+        logging.getLogger("specext.analyze").info("--overwrite: clearing %s (%d entries)", out, len(entries))
+        for p in entries:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        return
+    if not is_run:
+        raise ValueError(f"--out {out} is not empty and not a specext run directory (it holds {names}); a run "
+                         f"directory holds one run only: use another --out")
+    if _checkpoint(out):
+        raise ValueError(f"--out {out} holds an unfinished run (a checkpoint in {out / STATE}): continue it with "
+                         f"--resume, start it over with --overwrite, or use another --out")
+    what = "a finished run" if (out / "summary.json").is_file() else "an earlier run's files"
+    raise ValueError(f"--out {out} holds {what} ({names}); a run directory holds one run only: pass --overwrite "
+                     f"to replace it, or use another --out")
 
 
 class RunLock:
@@ -231,10 +303,12 @@ class RunLock:
     def __init__(self, out: Path):
         self.path = out / LOCK
         self.fd: Optional[int] = None
+        self.created = False  # whether acquire() created the lock file (it did not exist before)
 
     def acquire(self) -> "RunLock":
         import fcntl
 
+        self.created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -255,13 +329,17 @@ class RunLock:
         self.fd = fd
         return self
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Release the lock; ``remove``: also delete the lock file (a run refused before it
+        wrote anything leaves nothing behind in a folder that was not a run directory)."""
         if self.fd is None:
             return
         import fcntl
 
         try:
             os.ftruncate(self.fd, 0)  # a cleanly ended run leaves no pid behind
+            if remove:
+                self.path.unlink(missing_ok=True)
         except OSError:
             pass
         fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -282,7 +360,7 @@ def check_rows(rows: List[dict], questions: Sequence, first: int, path: Path, ne
     """Every saved row is the probe's question at its index (``first`` + its position): same
     question text and concept, and as many rows as questions before ``next_question``.
     Otherwise the checkpoint holds another probe's (or another share's) rows: a clear error."""
-    restart = "use another --out, or rerun without --resume (which starts the run over)"
+    restart = "use another --out, or rerun with --overwrite instead of --resume (which starts the run over)"
     if next_question is not None and len(rows) != next_question - first:
         raise ValueError(f"--resume: {path} holds {len(rows)} rows but the checkpoint continues at question "
                          f"{next_question} (expected {next_question - first} rows from question {first}); {restart}")
@@ -358,7 +436,7 @@ class RunState:
         every saved row must be the question at its index (question text and concept)."""
         if not self.progress.is_file():
             return None
-        restart = "the checkpoint cannot be resumed: rerun without --resume (which starts the run over)"
+        restart = "the checkpoint cannot be resumed: rerun with --overwrite instead of --resume (which starts the run over)"
         try:
             prog = json.loads(self.progress.read_text())
             n, acc_name, nxt = prog["rows"], prog["accumulators"], prog["next_question"]
@@ -375,7 +453,8 @@ class RunState:
             raise ValueError(f"--resume: the run in {self.dir.parent} was started with different inputs "
                              f"({', '.join(diff)} differ){why}"
                              + (f"; changed: {'; '.join(changed)}" if changed else "")
-                             + "; use another --out, drop --resume, or resume with the checkpoint's values")
+                             + "; use another --out, resume with the checkpoint's values, or start over with "
+                               "--overwrite instead of --resume")
         acc_path = self.dir / acc_name
         try:
             acc = read_safetensors(acc_path)

@@ -384,9 +384,9 @@ def _progress_bar(steps: int, enabled: bool):
     from specext._deps import require
 
     require("tqdm", what="specext.pipelines.training")
-    from tqdm.auto import tqdm
+    from specext._progress import progress
 
-    return tqdm(range(steps), desc="train", unit="step", disable=not enabled, leave=False)
+    return progress(range(steps), desc="train", unit="step", disable=not enabled, leave=False)
 
 
 # ---------------------------------------------------------------------------------------

@@ -246,12 +246,12 @@ def fmt_num(v) -> str:
 
 # The runs table of compare.html: (header, cell) over a row; the CSV and JSON keep every column.
 def _cells(r) -> List[tuple]:
-    ci = (f" [{fmt_num(r['peak_pss_ci_low'])}, {fmt_num(r['peak_pss_ci_high'])}]"
+    ci = (f"\n[{fmt_num(r['peak_pss_ci_low'])}, {fmt_num(r['peak_pss_ci_high'])}]"
           if _finite(r.get("peak_pss_ci_low")) and _finite(r.get("peak_pss_ci_high")) else "")
     ratio = r.get("peak_ratio")
     return [("run", r["label"]), ("model", Path(str(r["model"])).name if r.get("model") else "n/a"),
             ("architecture", r.get("architecture") or "n/a"), ("parameters", fmt_count(r.get("parameters"))),
-            ("mcq", fmt_num(r.get("mcq"))), ("mcq_norm", fmt_num(r.get("mcq_norm"))), ("open", fmt_num(r.get("open"))),
+            ("mcq", fmt_num(r.get("mcq"))), ("mcq norm", fmt_num(r.get("mcq_norm"))), ("open", fmt_num(r.get("open"))),
             ("peak PSS [95%]", fmt_num(r.get("peak_pss")) + ci),
             ("at ratio", f"{ratio:g}%" if _finite(ratio) else "n/a"), ("PSS floor", fmt_num(r.get("pss_floor"))),
             ("mean Gini", fmt_num(r.get("mean_gini"))), ("null Gini", fmt_num(r.get("mean_gini_null"))),
@@ -259,9 +259,7 @@ def _cells(r) -> List[tuple]:
             ("twin Gini", fmt_num(r.get("twin_mean_gini"))), ("twin excess", fmt_num(r.get("twin_mean_excess_gini"))),
             ("Gini / twin", fmt_num(r.get("gini_over_twin"))),
             ("excess / twin", fmt_num(r.get("excess_gini_over_twin"))),
-            ("norm. entropy", fmt_num(r.get("mean_norm_entropy"))), ("probe", r.get("probe") or "n/a"),
-            ("questions", "n/a" if r.get("questions") is None else f"{r['questions']:,}"),
-            ("positions", r.get("positions") or "n/a")]
+            ("norm. entropy", fmt_num(r.get("mean_norm_entropy")))]  # the settings (probe...) are listed apart
 
 
 def _html(rows, corr, result, accuracy: str, bootstrap: int) -> str:
@@ -271,10 +269,11 @@ def _html(rows, corr, result, accuracy: str, bootstrap: int) -> str:
     crs = "".join(f"<tr><td>{e(k)}</td><td>{v['n']}</td>" + (
         f"<td>{fmt_num(v['pearson'])}</td><td>{ci(v['pearson_ci'])}</td><td>{p(v['pearson_p'])}</td>"
         f"<td>{fmt_num(v['spearman'])}</td><td>{ci(v['spearman_ci'])}</td><td>{p(v['spearman_p'])}</td><td></td>"
-        if v["reason"] is None else f"<td colspan=6>n/a</td><td class=l>{e(v['reason'])}</td>") + "</tr>"
+        if v["reason"] is None else f"<td colspan=6 class=c>n/a</td><td class=l>{e(v['reason'])}</td>") + "</tr>"
         for k, v in corr.items())
     head = "".join(f"<th>{e(h)}</th>" for h, _ in _cells(rows[0]))
-    trs = "".join(f'<tr title="{e(r["run"])}">' + "".join(f"<td>{e(c)}</td>" for _, c in _cells(r)) + "</tr>"
+    cell = lambda c: "<br>".join(map(e, c.split("\n"))) if "\n" in c else e(c)  # noqa: E731 (the interval below)
+    trs = "".join(f'<tr title="{e(r["run"])}">' + "".join(f"<td>{cell(c)}</td>" for _, c in _cells(r)) + "</tr>"
                   for r in rows)
     diff = result["differing_settings"]
     warn = ""
@@ -284,10 +283,14 @@ def _html(rows, corr, result, accuracy: str, bootstrap: int) -> str:
                                                                  for k in diff) + "</tr>" for r in rows)
         warn = (f'<div class="warn"><b>The runs differ in {e(", ".join(diff))}</b>: their numbers are not directly '
                 f'comparable.<div class="scroll"><table><tr><th>run</th>{dh}</tr>{dr}</table></div></div>')
+    same = [(k, v) for k, v in rows[0]["settings"].items() if k not in diff]
+    common = ("<p>Settings common to every run: " + "; ".join(f"{e(k)} <b>{e(_setting(v))}</b>" for k, v in same)
+              + ".</p>") if same else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>specext compare</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
-table{{border-collapse:collapse;font-size:.9em}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}
-th{{background:#f3f3f3}}td.l{{text-align:left}}.scroll{{overflow-x:auto;max-width:100%;margin:.5em 0 1.5em}}
+<style>body{{font-family:system-ui,sans-serif;max-width:1600px;margin:2em auto;padding:0 1em;color:#222}}
+p{{max-width:1100px}}table{{border-collapse:collapse;font-size:.9em}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td{{white-space:nowrap}}
+th{{background:#f3f3f3}}td.l{{text-align:left}}td.c{{text-align:center}}.scroll{{overflow-x:auto;max-width:100%;margin:.5em 0 1.5em}}
 .warn{{background:#fff4e0;border:1px solid #e0a040;padding:.5em 1em;margin:1em 0}}
 img{{max-width:100%}}</style></head><body><h1>specext: {len(rows)} runs compared</h1>{warn}
 <h2>Correlation with accuracy ({e(accuracy)})</h2><p>PSS score: {e(result['pss_score'])}.
@@ -295,7 +298,7 @@ Intervals: 95% bootstrap over runs ({bootstrap} resamples); p: two-sided.</p><di
 <th>n</th><th>Pearson r</th><th>95% interval</th><th>p</th><th>Spearman rho</th><th>95% interval</th><th>p</th><th>note</th>
 </tr>{crs}</table></div><img src="compare.png" alt="compare.png">
 <h2>Runs</h2><p>Labelled by run directory (hover a row for its path); every column, unrounded, is in
-<code>compare.csv</code> and <code>compare.json</code>.</p><div class="scroll"><table><tr>{head}</tr>{trs}</table></div>
+<code>compare.csv</code> and <code>compare.json</code>.</p>{common}<div class="scroll"><table><tr>{head}</tr>{trs}</table></div>
 </body></html>"""
 
 

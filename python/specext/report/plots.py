@@ -217,7 +217,7 @@ def plot_gini_null(summary: Dict, path: Path) -> None:
     ax.set_ylabel("share of neurons")
     ax.set_title("Neurons above their null's 99th percentile")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # clear of the bars
     for a in axes:
         a.set_xticks(range(0, len(x), max(1, len(x) // 16)))
     _save(fig, path)

@@ -104,7 +104,7 @@ def top_neurons(table, categories: List[str], k: int, null=None, concepts: Optio
             continue
         sel = torch.as_tensor([i for _, i in live])
         cat, share = tc[l, sel].tolist(), ts[l, sel].tolist()  # host: on the CPU
-        exg, above = (ex[0][l, sel].tolist(), ex[1][l, sel].tolist()) if ex else (None, None)  # host: on the CPU
+        exg, above = (ex[0][l, sel].tolist(), ex[1][l, sel].bool().tolist()) if ex else (None, None)  # host: on the CPU
         cm = None
         if concept_sums is not None and concept_counts is not None and concepts:
             n = concept_counts[:, l].detach().double().cpu()
@@ -118,7 +118,7 @@ def top_neurons(table, categories: List[str], k: int, null=None, concepts: Optio
                    "top_category": categories[cat[j]] if 0 <= cat[j] < len(categories) else "n/a",
                    "top_share": share[j]}
             if ex:
-                row["excess_gini"], row["above_null"] = exg[j], bool(above[j])
+                row["excess_gini"], row["above_null"] = exg[j], above[j]
             if cm is not None:
                 row["top_concepts"] = [(concepts[c], v) for v, c in zip(cm[0][j], cm[1][j]) if v > 0]
             rows.append(row)

@@ -81,6 +81,11 @@ def _controls_html(summary) -> str:
             + _table(rows, ["", "mean Gini", "mean null Gini", "mean excess Gini", "share above null"]))
 
 
+def _layer(x, l: int) -> torch.Tensor:
+    """Layer ``l`` of a ``(K, L, ...)`` tensor or of a list of per-layer ``(K, ...)`` tensors."""
+    return x[:, l] if isinstance(x, torch.Tensor) else x[l]
+
+
 def top_neurons(table, categories: List[str], k: int, null=None, concepts: Optional[List[str]] = None,
                 concept_sums: Optional[torch.Tensor] = None, concept_counts: Optional[torch.Tensor] = None,
                 n_concepts: int = 3) -> List[Dict]:
@@ -88,7 +93,8 @@ def top_neurons(table, categories: List[str], k: int, null=None, concepts: Optio
     ``neuron`` (the index into neurons.safetensors' ``(L, d_ff)`` arrays and the
     down-projection's column), ``gini``, ``top_category`` (a name), ``top_share``; with
     ``null`` their ``excess_gini`` and ``above_null``; with the concept sums ``(K, L, d_ff)``
-    and counts ``(K, L)`` (mass.safetensors' ``concept_sums``, ``concept_counts``) the
+    and counts ``(K, L)`` (mass.safetensors' ``concept_sums``, ``concept_counts``; or lists of
+    per-layer ``(K, d_ff)`` and ``(K,)`` tensors, each on its layer's device) the
     ``top_concepts``: ``n_concepts`` (name, share) pairs, a concept's mass over the sum of
     the neuron's concept masses (1/K each were it spread evenly)."""
     gini = table.gini.detach().cpu().float()
@@ -107,8 +113,9 @@ def top_neurons(table, categories: List[str], k: int, null=None, concepts: Optio
         exg, above = (ex[0][l, sel].tolist(), ex[1][l, sel].bool().tolist()) if ex else (None, None)  # host: on the CPU
         cm = None
         if concept_sums is not None and concept_counts is not None and concepts:
-            n = concept_counts[:, l].detach().double().cpu()
-            cm = concept_sums[:, l].index_select(-1, sel.to(concept_sums.device)).detach().double().cpu()
+            n = _layer(concept_counts, l).detach().double().cpu()
+            cs = _layer(concept_sums, l)  # (K, d_ff): only the selected columns come to the host
+            cm = cs.index_select(-1, sel.to(cs.device)).detach().double().cpu()
             cm = torch.where(n[:, None] > 0, cm / n.clamp_min(1)[:, None], torch.zeros((), dtype=cm.dtype))  # (K, k)
             cm = (cm / cm.sum(0, keepdim=True).clamp_min(1e-300)).T  # (k, K): shares
             top_v, top_i = cm.topk(min(n_concepts, cm.shape[1]), dim=1)

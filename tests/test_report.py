@@ -137,6 +137,10 @@ def test_top_neurons_match_the_run_files(run_dir):
             best = int(share.argmax())
             assert r["top_concepts"][0] == (concepts[best], pytest.approx(float(share[best])))
             assert len(r["top_concepts"]) == 3
+    # per-layer lists (as --device-map keeps the sums) give the same rows
+    per_layer = top_neurons(table, categories, 4, null, concepts, list(m["concept_sums"].unbind(1)),
+                            list(m["concept_counts"].unbind(1)))
+    assert per_layer == rows
     # the report shows them
     page = (run_dir / "report.html").read_text()
     assert "<h2>Most specialised neurons</h2>" in page

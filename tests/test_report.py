@@ -63,7 +63,7 @@ def test_gini_box_plot_draws_the_outliers(monkeypatch, tmp_path):
     ys = np.concatenate([np.asarray(l.get_ydata(), dtype=float) for l in fliers])
     assert {0.5, 0.66} <= {round(float(y), 2) for y in ys}
     assert (ys > 0.2).sum() == sum(plots.upper_outliers(d[~np.isnan(d)]) for d in g.numpy())
-    assert f"{int((ys > 0.2).sum()):,} neurons above the upper whisker" in ax.get_title()
+    assert f"{int((ys > 0.2).sum()):,} neurons above the upper whisker" in ax.get_title()  # plural: 7
 
 
 def test_heatmap_is_centred_on_the_uniform_share(monkeypatch, tmp_path):

@@ -148,6 +148,7 @@ def _top_neurons_html(rows: List[Dict], k: int, n_categories: int, n_concepts: O
         if has_concepts:
             tds += '<td class="l">' + html.escape(", ".join(f"{c} ({v:.3f})" for c, v in r["top_concepts"])) + "</td>"
         body.append(f"<tr>{tds}</tr>")
+    ths = "".join(("<th class=l>" if h.startswith("top concepts") else "<th>") + html.escape(h) + "</th>" for h in head)
     even = (f" Concept shares: the concept's mean mass over the sum of the neuron's concept masses (1/{n_concepts} = "
             f"{1 / n_concepts:.3f} each were it spread evenly).") if has_concepts and n_concepts else ""
     return (f"<h2>Most specialised neurons</h2><p>The {k} live neurons of each layer with the highest Gini over "
@@ -155,7 +156,7 @@ def _top_neurons_html(rows: List[Dict], k: int, n_categories: int, n_concepts: O
             f"plot. <b>neuron</b> indexes the <code>(layer, d_ff)</code> arrays of <code>neurons.safetensors</code> "
             f"and the column of the layer's down-projection; <b>share</b> is the top category's share of the "
             f"neuron's mass (uniform 1/{n_categories} = {1 / n_categories:.3f}).{even}</p>"
-            f'<div class="scroll{" tall" if len(rows) > 25 else ""}"><table><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}'
+            f'<div class="scroll{" tall" if len(rows) > 25 else ""}"><table><thead><tr>{ths}'
             f"</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
 
 
@@ -242,7 +243,7 @@ def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, catego
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>specext report: {html.escape(str(summary['model']))}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-th{{background:#f3f3f3}}figure{{margin:1em 0}}img{{max-width:100%}}code{{background:#f3f3f3;padding:1px 4px}}td.l{{text-align:left}}
+th{{background:#f3f3f3}}figure{{margin:1em 0}}img{{max-width:100%}}code{{background:#f3f3f3;padding:1px 4px}}td.l,th.l{{text-align:left}}
 .scroll{{overflow-x:auto;max-width:100%;margin:.5em 0 1.5em}}.scroll table{{margin:0}}
 .tall{{max-height:36em;overflow-y:auto}}.tall th{{position:sticky;top:0}}</style></head><body>
 <h1>specext report</h1>

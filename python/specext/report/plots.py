@@ -46,13 +46,13 @@ def plot_gini_by_layer(gini: torch.Tensor, path: Path) -> None:
     # The outliers above the whiskers are the most specialised neurons: drawn, small and
     # translucent so that thousands of them per layer (a 70B model) stay readable.
     ax.boxplot([d if len(d) else [np.nan] for d in data], positions=range(L), widths=0.6, showfliers=True,
-               flierprops=dict(marker="o", markersize=2.5, markerfacecolor="C0", markeredgecolor="none", alpha=0.4))
+               flierprops=dict(marker="o", markersize=3, markerfacecolor="C0", markeredgecolor="none", alpha=0.5))
     ax.plot(range(L), [d.mean() if len(d) else np.nan for d in data], "o-", color="C3", ms=3, label="mean")
     n_out = sum(upper_outliers(d) for d in data if len(d))
     ax.set_xlabel("layer")
     ax.set_ylabel("Gini over categories")
     ax.set_title(f"Per-neuron Gini by layer (boxes: quartiles, whiskers 1.5 IQR;\n"
-                 f"points: {n_out:,} neurons above the upper whisker)", fontsize=10)
+                 f"points: {n_out:,} neuron{'' if n_out == 1 else 's'} above the upper whisker)", fontsize=10)
     ax.set_xticks(range(0, L, max(1, L // 16)))
     ax.legend(loc="upper left")
     _save(fig, path)

@@ -330,7 +330,7 @@ def test_compare_runs(tmp_path):
     assert r0["pss_score"] == "paper" and r0["peak_pss_ci_low"] < r0["peak_pss"] < r0["peak_pss_ci_high"]
     assert r0["gini_over_twin"] == pytest.approx(r0["mean_gini"] / 0.07)
     header = (out / "compare.csv").read_text().splitlines()[0]
-    assert header.startswith("run,model,architecture,parameters,mcq") and "mean_excess_gini" in header
+    assert header.startswith("label,run,model,architecture,parameters,mcq") and "mean_excess_gini" in header
     assert "<img" in (out / "compare.html").read_text() and (out / "compare.png").is_file()
     assert main_compare([str(tmp_path / "nope"), "--out", str(out)]) == 2
     # the delta score on request

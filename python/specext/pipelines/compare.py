@@ -7,6 +7,12 @@ Every run's peak PSS comes with its 95% bootstrap interval over concepts (from i
 ``summary.json``); every correlation with its two-sided p-value and a 95% bootstrap interval
 over runs. ``--pss-score paper|delta`` picks the score; by default the runs' own headline
 score, which must then be the same for every run.
+
+Runs are labelled by their directory's name (with parent folders where two names are the
+same). ``compare.json`` is strict JSON: an undefined correlation (fewer than 3 runs, a
+constant accuracy or metric) is ``null`` with a ``reason``. Runs that differ in probe,
+question or concept counts, positions, mass statistic or PSS settings are compared with a
+warning, and the differing settings are listed (``differing_settings``, ``warnings``).
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from specext.metrics.correlation import pearson, spearman
 
 logger = logging.getLogger("specext.compare")
 
-COLUMNS = ["run", "model", "architecture", "parameters", "mcq", "mcq_norm", "open", "pss_score", "peak_pss",
+COLUMNS = ["label", "run", "model", "architecture", "parameters", "mcq", "mcq_norm", "open", "pss_score", "peak_pss",
            "peak_pss_ci_low", "peak_pss_ci_high", "peak_ratio", "pss_floor", "mean_gini", "mean_gini_null",
            "mean_excess_gini", "share_above_null", "twin_mean_gini", "twin_mean_excess_gini", "gini_over_twin",
            "excess_gini_over_twin", "mean_norm_entropy", "probe", "questions", "positions"]
 METRICS = ("peak_pss", "mean_gini", "mean_excess_gini")
+# summary.json's pss keys that change what a run's PSS measures (pss_ratios, pss_concepts... in compare.json)
+PSS_SETTINGS = ("ratios", "concepts", "control_questions", "unrelated", "selection", "denominator", "metric")
 SCORES = ("paper", "delta")
 
 
@@ -78,6 +86,7 @@ def load_run(run_dir: Path, score: Optional[str] = None) -> Dict[str, object]:
         "mean_norm_entropy": neu.get("mean_norm_entropy"),
         "probe": (s.get("probe") or {}).get("name"), "questions": (s.get("probe") or {}).get("questions"),
         "positions": s.get("positions"),
+        "settings": _settings(Path(run_dir), s),
     }
 
 
@@ -126,26 +135,117 @@ def _check_summary(p: Path, s) -> None:
         if ci is not None and (len(ci) != 2 or not all(x is None or isinstance(x, _NUM) for x in ci)):
             raise ValueError(f"{p}: malformed summary: 'pss.{sc}.peak_ci' is {json.dumps(ci)[:60]}, expected "
                              "[low, high]")
+def _settings(run_dir: Path, s: Dict[str, object]) -> Dict[str, object]:
+    """The options that make two runs' numbers comparable or not: the probe, its size, the token
+    positions, the mass statistic and the PSS settings (``config.json``'s where summary.json
+    does not say)."""
+    probe = s.get("probe") or {}
+    pss = s.get("pss") or {}
+    try:
+        opts = json.loads((run_dir / "config.json").read_text()).get("options") or {}
+    except (OSError, ValueError, AttributeError):
+        opts = {}
+    out = {"probe": probe.get("name"), "questions": probe.get("questions"), "concepts": probe.get("concepts"),
+           "positions": s.get("positions"), "stat": opts.get("stat")}
+    if not pss:
+        out["pss"] = "off"
+        return out
+    for k in PSS_SETTINGS:
+        out[f"pss_{k}"] = pss.get(k)
+    return out
 
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _strict(o):
+    """``o`` with every non-finite float as ``None``: compare.json is strict JSON (a bare NaN
+    is rejected by strict parsers); where a value is missing for a reason, a field says why."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict(v) for v in o]
+    return o
+
+
+def run_labels(run_dirs: List[str]) -> List[str]:
+    """Each run's label: its directory's name; where two runs' names are the same, as many
+    parent folders as tell them apart (``a/run``, ``b/run``); the same directory given again is
+    ``name (2)``, ``name (3)``..."""
+    paths = [Path(d).resolve() for d in run_dirs]
+    parts = [p.parts[1:] or (str(p),) for p in paths]  # without the anchor ("/")
+    depth = [1] * len(paths)
+    lab = lambda i: "/".join(parts[i][len(parts[i]) - depth[i]:])  # noqa: E731
+    changed = True
+    while changed:
+        changed = False
+        groups: Dict[str, List[int]] = {}
+        for i in range(len(paths)):
+            groups.setdefault(lab(i), []).append(i)
+        for g in groups.values():
+            if len({paths[i] for i in g}) > 1:
+                for i in g:
+                    if depth[i] < len(parts[i]):
+                        depth[i] += 1
+                        changed = True
+    out, seen = [], {}
+    for i, p in enumerate(paths):
+        seen[p] = seen.get(p, 0) + 1
+        out.append(lab(i) if seen[p] == 1 else f"{lab(i)} ({seen[p]})")
+    return out
+
+
+def _undefined(x: List[float], y: List[float], metric: str, accuracy: str) -> Optional[str]:
+    """Why a correlation of ``x`` with ``y`` over runs is undefined (None: it is defined)."""
+    if len(x) < 3:
+        return f"fewer than 3 runs with both {metric} and {accuracy} accuracy ({len(x)})"
+    if len(set(y)) == 1:
+        return f"constant accuracy: {accuracy} is {y[0]:.4f} in every run"
+    if len(set(x)) == 1:
+        return f"constant {metric}: {x[0]:.4f} in every run"
+    return None
+
+
 def correlations(rows: List[Dict[str, object]], accuracy: str = "mcq", bootstrap: int = 1000,
                  seed: int = 0) -> Dict[str, object]:
     """Pearson and Spearman correlation of each metric with accuracy over runs, with two-sided
-    p-values and 95% bootstrap intervals (runs resampled with replacement)."""
+    p-values and 95% bootstrap intervals (runs resampled with replacement). Where a correlation
+    is undefined (fewer than 3 runs, a constant accuracy or metric) its numbers are ``None``
+    and ``reason`` says why; otherwise ``reason`` is ``None``."""
     out = {}
     for metric in METRICS:
         pairs = [(r[metric], r[accuracy]) for r in rows if _finite(r.get(metric)) and _finite(r.get(accuracy))]
         x, y = [p[0] for p in pairs], [p[1] for p in pairs]
-        pr, pp = pearson(x, y) if len(pairs) >= 3 else (float("nan"), float("nan"))
-        sr, sp = spearman(x, y) if len(pairs) >= 3 else (float("nan"), float("nan"))
-        b = bootstrap_correlation(x, y, bootstrap, seed)
-        out[f"{metric}_vs_{accuracy}"] = {"n": len(pairs), "pearson": pr, "pearson_p": pp,
-                                          "pearson_ci": b["pearson_ci"], "spearman": sr, "spearman_p": sp,
-                                          "spearman_ci": b["spearman_ci"], "bootstrap_resamples": b["resamples_used"]}
+        reason = _undefined(x, y, metric, accuracy)
+        pr = pp = sr = sp = None
+        b = {"pearson_ci": None, "spearman_ci": None, "resamples_used": 0}
+        if reason is None:
+            pr, pp = pearson(x, y)
+            sr, sp = spearman(x, y)
+            if not all(map(_finite, (pr, pp, sr, sp))):
+                reason = "undefined (a non-finite correlation)"
+            b = bootstrap_correlation(x, y, bootstrap, seed)
+        out[f"{metric}_vs_{accuracy}"] = _strict(
+            {"n": len(pairs), "pearson": pr, "pearson_p": pp, "pearson_ci": b["pearson_ci"], "spearman": sr,
+             "spearman_p": sp, "spearman_ci": b["spearman_ci"], "bootstrap_resamples": b["resamples_used"],
+             "reason": reason})
+    return out
+
+
+def differing_settings(rows: List[Dict[str, object]]) -> Dict[str, Dict[str, object]]:
+    """``{setting: {label: value}}`` for every setting whose value is not the same in every run
+    (the probe, its question and concept counts, positions, the mass statistic, PSS settings)."""
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r["settings"] if k not in keys]
+    out = {}
+    for k in keys:
+        vals = {r["label"]: r["settings"].get(k) for r in rows}
+        if len({json.dumps(v, sort_keys=True) for v in vals.values()}) > 1:
+            out[k] = vals
     return out
 
 
@@ -157,7 +257,7 @@ def _scatter(rows, accuracy, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for ax, metric, label in zip(axes, METRICS, ("peak PSS (95% interval)", "mean Gini", "mean excess Gini")):
-        pts = [(r[metric], r[accuracy], Path(str(r["model"])).name, r) for r in rows
+        pts = [(r[metric], r[accuracy], r["label"], r) for r in rows
                if _finite(r.get(metric)) and _finite(r.get(accuracy))]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts])
         if metric == "peak_pss":
@@ -176,6 +276,88 @@ def _scatter(rows, accuracy, path: Path) -> None:
     rundir.write_bytes(path, buf.getvalue())
 
 
+def fmt_count(n) -> str:
+    """A parameter count as people write it: 1.1M, 124M, 7.2B."""
+    if not _finite(n):
+        return "n/a"
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            v = n / div
+            return f"{v:.1f}{unit}" if v < 100 else f"{v:.0f}{unit}"
+    return str(int(n))
+
+
+def fmt_num(v) -> str:
+    """Every score, accuracy and ratio of compare's tables: four decimals (1.0000 beside 0.2121)."""
+    return f"{v:.4f}" if _finite(v) else "n/a"
+
+
+# The runs table of compare.html: (header, cell) over a row; the CSV and JSON keep every column.
+def _cells(r) -> List[tuple]:
+    ci = (f"\n[{fmt_num(r['peak_pss_ci_low'])}, {fmt_num(r['peak_pss_ci_high'])}]"
+          if _finite(r.get("peak_pss_ci_low")) and _finite(r.get("peak_pss_ci_high")) else "")
+    ratio = r.get("peak_ratio")
+    return [("run", r["label"]), ("model", Path(str(r["model"])).name if r.get("model") else "n/a"),
+            ("architecture", r.get("architecture") or "n/a"), ("parameters", fmt_count(r.get("parameters"))),
+            ("mcq", fmt_num(r.get("mcq"))), ("mcq norm", fmt_num(r.get("mcq_norm"))), ("open", fmt_num(r.get("open"))),
+            ("peak PSS [95%]", fmt_num(r.get("peak_pss")) + ci),
+            ("at ratio", f"{ratio:g}%" if _finite(ratio) else "n/a"), ("PSS floor", fmt_num(r.get("pss_floor"))),
+            ("mean Gini", fmt_num(r.get("mean_gini"))), ("null Gini", fmt_num(r.get("mean_gini_null"))),
+            ("excess Gini", fmt_num(r.get("mean_excess_gini"))), ("above null", fmt_num(r.get("share_above_null"))),
+            ("twin Gini", fmt_num(r.get("twin_mean_gini"))), ("twin excess", fmt_num(r.get("twin_mean_excess_gini"))),
+            ("Gini / twin", fmt_num(r.get("gini_over_twin"))),
+            ("excess / twin", fmt_num(r.get("excess_gini_over_twin"))),
+            ("norm. entropy", fmt_num(r.get("mean_norm_entropy")))]  # the settings (probe...) are listed apart
+
+
+def _html(rows, corr, result, accuracy: str, bootstrap: int) -> str:
+    e = lambda v: html.escape(str(v))  # noqa: E731
+    ci = lambda c: "n/a" if not c else f"[{c[0]:.4f}, {c[1]:.4f}]"  # noqa: E731
+    p = lambda v: "n/a" if not _finite(v) else f"{v:.3g}"  # noqa: E731
+    crs = "".join(f"<tr><td>{e(k)}</td><td>{v['n']}</td>" + (
+        f"<td>{fmt_num(v['pearson'])}</td><td>{ci(v['pearson_ci'])}</td><td>{p(v['pearson_p'])}</td>"
+        f"<td>{fmt_num(v['spearman'])}</td><td>{ci(v['spearman_ci'])}</td><td>{p(v['spearman_p'])}</td><td></td>"
+        if v["reason"] is None else f"<td colspan=6 class=c>n/a</td><td class=l>{e(v['reason'])}</td>") + "</tr>"
+        for k, v in corr.items())
+    head = "".join(f"<th>{e(h)}</th>" for h, _ in _cells(rows[0]))
+    cell = lambda c: "<br>".join(map(e, c.split("\n"))) if "\n" in c else e(c)  # noqa: E731 (the interval below)
+    trs = "".join(f'<tr title="{e(r["run"])}">' + "".join(f"<td>{cell(c)}</td>" for _, c in _cells(r)) + "</tr>"
+                  for r in rows)
+    diff = result["differing_settings"]
+    warn = ""
+    if diff:
+        dh = "".join(f"<th>{e(k)}</th>" for k in diff)
+        dr = "".join(f"<tr><td>{e(r['label'])}</td>" + "".join(f"<td>{e(_setting(diff[k][r['label']]))}</td>"
+                                                                 for k in diff) + "</tr>" for r in rows)
+        warn = (f'<div class="warn"><b>The runs differ in {e(", ".join(diff))}</b>: their numbers are not directly '
+                f'comparable.<div class="scroll"><table><tr><th>run</th>{dh}</tr>{dr}</table></div></div>')
+    same = [(k, v) for k, v in rows[0]["settings"].items() if k not in diff]
+    common = ("<p>Settings common to every run: " + "; ".join(f"{e(k)} <b>{e(_setting(v))}</b>" for k, v in same)
+              + ".</p>") if same else ""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>specext compare</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1600px;margin:2em auto;padding:0 1em;color:#222}}
+p{{max-width:1100px}}table{{border-collapse:collapse;font-size:.9em}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td{{white-space:nowrap}}
+th{{background:#f3f3f3}}td.l{{text-align:left}}td.c{{text-align:center}}.scroll{{overflow-x:auto;max-width:100%;margin:.5em 0 1.5em}}
+.warn{{background:#fff4e0;border:1px solid #e0a040;padding:.5em 1em;margin:1em 0}}
+img{{max-width:100%}}</style></head><body><h1>specext: {len(rows)} runs compared</h1>{warn}
+<h2>Correlation with accuracy ({e(accuracy)})</h2><p>PSS score: {e(result['pss_score'])}.
+Intervals: 95% bootstrap over runs ({bootstrap} resamples); p: two-sided.</p><div class="scroll"><table><tr><th>pair</th>
+<th>n</th><th>Pearson r</th><th>95% interval</th><th>p</th><th>Spearman rho</th><th>95% interval</th><th>p</th><th>note</th>
+</tr>{crs}</table></div><img src="compare.png" alt="compare.png">
+<h2>Runs</h2><p>Labelled by run directory (hover a row for its path); every column, unrounded, is in
+<code>compare.csv</code> and <code>compare.json</code>.</p>{common}<div class="scroll"><table><tr>{head}</tr>{trs}</table></div>
+</body></html>"""
+
+
+def _setting(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, list):
+        return ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+    return str(v)
+
+
 def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Optional[str] = None,
             bootstrap: int = 1000, seed: int = 0) -> Dict[str, object]:
     require("matplotlib", what="specext.compare")
@@ -189,40 +371,35 @@ def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Option
         raise ValueError(f"--out {out} is an existing file, not a directory: give a directory (created if missing) "
                          "for compare.csv, compare.json and compare.html")
     rows = [load_run(Path(d), score) for d in run_dirs]
+    seen = set()
+    for r, lab in zip(rows, run_labels(run_dirs)):
+        r["label"] = lab
+        if Path(r["run"]).resolve() in seen:
+            logger.warning("%s is given more than once (labelled %s)", r["run"], lab)
+        seen.add(Path(r["run"]).resolve())
     used = sorted({r["pss_score"] for r in rows if r["pss_score"]})
     if len(used) > 1:
         raise ValueError(f"the runs' headline PSS scores differ ({', '.join(used)}); choose one with --pss-score")
-    for key in ("probe", "positions"):
-        vals = sorted({str(r[key]) for r in rows})
-        if len(vals) > 1:
-            logger.warning("the runs differ in %s (%s): their numbers are not directly comparable", key,
-                           ", ".join(vals))
+    diff = differing_settings(rows)
+    warnings = []
+    for k, vals in diff.items():
+        warnings.append(f"the runs differ in {k} ({'; '.join(f'{lab}: {_setting(v)}' for lab, v in vals.items())}): "
+                        f"their numbers are not directly comparable")
+        logger.warning("%s", warnings[-1])
     corr = correlations(rows, accuracy, bootstrap, seed)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create the output directory ({e.strerror or e})") from None
+    rows = _strict(rows)
     rundir.write_text(out / "compare.csv", rundir.csv_text(COLUMNS, (["" if r[c] is None else r[c] for c in COLUMNS]
                                                                      for r in rows)))
-    result = {"runs": rows, "correlations": corr, "accuracy": accuracy, "pss_score": used[0] if used else None,
-              "bootstrap": bootstrap}
-    rundir.write_json(out / "compare.json", result)
+    result = _strict({"runs": rows, "correlations": corr, "accuracy": accuracy,
+                      "pss_score": used[0] if used else None, "bootstrap": bootstrap,
+                      "differing_settings": diff, "warnings": warnings})
+    rundir.write_text(out / "compare.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
     _scatter(rows, accuracy, out / "compare.png")
-    f = lambda v: "n/a" if not _finite(v) else (f"{v:.4g}")  # noqa: E731
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]) if not isinstance(r[c], float) else f(r[c]))}</td>"
-                                   for c in COLUMNS) + "</tr>" for r in rows)
-    ci = lambda c: "n/a" if not c else f"[{c[0]:.3f}, {c[1]:.3f}]"  # noqa: E731
-    crs = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['n']}</td><td>{f(v['pearson'])}</td><td>{ci(v['pearson_ci'])}</td>"
-                  f"<td>{f(v['pearson_p'])}</td><td>{f(v['spearman'])}</td><td>{ci(v['spearman_ci'])}</td>"
-                  f"<td>{f(v['spearman_p'])}</td></tr>" for k, v in corr.items())
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>specext compare</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px}}</style></head><body><h1>specext: {len(rows)} runs compared</h1>
-<h2>Correlation with accuracy ({html.escape(accuracy)})</h2><p>PSS score: {html.escape(str(result['pss_score']))}.
-Intervals: 95% bootstrap over runs ({bootstrap} resamples); p: two-sided.</p><table><tr><th>pair</th><th>n</th><th>Pearson r</th>
-<th>95% interval</th><th>p</th><th>Spearman rho</th><th>95% interval</th><th>p</th></tr>{crs}</table><img src="compare.png" style="max-width:100%">
-<h2>Runs</h2><table><tr>{''.join(f'<th>{c}</th>' for c in COLUMNS)}</tr>{trs}</table></body></html>"""
-    rundir.write_text(out / "compare.html", doc)
+    rundir.write_text(out / "compare.html", _html(rows, corr, result, accuracy, bootstrap))
     return result
 
 
@@ -242,10 +419,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ci = lambda c: "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"  # noqa: E731
+    ci = lambda c: "" if not c else f" [{c[0]:.4f}, {c[1]:.4f}]"  # noqa: E731
     for k, v in res["correlations"].items():
-        print(f"{k:28s} n={v['n']:<3d} pearson {v['pearson']:.3f}{ci(v['pearson_ci'])} (p={v['pearson_p']:.3g})  "
-              f"spearman {v['spearman']:.3f}{ci(v['spearman_ci'])} (p={v['spearman_p']:.3g})")
+        if v["reason"] is not None:
+            print(f"{k:28s} n={v['n']:<3d} no correlation: {v['reason']}")
+            continue
+        print(f"{k:28s} n={v['n']:<3d} pearson {v['pearson']:.4f}{ci(v['pearson_ci'])} (p={v['pearson_p']:.3g})  "
+              f"spearman {v['spearman']:.4f}{ci(v['spearman_ci'])} (p={v['spearman_p']:.3g})")
     print(f"wrote {args.out}/compare.csv, compare.json, compare.html")
     return 0
 

@@ -563,7 +563,8 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
 
         write_report(out, summary, table, cat_mass[keep], [probe.categories[c] for c in keep],
                      pss_layers=pss.layer_counts if pss is not None else None, null=spec.null,
-                     twin_gini=twin["spec"].table.gini if twin is not None else None)
+                     twin_gini=twin["spec"].table.gini if twin is not None else None,
+                     concepts=probe.concepts, concept_sums=mass.layer_sums, concept_counts=mass.layer_counts)
     rundir.write_json(out / "summary.json", summary)  # last: its presence marks a complete run
     logger.info("wrote %s", out)
     return summary

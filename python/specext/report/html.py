@@ -7,7 +7,7 @@ import html
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 def _table(rows: List[List[str]], header: List[str]) -> str:
     h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _f(v) -> str:
@@ -81,9 +81,118 @@ def _controls_html(summary) -> str:
             + _table(rows, ["", "mean Gini", "mean null Gini", "mean excess Gini", "share above null"]))
 
 
+def _layer(x, l: int) -> torch.Tensor:
+    """Layer ``l`` of a ``(K, L, ...)`` tensor or of a list of per-layer ``(K, ...)`` tensors."""
+    return x[:, l] if isinstance(x, torch.Tensor) else x[l]
+
+
+def top_neurons(table, categories: List[str], k: int, null=None, concepts: Optional[List[str]] = None,
+                concept_sums: Optional[torch.Tensor] = None, concept_counts: Optional[torch.Tensor] = None,
+                n_concepts: int = 3) -> List[Dict]:
+    """The ``k`` live neurons of each layer with the highest Gini, highest first: ``layer``,
+    ``neuron`` (the index into neurons.safetensors' ``(L, d_ff)`` arrays and the
+    down-projection's column), ``gini``, ``top_category`` (a name), ``top_share``; with
+    ``null`` their ``excess_gini`` and ``above_null``; with the concept sums ``(K, L, d_ff)``
+    and counts ``(K, L)`` (mass.safetensors' ``concept_sums``, ``concept_counts``; or lists of
+    per-layer ``(K, d_ff)`` and ``(K,)`` tensors, each on its layer's device) the
+    ``top_concepts``: ``n_concepts`` (name, share) pairs, a concept's mass over the sum of
+    the neuron's concept masses (1/K each were it spread evenly)."""
+    gini = table.gini.detach().cpu().float()
+    L, D = gini.shape
+    vals, idx = torch.nan_to_num(gini, nan=-1.0).topk(min(k, D), dim=1)
+    vals, idx = vals.tolist(), idx.tolist()  # host: already on the CPU
+    tc, ts = table.top_category.detach().cpu(), table.top_share.detach().cpu()
+    ex = None if null is None else (null.excess_gini.detach().cpu(), null.above_null.detach().cpu())
+    rows = []
+    for l in range(L):
+        live = [(v, i) for v, i in zip(vals[l], idx[l]) if v >= 0]  # dead neurons (NaN) rank last and are left out
+        if not live:
+            continue
+        sel = torch.as_tensor([i for _, i in live])
+        cat, share = tc[l, sel].tolist(), ts[l, sel].tolist()  # host: on the CPU
+        exg, above = (ex[0][l, sel].tolist(), ex[1][l, sel].bool().tolist()) if ex else (None, None)  # host: on the CPU
+        cm = None
+        if concept_sums is not None and concept_counts is not None and concepts:
+            n = _layer(concept_counts, l).detach().double().cpu()
+            cs = _layer(concept_sums, l)  # (K, d_ff): only the selected columns come to the host
+            cm = cs.index_select(-1, sel.to(cs.device)).detach().double().cpu()
+            cm = torch.where(n[:, None] > 0, cm / n.clamp_min(1)[:, None], torch.zeros((), dtype=cm.dtype))  # (K, k)
+            cm = (cm / cm.sum(0, keepdim=True).clamp_min(1e-300)).T  # (k, K): shares
+            top_v, top_i = cm.topk(min(n_concepts, cm.shape[1]), dim=1)
+            cm = (top_v.cpu().tolist(), top_i.cpu().tolist())
+        for j, (g, i) in enumerate(live):
+            row = {"layer": l, "neuron": i, "gini": g,
+                   "top_category": categories[cat[j]] if 0 <= cat[j] < len(categories) else "n/a",
+                   "top_share": share[j]}
+            if ex:
+                row["excess_gini"], row["above_null"] = exg[j], above[j]
+            if cm is not None:
+                row["top_concepts"] = [(concepts[c], v) for v, c in zip(cm[0][j], cm[1][j]) if v > 0]
+            rows.append(row)
+    return rows
+
+
+def _top_neurons_html(rows: List[Dict], k: int, n_categories: int, n_concepts: Optional[int]) -> str:
+    if not rows:
+        return ""
+    has_null, has_concepts = "excess_gini" in rows[0], "top_concepts" in rows[0]
+    head = ["layer", "neuron", "Gini"] + (["excess Gini", "above null"] if has_null else []) + [
+        "top category", "share"] + (["top concepts by mass (share)"] if has_concepts else [])
+    body = []
+    for r in rows:
+        cells = [str(r["layer"]), str(r["neuron"]), f"{r['gini']:.3f}"]
+        if has_null:
+            cells += [_f(r["excess_gini"]), "yes" if r["above_null"] else "no"]
+        cells += [r["top_category"], f"{r['top_share']:.3f}"]
+        tds = "".join(f"<td>{html.escape(c)}</td>" for c in cells)
+        if has_concepts:
+            tds += '<td class="l">' + html.escape(", ".join(f"{c} ({v:.3f})" for c, v in r["top_concepts"])) + "</td>"
+        body.append(f"<tr>{tds}</tr>")
+    ths = "".join(("<th class=l>" if h.startswith("top concepts") else "<th>") + html.escape(h) + "</th>" for h in head)
+    even = (f" Concept shares: the concept's mean mass over the sum of the neuron's concept masses (1/{n_concepts} = "
+            f"{1 / n_concepts:.3f} each were it spread evenly).") if has_concepts and n_concepts else ""
+    return (f"<h2>Most specialised neurons</h2><p>The {k} live neurons of each layer with the highest Gini over "
+            f"categories (at most 1 - 1/{n_categories} = {1 - 1 / n_categories:.3f}): the outliers of the Gini box "
+            f"plot. <b>neuron</b> indexes the <code>(layer, d_ff)</code> arrays of <code>neurons.safetensors</code> "
+            f"and the column of the layer's down-projection; <b>share</b> is the top category's share of the "
+            f"neuron's mass (uniform 1/{n_categories} = {1 / n_categories:.3f}).{even}</p>"
+            f'<div class="scroll{" tall" if len(rows) > 25 else ""}"><table><thead><tr>{ths}'
+            f"</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+
+
+# What each file of a run directory holds (the report's footer lists every file the run wrote).
+FILES = {
+    "summary.json": "the headline numbers (written last: its presence marks a complete run)",
+    "config.json": "all options, versions, the fingerprint and the memory plan",
+    "neurons.safetensors": "per-neuron (layer, d_ff) arrays: gini, entropy, norm_entropy, top_category, top_share, "
+                           "total, value_norms and, with the null, gini_null, excess_gini, null_z, above_null",
+    "mass.safetensors": "concept_sums, concept_counts and category_mass",
+    "concepts.csv": "accuracy per concept",
+    "questions.jsonl": "one line per question: predictions, log-likelihoods, open-ended answer",
+    "pss.csv": "PSS per concept and ratio",
+    "pss_curve.csv": "the PSS curves with their intervals, the peaks and the floor",
+    "pss_layers.json": "per ratio, how many of the masked value vectors each layer holds",
+    "report.html": "this page",
+}
+
+
+def _files_html(out: Path, plots: List[str]) -> str:
+    present = {p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")} if out.is_dir() else set()
+    names = [f for f in FILES if f in present or f in ("summary.json", "report.html")]
+    names += sorted(present - set(names) - set(plots) - {"report.html"}) + list(plots)
+    items = "".join(f"<li><code>{html.escape(f)}</code>"
+                    + (f": {html.escape(FILES[f])}" if f in FILES else (": a figure above" if f in plots else ""))
+                    + "</li>" for f in names)
+    return f"<h2>Files</h2><ul class=\"files\">{items}</ul>"
+
+
 def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, categories: List[str],
-                 pss_layers: Dict = None, null=None, twin_gini: torch.Tensor = None) -> Path:
-    """Write the PNGs and ``report.html`` into ``out``; returns the HTML path."""
+                 pss_layers: Dict = None, null=None, twin_gini: torch.Tensor = None,
+                 concepts: Optional[List[str]] = None, concept_sums: Optional[torch.Tensor] = None,
+                 concept_counts: Optional[torch.Tensor] = None, top_k: Optional[int] = None) -> Path:
+    """Write the PNGs and ``report.html`` into ``out``; returns the HTML path. ``concepts`` and
+    the concept sums and counts (as in mass.safetensors) add each top neuron's top concepts;
+    ``top_k`` neurons per layer in that table (default 5, 3 past 16 layers)."""
     out = Path(out)
     plots = {
         "gini_by_layer.png": lambda p: plot_gini_by_layer(table.gini.cpu(), p),
@@ -109,9 +218,12 @@ def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, catego
                    _f(l["median_gini"]), _f(l["share_gini_above_0.3"]), _f(l["mean_norm_entropy"]), l["dead"],
                    l.get("categories_used", "")] for l in summary["layers"]]
     captions = {
-        "gini_by_layer.png": "How unevenly each neuron's mass spreads over categories, by layer (0 = even, 1 - 1/C = one category).",
+        "gini_by_layer.png": "How unevenly each neuron's mass spreads over categories, by layer (0 = even, 1 - 1/C = one "
+                             "category); the points above the whiskers are the most specialised neurons (table below).",
         "norm_entropy_hist.png": "Category entropy of every live neuron, normalised by ln C.",
-        "layer_category_mass.png": "Each layer's total MLP mass split over categories.",
+        "layer_category_mass.png": "Each layer's total MLP mass split over categories; white is the uniform share "
+                                   "1/C, red above it, blue below (the colour scale spans at least 25% of 1/C either "
+                                   "way, so near-uniform layers look near-uniform).",
         "accuracy.png": "Probe accuracy by category and frequency tier.",
         "pss_curve.png": "Both PSS scores as more value vectors are masked, against masking as many random vectors; "
                          "left the paper's score with its floor (no mask) at 0, right the baseline-corrected delta; "
@@ -124,10 +236,16 @@ def write_report(out: Path, summary: Dict, table, cat_mass: torch.Tensor, catego
     imgs = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{html.escape(captions.get(name, name))} '
                    f'<small>({name})</small></figcaption></figure>' for name in plots)
     probe = summary["probe"]
+    L = table.gini.shape[0]
+    k = top_k or (5 if L <= 16 else 3)
+    top = top_neurons(table, probe["categories"], k, null, concepts, concept_sums, concept_counts)
+    top_html = _top_neurons_html(top, k, len(categories), len(concepts) if concepts else None)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>specext report: {html.escape(str(summary['model']))}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-th{{background:#f3f3f3}}figure{{margin:1em 0}}img{{max-width:100%}}code{{background:#f3f3f3;padding:1px 4px}}</style></head><body>
+th{{background:#f3f3f3}}figure{{margin:1em 0}}img{{max-width:100%}}code{{background:#f3f3f3;padding:1px 4px}}td.l,th.l{{text-align:left}}
+.scroll{{overflow-x:auto;max-width:100%;margin:.5em 0 1.5em}}.scroll table{{margin:0}}
+.tall{{max-height:36em;overflow-y:auto}}.tall th{{position:sticky;top:0}}</style></head><body>
 <h1>specext report</h1>
 <p>Model <code>{html.escape(str(summary['model']))}</code> ({html.escape(summary['architecture'])},
 {summary['parameters']:,} parameters) on probe <b>{html.escape(probe['name'])}</b>: {probe['questions']} questions,
@@ -140,11 +258,10 @@ Run time {summary['seconds']} s.</p>
 {('<p>Categories without usable prompts: ' + html.escape(', '.join(summary['empty_categories'])) + '</p>') if summary.get('empty_categories') else ''}
 {('<p>Non-finite activations (prompt-layers left out): ' + html.escape(json.dumps(summary['nonfinite_prompt_layers'])) + '</p>') if any(summary.get('nonfinite_prompt_layers', [])) else ''}
 <h2>Plots</h2>{imgs}
+{top_html}
 <h2>Layers</h2>{_table(layer_rows, ['layer', 'mean Gini', 'mean excess Gini', 'share above null', 'median Gini', 'share Gini > 0.3', 'mean norm. entropy', 'dead', 'categories'])}
 {('<p>Categories left out at some layers (no usable prompt there): ' + html.escape(json.dumps(summary['categories_dropped_by_layer'])) + '</p>') if summary.get('categories_dropped_by_layer') else ''}
-<p>Files: <code>summary.json</code>, <code>config.json</code> (all options and versions), <code>neurons.safetensors</code>,
-<code>mass.safetensors</code>, <code>concepts.csv</code>, <code>questions.jsonl</code>, <code>pss.csv</code> (per concept and ratio),
-<code>pss_curve.csv</code> (curves with intervals).</p>
+{_files_html(out, list(plots))}
 </body></html>
 """
     path = out / "report.html"

@@ -32,16 +32,27 @@ def _save(fig, path: Path) -> None:
     _plt().close(fig)
 
 
+def upper_outliers(v: np.ndarray) -> int:
+    """How many values lie above the upper whisker (Q3 + 1.5 IQR), as the box plot draws them."""
+    q1, q3 = np.percentile(v, [25, 75])
+    return int((v > q3 + 1.5 * (q3 - q1)).sum())
+
+
 def plot_gini_by_layer(gini: torch.Tensor, path: Path) -> None:
     plt = _plt()
     L = gini.shape[0]
     data = [g[~torch.isnan(g)].cpu().numpy() for g in gini]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * L + 2), 3.6))
-    ax.boxplot([d if len(d) else [np.nan] for d in data], positions=range(L), widths=0.6, showfliers=False)
+    # The outliers above the whiskers are the most specialised neurons: drawn, small and
+    # translucent so that thousands of them per layer (a 70B model) stay readable.
+    ax.boxplot([d if len(d) else [np.nan] for d in data], positions=range(L), widths=0.6, showfliers=True,
+               flierprops=dict(marker="o", markersize=3, markerfacecolor="C0", markeredgecolor="none", alpha=0.5))
     ax.plot(range(L), [d.mean() if len(d) else np.nan for d in data], "o-", color="C3", ms=3, label="mean")
+    n_out = sum(upper_outliers(d) for d in data if len(d))
     ax.set_xlabel("layer")
     ax.set_ylabel("Gini over categories")
-    ax.set_title("Per-neuron Gini by layer (boxes: quartiles, whiskers 1.5 IQR)")
+    ax.set_title(f"Per-neuron Gini by layer (boxes: quartiles, whiskers 1.5 IQR;\n"
+                 f"points: {n_out:,} neuron{'' if n_out == 1 else 's'} above the upper whisker)", fontsize=10)
     ax.set_xticks(range(0, L, max(1, L // 16)))
     ax.legend(loc="upper left")
     _save(fig, path)
@@ -60,23 +71,48 @@ def plot_norm_entropy(norm_entropy: torch.Tensor, path: Path) -> None:
 
 
 def plot_layer_category(cat_mass: torch.Tensor, categories: List[str], path: Path) -> None:
+    """Each layer's mass split over categories, coloured by the departure from the uniform
+    share 1/C (white), red above and blue below it, on a scale of at least +-25% of 1/C so that
+    near-uniform layers look near-uniform; the numbers in the cells in black or white,
+    whichever reads on the cell's colour."""
+    from matplotlib.colors import CenteredNorm
+
     plt = _plt()
     m = torch.nan_to_num(cat_mass.double(), nan=0.0).sum(-1)  # (C, L)
     share = (m / m.sum(0, keepdim=True).clamp_min(1e-300)).T.cpu().numpy()  # (L, C)
     L, C = share.shape
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * C + 2), max(3, 0.22 * L + 1.5)))
-    im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
+    uniform = 1.0 / C
+    half = max(float(np.abs(share - uniform).max()) if share.size else 0.0, 0.25 * uniform)
+    norm = CenteredNorm(vcenter=uniform, halfrange=half)
+    cmap = plt.get_cmap("RdBu_r")
+    fig, ax = plt.subplots(figsize=(max(5, 0.75 * C + 2.5), max(3, 0.26 * L + 1.5)))
+    im = ax.imshow(share, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax.set_xticks(range(C))
     ax.set_xticklabels(categories, rotation=45, ha="right")
     ax.set_yticks(range(0, L, max(1, L // 16)))
     ax.set_ylabel("layer")
-    ax.set_title("Share of each layer's MLP mass by category")
-    if L * C <= 120:  # small enough to print the numbers
+    ax.set_title(f"Share of each layer's MLP mass by category (uniform 1/{C} = {uniform:.3f})", fontsize=10)
+    if L * C <= 160:  # small enough to print the numbers
         for i in range(L):
             for j in range(C):
-                ax.text(j, i, f"{share[i, j]:.3f}", ha="center", va="center", fontsize=7, color="w")
-    fig.colorbar(im, ax=ax, fraction=0.04)
+                r, g, b, _ = cmap(norm(share[i, j]))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                ax.text(j, i, f"{share[i, j]:.3f}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+    cb = fig.colorbar(im, ax=ax, fraction=0.04)
+    cb.set_label("share (white: uniform)", fontsize=8)
     _save(fig, path)
+
+
+TIER_ORDER = ("high", "medium", "low")
+
+
+def ordered(labels) -> List[str]:
+    """Frequency tiers high, medium, low (then any other, in their order); other labels as given."""
+    labels = list(labels)
+    if not any(l in TIER_ORDER for l in labels):
+        return labels
+    return [t for t in TIER_ORDER if t in labels] + [l for l in labels if l not in TIER_ORDER]
 
 
 def plot_accuracy(summary: Dict, path: Path) -> None:
@@ -85,7 +121,7 @@ def plot_accuracy(summary: Dict, path: Path) -> None:
     groups = [(n, g) for n, g in groups if g]
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.4), squeeze=False)
     for ax, (name, g) in zip(axes[0], groups):
-        labels = list(g)
+        labels = ordered(g) if name == "tier" else list(g)
         x = np.arange(len(labels))
         for j, key in enumerate(("mcq", "mcq_norm", "open")):
             vals = [g[l].get(key) for l in labels]
@@ -95,7 +131,9 @@ def plot_accuracy(summary: Dict, path: Path) -> None:
         ax.set_xticklabels(labels, rotation=30, ha="right")
         ax.set_ylim(0, 1)
         ax.set_title(f"accuracy by {name}")
-        ax.legend(fontsize=8)
+    # one legend, right of the last panel: clear of the bars (which reach 1.0)
+    axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       fontsize=8, frameon=False)
     _save(fig, path)
 
 
@@ -179,7 +217,7 @@ def plot_gini_null(summary: Dict, path: Path) -> None:
     ax.set_ylabel("share of neurons")
     ax.set_title("Neurons above their null's 99th percentile")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # clear of the bars
     for a in axes:
         a.set_xticks(range(0, len(x), max(1, len(x) // 16)))
     _save(fig, path)
@@ -192,7 +230,8 @@ def plot_pss_groups(pss: Dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.4), squeeze=False)
     r = pss["ratios"]
     for ax, (name, g) in zip(axes[0], groups):
-        for label, v in g.items():
+        for label in (ordered(g) if name == "tier" else list(g)):
+            v = g[label]
             ax.plot(r, v["curve"], "o-", ms=3, label=f"{label} ({v['concepts']})")
         ax.set_xscale("log")
         ax.set_xticks(r)

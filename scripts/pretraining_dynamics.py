@@ -17,7 +17,7 @@ read from a ``step`` number in each directory's name, else the directories are t
 name order and numbered 0, 1, ...). Use ``--probe world`` for real models.
 
 Writes ``--results`` (default ``docs/results/pretraining_dynamics``): ``dynamics.csv``,
-``dynamics.png`` and ``run.json`` (options, timings); the checkpoints and the analysis run
+``dynamics.png`` and ``run.json`` (options, timings, which analyses were reused); the checkpoints and the analysis run
 directories go to ``--work`` (default ``specext-runs/pretraining_dynamics``), where a
 finished analysis (its ``summary.json``) is reused unless ``--force``.
 
@@ -48,8 +48,10 @@ logger = logging.getLogger("specext.pretraining_dynamics")
 DEFAULT_STEPS = (25, 50, 100, 200, 400, 800)
 COLUMNS = ("step", "checkpoint", "acc_mcq", "acc_mcq_norm", "acc_open",
            "pss_paper_peak", "pss_paper_peak_lo", "pss_paper_peak_hi", "pss_paper_peak_ratio",
+           "pss_paper_random_peak", "pss_paper_random_peak_lo", "pss_paper_random_peak_hi",
            "pss_delta_peak", "pss_delta_peak_lo", "pss_delta_peak_hi", "pss_delta_peak_ratio",
-           "pss_random_peak", "pss_floor",
+           "pss_delta_random_peak", "pss_delta_random_peak_lo", "pss_delta_random_peak_hi",
+           "pss_floor", "pss_overall_accuracy",
            "mean_gini", "sd_gini", "mean_gini_null", "mean_excess_gini", "sd_excess_gini",
            "mean_gini_layer_min", "mean_gini_layer_max", "mean_excess_gini_layer_min", "mean_excess_gini_layer_max",
            "share_above_null", "dead_neurons", "pss_concepts", "analysis_seconds")
@@ -117,16 +119,19 @@ def row_of(step: int, name: str, run: Path, summary: dict, seconds: float) -> Di
     neurons = load_file(str(run / "neurons.safetensors"))
     gini, total = neurons["gini"].double(), neurons["total"].double()
     alive = total > 0
-    row = {"step": step, "checkpoint": name, "analysis_seconds": round(seconds, 1)}
+    row = {"step": step, "checkpoint": name, "analysis_seconds": summary.get("seconds", round(seconds, 1))}
     acc = summary.get("accuracy", {})
     row.update(acc_mcq=acc.get("mcq"), acc_mcq_norm=acc.get("mcq_norm"), acc_open=acc.get("open"))
     pss = summary.get("pss") or {}
     for kind in ("paper", "delta"):
         p = pss.get(kind) or {}
         ci = p.get("peak_ci") or [None, None]
+        rci = p.get("random_peak_ci") or [None, None]
         row.update({f"pss_{kind}_peak": p.get("peak"), f"pss_{kind}_peak_lo": ci[0], f"pss_{kind}_peak_hi": ci[1],
-                    f"pss_{kind}_peak_ratio": p.get("peak_ratio")})
-    row.update(pss_random_peak=pss.get("random_peak"), pss_floor=pss.get("floor"), pss_concepts=pss.get("concepts"))
+                    f"pss_{kind}_peak_ratio": p.get("peak_ratio"), f"pss_{kind}_random_peak": p.get("random_peak"),
+                    f"pss_{kind}_random_peak_lo": rci[0], f"pss_{kind}_random_peak_hi": rci[1]})
+    row.update(pss_floor=pss.get("floor"), pss_overall_accuracy=pss.get("overall_accuracy"),
+               pss_concepts=pss.get("concepts"))
     nsum = summary["neurons"]
     g = gini[alive]
     row.update(mean_gini=nsum["mean_gini"], sd_gini=g.std().item(), mean_gini_null=nsum.get("mean_gini_null"),
@@ -147,6 +152,7 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.NullFormatter)
 
     steps = [r["step"] for r in rows]
     log = min(steps) > 0 and max(steps) / max(1, min(steps)) >= 8
@@ -162,11 +168,12 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     a.set_ylim(-0.02, 1.02)
     a.legend()
     a = ax[0, 1]
-    for kind, mk in (("paper", "o-"), ("delta", "s--")):
+    for kind, mk, c in (("paper", "o-", "C0"), ("delta", "s--", "C1")):
         y, lo, hi = col(f"pss_{kind}_peak"), col(f"pss_{kind}_peak_lo"), col(f"pss_{kind}_peak_hi")
         err = [[max(0.0, v - l) for v, l in zip(y, lo)], [max(0.0, h - v) for v, h in zip(y, hi)]]
-        a.errorbar(steps, y, yerr=err, fmt=mk, capsize=3, label=f"peak PSS ({kind}), 95% CI")
-    a.plot(steps, col("pss_random_peak"), "x:", color="grey", label="random vectors (peak)")
+        a.errorbar(steps, y, yerr=err, fmt=mk, color=c, capsize=3, label=f"peak PSS ({kind}), 95% CI")
+        a.plot(steps, col(f"pss_{kind}_random_peak"), "x:", color=c, alpha=0.6,
+               label=f"same number of random vectors ({kind})")
     a.set_ylabel("PSS")
     a.legend(fontsize=8)
     a = ax[1, 0]
@@ -187,6 +194,9 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
         a.set_xlabel("training step")
         if log:
             a.set_xscale("log")
+            a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        a.set_xticks(steps)
+        a.set_xticklabels([str(s) for s in steps])
         a.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -223,6 +233,7 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
+    train_seconds = None
     if args.checkpoints is not None:
         ckpts = find_checkpoints(args.checkpoints)
         title = f"specext: specialisation over training, checkpoints of {args.checkpoints.name} ({args.probe} probe)"
@@ -230,13 +241,17 @@ def main(argv=None) -> int:
         steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
         if not steps or steps[0] < 1:
             raise SystemExit("error: --steps must be positive integers")
+        t0 = time.perf_counter()
         ckpts = train_checkpoints(args.work, steps, args.seed, steps[-1], args.threads)
+        train_seconds = round(time.perf_counter() - t0, 1)
         title = (f"specext: the synthetic-world model (demo recipe, seed {args.seed}) over {steps[-1]} training "
                  f"steps; PSS on {args.pss_concepts} concepts")
-    rows = []
+    rows, reused = [], []
     for step, d in ckpts:
         t0 = time.perf_counter()
         run = args.work / "runs" / d.name
+        if (run / "summary.json").is_file() and not args.force:
+            reused.append(d.name)
         summary = analyse(d, run, args)
         rows.append(row_of(step, d.name, run, summary, time.perf_counter() - t0))
         r = rows[-1]
@@ -255,7 +270,10 @@ def main(argv=None) -> int:
     meta = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                         if k not in ("work", "results")},
             "checkpoints": [{"step": s, "dir": d.name} for s, d in ckpts],
-            "torch_version": torch.__version__, "seconds": round(time.perf_counter() - t_start, 1)}
+            "torch_version": torch.__version__, "seconds": round(time.perf_counter() - t_start, 1),
+            "training_seconds": train_seconds,
+            "analysis_seconds": round(sum(float(r["analysis_seconds"] or 0) for r in rows), 1),
+            "reused_analyses": reused}
     (args.results / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {args.results}/dynamics.csv, dynamics.png, run.json in {meta['seconds']:.0f}s")
     return 0

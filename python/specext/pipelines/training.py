@@ -292,7 +292,8 @@ def _optimizer(trained: List[torch.Tensor], cfg: TrainConfig) -> torch.optim.Opt
 
 
 def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pad_id: int,
-          params: ParamSpec = None, progress: bool = True) -> TrainResult:
+          params: ParamSpec = None, progress: bool = True,
+          on_step: Optional[Callable[[int, nn.Module], None]] = None) -> TrainResult:
     """Train the causal LM ``model`` on ``examples``; the model is changed in place.
 
     ``model(input_ids, attention_mask, labels)`` must return the mean cross-entropy of the
@@ -305,7 +306,8 @@ def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pa
     Each step: draw ``accumulation`` micro-batches of ``cfg.batch_size`` examples from
     :func:`example_order` (seed ``cfg.seed + 1``), weight each micro-batch's mean loss by
     its share of the step's target tokens, back-propagate, clip, and step AdamW at
-    :func:`lr_at`.
+    :func:`lr_at`. ``on_step(step, model)`` (optional) runs after each optimizer step, with
+    the 1-based step number (e.g. to save checkpoints); it must not touch the random state.
     """
     cfg.validate()
     if not examples:
@@ -360,6 +362,8 @@ def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pa
                 losses.append(step_loss)
                 lrs.append(lr)
                 n_targets += total
+                if on_step is not None:
+                    on_step(step + 1, model)
                 if progress:
                     bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
                 if (step + 1) % cfg.log_every == 0 or step == 0:

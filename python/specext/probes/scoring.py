@@ -586,36 +586,54 @@ class Scorer:
             res.mcq_norm_correct = res.mcq_pred_norm == q.answer
 
     def _greedy(self, questions, batch, cache, last_logp, results, current_rows):
-        lm = self.lm
-        tok = lm.tokenizer
-        B = len(questions)
-        current_rows[0] = torch.arange(B, device=lm.device)
-        stop_ids = {i for i in (tok.eos_token_id,) if i is not None}
-        nl = tok("\n", add_special_tokens=False)["input_ids"]
-        stop_ids.update(nl[-1:])
-        nxt = last_logp.argmax(-1)  # (B,)
-        generated = [[] for _ in range(B)]
-        done = [False] * B  # host bookkeeping
-        attn = batch.attention_mask
-        for step in range(self.max_new_tokens):
-            toks = nxt.tolist()  # host: the step's B tokens, read once per step
-            for b in range(B):
-                if not done[b]:
-                    if toks[b] in stop_ids:
-                        done[b] = True
-                    else:
-                        generated[b].append(toks[b])
-            if all(done) or step == self.max_new_tokens - 1:
-                break
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=lm.device)], dim=1)
-            pos = (batch.lengths + step)[:, None]
-            out = lm.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True,
-                           **{_cache_kwarg(type(lm.model).forward): cache})
-            nxt = out.logits[:, -1, :].argmax(-1)
+        current_rows[0] = torch.arange(len(questions), device=self.lm.device)
+        texts = generate(self.lm, batch.attention_mask, batch.lengths, cache, last_logp, self.max_new_tokens,
+                         lambda step, logits: logits.argmax(-1))
         for b, q in enumerate(questions):
-            text = tok.decode(generated[b], skip_special_tokens=True).split("\n")[0].strip()
-            results[b].open_text = text
-            results[b].open_correct = open_answer_correct(text, q)
+            results[b].open_text = texts[b]
+            results[b].open_correct = open_answer_correct(texts[b], q)
+
+
+def stop_token_ids(tokenizer) -> set:
+    """The tokens that end an open-ended answer: EOS and the newline token."""
+    stop_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
+    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    stop_ids.update(nl[-1:])
+    return stop_ids
+
+
+def generate(lm: LoadedModel, attention_mask: torch.Tensor, lengths: torch.Tensor, cache, first_logits: torch.Tensor,
+             max_new_tokens: int, choose: Callable[[int, torch.Tensor], torch.Tensor]) -> List[str]:
+    """Open-ended answers continuing left-padded prompts whose key/value ``cache`` is given:
+    ``choose(step, logits)`` picks each row's next token from its ``(B, V)`` logits (the
+    prompt pass's last position at step 0, ``first_logits``; greedy: the argmax). A row
+    stops at EOS or a newline (:func:`stop_token_ids`) or after ``max_new_tokens`` tokens;
+    the answer is its decoded tokens' first line, stripped. The step's tokens are read to
+    the host once per step. The one decoding loop of the scorer's greedy answers and of
+    :func:`specext.probes.sampling.sample_answers`."""
+    tok = lm.tokenizer
+    B = attention_mask.shape[0]
+    stop_ids = stop_token_ids(tok)
+    nxt = choose(0, first_logits)  # (B,)
+    generated = [[] for _ in range(B)]
+    done = [False] * B  # host bookkeeping
+    attn = attention_mask
+    for step in range(max_new_tokens):
+        toks = nxt.tolist()  # host: the step's B tokens, read once per step
+        for b in range(B):
+            if not done[b]:
+                if toks[b] in stop_ids:
+                    done[b] = True
+                else:
+                    generated[b].append(toks[b])
+        if all(done) or step == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=attn.device)], dim=1)
+        pos = (lengths + step)[:, None]
+        out = lm.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True,
+                       **{_cache_kwarg(type(lm.model).forward): cache})
+        nxt = choose(step + 1, out.logits[:, -1, :])
+    return [tok.decode(g, skip_special_tokens=True).split("\n")[0].strip() for g in generated]
 
 
 def acc_norm_scores(logprobs: Sequence[float], choices: Sequence[str]) -> List[float]:

@@ -404,21 +404,56 @@ def qa_line(q: Question) -> str:
     return MCQ_TEMPLATE.format(question=q.question) + " " + q.correct
 
 
+def holdout_concepts(world: World, per_category: int, seed: Optional[int] = None) -> List[str]:
+    """``per_category`` concepts of every category, drawn without replacement by
+    ``random.Random(f"holdout:{seed}")`` (default: the world's seed; a string seed is hashed
+    with SHA-512 by :mod:`random`, so the draw is the same on every machine and Python run),
+    listed in the world's category and generation order. The held-out model of
+    ``scripts/build_demo_model.py --holdout-per-category`` never sees their facts or questions."""
+    n = int(per_category)
+    if n < 0:
+        raise ValueError(f"per_category must be >= 0, got {per_category}")
+    rng = random.Random(f"holdout:{world.seed if seed is None else seed}")
+    out: List[str] = []
+    for cat in world.categories:
+        ents = world.entities[cat]
+        if n >= len(ents):
+            raise ValueError(f"cannot hold out {n} of the {len(ents)} concepts of category {cat!r}: "
+                             "at least one must stay seen")
+        picked = set(rng.sample(range(len(ents)), n))
+        out.extend(e.name for i, e in enumerate(ents) if i in picked)
+    return out
+
+
 def training_text(world: World, questions: Sequence[Question], *, seed: Optional[int] = None,
-                  tier_repeats: Optional[Dict[str, int]] = None, qa_repeats: int = 1) -> List[str]:
+                  tier_repeats: Optional[Dict[str, int]] = None, qa_repeats: int = 1,
+                  held_out: Sequence[str] = ()) -> List[str]:
     """The demo model's training corpus, shuffled with ``seed`` (default: the world's seed).
 
     Each entity's fact sentences appear ``tier_repeats[tier]`` times (default
     :data:`TIER_REPEATS`, 4/2/1) and every question appears ``qa_repeats`` times in the
     probe's QA format (:func:`qa_line`). Training on the probe's format is intended: the
     demo model should *know* the probe's answers (see the module docstring).
+
+    ``held_out``: concept names whose own fact sentences and questions are left out (the
+    held-out model). Their names still occur where a seen entity's facts mention them (a
+    person born in a held-out city): those are the seen entity's facts. With no held-out
+    concepts the corpus is exactly the demo model's.
     """
     reps = dict(TIER_REPEATS if tier_repeats is None else tier_repeats)
+    skip = set(held_out)
+    unknown = skip - {e.name for e in world.all_entities()}
+    if unknown:
+        raise ValueError(f"held-out concepts not in the world: {', '.join(sorted(unknown))}")
     lines: List[str] = []
     for e in world.all_entities():
+        if e.name in skip:
+            continue
         for f in world.facts(e):
             lines.extend([f] * reps.get(e.tier, 1))
     for q in questions:
+        if q.concept in skip:
+            continue
         lines.extend([qa_line(q)] * qa_repeats)
     random.Random(world.seed if seed is None else seed).shuffle(lines)
     return lines

@@ -94,7 +94,7 @@ METRICS: Tuple[Tuple[str, str], ...] = (
     ("control_se", "control: semantic entropy (nats)"),
     ("control_lid", "control: LID"),
 )
-SE_NOTE_MATCH = ("semantic entropy: sampled answers are clustered by normalised match against the probe's answer and "
+SE_NOTE_MATCH = ("answers clustered by normalised match against the probe's answer and "
                  "aliases, and by exact normalised equality otherwise (no entailment model: pass --nli-model DIR to "
                  "cluster by bidirectional entailment)")
 # The fields of a run's record (its results.json; a single run's also holds the experiment's).
@@ -790,7 +790,8 @@ def _notes(cfg: FinetuneConfig) -> List[str]:
            f"own concept mass, peak over ratios {', '.join(f'{r:g}' for r in cfg.pss_ratios)}% of the mean over the "
            f"trained concepts; A = the model's mcq accuracy on the whole probe; {cfg.pss_control} control questions")
     return [se, lid, pss, "Error bars and ± are one standard deviation over seeds (sample, n - 1); the original "
-            "model is evaluated once (seed " + str(cfg.seed) + ")."]
+            "model is evaluated once; every model's answers are sampled with seed " + str(cfg.seed) + " (common random "
+            "numbers)."]
 
 
 def _one_run(lm: LoadedModel, probe: ProbeSet, examples, trained, control, scores: torch.Tensor, n_pv: int,
@@ -806,7 +807,9 @@ def _one_run(lm: LoadedModel, probe: ProbeSet, examples, trained, control, score
     snap = deltas.snapshot()
     try:
         deltas.merge_()
-        ev, _ = evaluate(lm, probe, trained, control, cfg, seed, nli=nli, progress=progress, label=label)
+        # Every model's answers are sampled with the same seed (common random numbers: per-answer
+        # generators, specext.probes.sampling), so differences come from the models.
+        ev, _ = evaluate(lm, probe, trained, control, cfg, cfg.seed, nli=nli, progress=progress, label=label)
         files = _save_model(lm, run_dir) if cfg.save_model else []
         rundir.write_safetensors(run_dir / "selected.safetensors", {"selected": selected},
                                  metadata={"strategy": strategy, "seed": str(seed)})
@@ -875,7 +878,8 @@ def _fmt(v, s=None) -> str:
     return f"{v:.3f}" + (f"±{s:.3f}" if s is not None else "")
 
 
-def print_table(results: Dict[str, object], out: Path, file=sys.stdout) -> None:
+def print_table(results: Dict[str, object], out: Path, file=None) -> None:
+    file = file or sys.stdout
     table = results["table"]
     short = [("trained_mcq", "mcq"), ("trained_open", "open"), ("trained_se", "SE"), ("trained_lid", "LID"),
              ("pss_peak", "PSS"), ("control_mcq", "ctl mcq"), ("control_open", "ctl open")]

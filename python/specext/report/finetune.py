@@ -62,6 +62,8 @@ def write_finetune_report(out: Path, table: List[Dict[str, object]], metrics: Se
     """``out/results.html`` and ``out/results.png``; ``header``: label -> value lines shown above
     the table (model, probe, concepts, selection...), ``notes``: paragraphs below it."""
     out = Path(out)
+    # Measures that were off (every value n/a) get no panel and no column.
+    metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in table)] or list(metrics)
     plot_strategies(table, metrics, out / "results.png")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["strategy", "seeds", "trained vectors"] + [l for _, l in metrics])
     body = ""

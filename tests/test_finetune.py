@@ -338,3 +338,20 @@ def test_concepts_must_exist_and_have_facts(tmp_path):
     ctl = ft.control_questions(probe, got, 30, 0)
     assert len(ctl) == 30 and not {probe.questions[i].concept for i in ctl} & set(got)
     assert len({probe.questions[i].category for i in ctl}) == len(probe.categories)
+
+
+def test_device_map_model_trains_like_the_plain_one(tmp_path):
+    """--device-map: the deltas live where each layer runs (here all on the CPU through
+    accelerate's dispatch) and train exactly as on the plainly loaded model; a layer offloaded
+    to disk (a meta weight) is refused with a message naming it."""
+    pytest.importorskip("accelerate")
+    path = T.save_tiny("llama", tmp_path / "m", seed=1, layers=4)
+    plain = load_model(path, device="cpu")
+    mapped = load_model(path, device="cpu", device_map="auto")
+    assert mapped.device_map is not None
+    sel = _random_mask(plain.n_layers, plain.d_ff, 11)
+    (_, a), (_, b) = (ft.finetune_deltas(lm, _examples(lm), sel, _cfg()) for lm in (plain, mapped))
+    assert a.losses == b.losses
+    off = load_model(path, device="cpu", device_map="auto", max_memory="cpu=150KB", offload_dir=tmp_path / "off")
+    with pytest.raises(ValueError, match="offloaded"):
+        ColumnDeltas(off.sites, sel)

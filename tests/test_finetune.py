@@ -160,13 +160,30 @@ def test_vector_scores_are_summed_differential_scores():
 # --------------------------------------------------------------------------- the experiment
 
 
-def _base_args(*extra):
-    return [str(DEMO), "--probe", "synthetic", "--concepts", CONCEPTS, "--steps", "3", "--batch-size", "2",
+@pytest.fixture(scope="module")
+def probe8(tmp_path_factory):
+    """The two trained concepts and the first concept of every category of the synthetic world
+    (70 questions): the demo model's probe, small enough that an experiment of five evaluations
+    takes seconds."""
+    from specext.probes.probeset import load_probe, write_jsonl
+
+    probe = load_probe("synthetic")
+    first = {}
+    for c, k in zip(probe.concepts, probe.concept_category):
+        first.setdefault(k, c)
+    keep = CONCEPTS.split(",") + [c for c in first.values() if c not in CONCEPTS.split(",")]
+    path = tmp_path_factory.mktemp("probe") / "synthetic7.jsonl"
+    write_jsonl(probe.subset_concepts(keep).questions, path)
+    return path
+
+
+def _base_args(probe, *extra):
+    return [str(DEMO), "--probe", str(probe), "--concepts", CONCEPTS, "--steps", "3", "--batch-size", "2",
             "--pss-ratios", "1,10", "--pss-control", "24", "--control-size", "24", *extra]
 
 
-def _run_args(out, *extra):
-    return _base_args(*extra) + ["--out", str(out), "-q"]
+def _run_args(probe, out, *extra):
+    return _base_args(probe, *extra) + ["--out", str(out), "-q"]
 
 
 def _fake_hallucination(monkeypatch, calls):
@@ -206,14 +223,14 @@ def _fake_hallucination(monkeypatch, calls):
     monkeypatch.setattr(specext.probes, "sampling", sampling, raising=False)
 
 
-def test_single_strategy_run_directory(tmp_path, monkeypatch, capsys):
+def test_single_strategy_run_directory(tmp_path, monkeypatch, capsys, probe8):
     """One strategy and seed: --out is the fine-tuned model (analyze loads it), with
     selected.safetensors and results.json; every weight outside the selection is bitwise the
     original checkpoint's; semantic entropy and LID come from the hallucination modules."""
     calls = []
     _fake_hallucination(monkeypatch, calls)
     out = tmp_path / "pv"
-    assert ft.main(_run_args(out, "--strategy", "pv", "--se-samples", "3", "--lid-k", "30")) == 0
+    assert ft.main(_run_args(probe8, out, "--strategy", "pv", "--se-samples", "3", "--lid-k", "30")) == 0
     printed = capsys.readouterr().out
     assert "FT-PV" in printed and "original" in printed
     res = json.loads((out / "results.json").read_text())
@@ -243,9 +260,9 @@ def test_single_strategy_run_directory(tmp_path, monkeypatch, capsys):
     assert any("normalised match" in n for n in res["notes"])
 
 
-def test_resume_refuses_other_inputs(tmp_path):
+def test_resume_refuses_other_inputs(tmp_path, probe8):
     out = tmp_path / "run"
-    args = _run_args(out, "--strategy", "rv", "--se-samples", "0", "--lid-k", "0", "--steps", "2")
+    args = _run_args(probe8, out, "--strategy", "rv", "--se-samples", "0", "--lid-k", "0", "--steps", "2")
     assert ft.main(args) == 0
     first = (out / "results.csv").read_text()
     assert ft.main(args + ["--resume"]) == 0  # nothing to redo
@@ -261,8 +278,8 @@ def _cli(args, kill_after=None):
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_killed_all_run_resumes_to_the_uninterrupted_table(tmp_path):
-    args = _base_args("--strategy", "all", "--seeds", "1", "--se-samples", "0", "--lid-k", "0")
+def test_killed_all_run_resumes_to_the_uninterrupted_table(tmp_path, probe8):
+    args = _base_args(probe8, "--strategy", "all", "--seeds", "1", "--se-samples", "0", "--lid-k", "0")
     full, killed = tmp_path / "full", tmp_path / "killed"
     r = _cli(args + ["--out", full, "-q"])
     assert r.returncode == 0, r.stderr

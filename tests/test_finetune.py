@@ -260,14 +260,17 @@ def test_single_strategy_run_directory(tmp_path, monkeypatch, capsys, probe8):
     assert any("normalised match" in n for n in res["notes"])
 
 
-def test_resume_refuses_other_inputs(tmp_path, probe8):
+def test_resume_refuses_other_inputs(tmp_path, probe8, capsys):
     out = tmp_path / "run"
     args = _run_args(probe8, out, "--strategy", "rv", "--se-samples", "0", "--lid-k", "0", "--steps", "2")
     assert ft.main(args) == 0
     first = (out / "results.csv").read_text()
     assert ft.main(args + ["--resume"]) == 0  # nothing to redo
     assert (out / "results.csv").read_text() == first
+    capsys.readouterr()
     assert ft.main(args + ["--resume", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "different inputs" in err and "options.lr" in err and "original.json" in err, err
 
 
 def _cli(args, kill_after=None):

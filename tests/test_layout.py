@@ -58,26 +58,27 @@ def test_folders_import_only_earlier_layers(folder):
 
 def test_every_module_lives_in_a_layer():
     top = sorted(p.stem for p in PKG.glob("*.py"))
-    assert top == ["__init__", "_deps", "_options", "_progress", "analyze", "compare", "ops", "reference", "weights"]
+    assert top == ["__init__", "_deps", "_options", "_progress", "analyze", "compare", "finetune", "ops", "reference", "weights"]
 
 
 def test_public_paths_are_the_real_modules():
     import specext.analyze
     import specext.compare
+    import specext.finetune
     import specext.ops
     import specext.reference
     import specext.weights
     from specext.kernels import ops, reference, weights
-    from specext.pipelines import analyze, compare
+    from specext.pipelines import analyze, compare, finetune
 
     assert specext.ops is ops and specext.reference is reference and specext.weights is weights
-    assert specext.analyze is analyze and specext.compare is compare
+    assert specext.analyze is analyze and specext.compare is compare and specext.finetune is finetune
     from specext.analyze import AnalyzeConfig, run_analysis  # the README's notebook entry point
 
     assert callable(run_analysis) and AnalyzeConfig.__module__ == "specext.pipelines.run"
 
 
-@pytest.mark.parametrize("cli", ["specext.analyze", "specext.compare"])
+@pytest.mark.parametrize("cli", ["specext.analyze", "specext.compare", "specext.finetune"])
 def test_command_lines_run_under_python_m(cli):
     r = subprocess.run([sys.executable, "-m", cli, "--help"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -329,8 +329,12 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
                 on_concept: Optional[Callable[[str, List[dict]], None]] = None,
                 scorer: Optional[MaskedScorer] = None,
                 share: Optional[Callable[[List[int]], List[int]]] = None,
-                gather: Optional[Callable[[object], List[object]]] = None) -> PSSResult:
+                gather: Optional[Callable[[object], List[object]]] = None,
+                concepts: Optional[Sequence[str]] = None) -> PSSResult:
     """PSS for every (sampled) concept and ratio, plus the random-vector control.
+
+    ``concepts``: evaluate exactly these concepts (names, in this order) instead of all
+    or ``cfg.concepts``' sample; each must have a usable differential score.
 
     ``concept_mass``: ``(K, L, d_ff)`` in probe concept order. ``done`` holds rows of
     concepts finished by an earlier (killed) run; ``on_concept`` is called after each
@@ -360,8 +364,18 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
     if len(valid) < len(probe.concepts):
         logger.warning("PSS: %d concept(s) without a usable differential score are skipped",
                        len(probe.concepts) - len(valid))
-    chosen = (stratified_sample(valid, [probe.concept_category[k] for k in valid], cfg.concepts, cfg.seed)
-              if cfg.concepts else valid)
+    if concepts is not None:
+        index = {c: k for k, c in enumerate(probe.concepts)}
+        unknown = [c for c in concepts if c not in index]
+        unusable = [c for c in concepts if c in index and not dscore.valid(index[c])]
+        if unknown or unusable or not concepts:
+            raise ValueError(f"PSS: concepts {unknown} are not in probe '{probe.name}'" if unknown else
+                             f"PSS: concepts {unusable} have no usable differential score (no usable prompt)"
+                             if unusable else "PSS: an empty list of concepts")
+        chosen = [index[c] for c in concepts]
+    else:
+        chosen = (stratified_sample(valid, [probe.concept_category[k] for k in valid], cfg.concepts, cfg.seed)
+                  if cfg.concepts else valid)
     control = control_set(probe, cfg.control_size, cfg.seed)
     qidx_by_concept: Dict[int, List[int]] = {}
     for i, q in enumerate(probe.questions):

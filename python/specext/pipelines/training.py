@@ -282,6 +282,7 @@ class TrainResult:
     n_targets: int
     seconds: float
     lrs: List[float] = field(default_factory=list)
+    optimizer_state_bytes: int = 0  # AdamW's state (moments, step counts) after the last step
 
 
 def _optimizer(trained: List[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -370,6 +371,8 @@ def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pa
                     logger.info("step %d/%d loss %.4f lr %.2e (%.0fs)", step + 1, cfg.steps, step_loss, lr,
                                 time.perf_counter() - t0)
             seconds = time.perf_counter() - t0
+            opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                            if isinstance(t, torch.Tensor))
         finally:
             if bar is not None:
                 bar.close()
@@ -379,7 +382,7 @@ def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pa
     tail = max(1, cfg.steps // 20)
     result = TrainResult(steps=cfg.steps, losses=losses, initial_loss=losses[0],
                          final_loss=sum(losses[-tail:]) / tail, n_trained_parameters=n_trained,
-                         n_targets=n_targets, seconds=seconds, lrs=lrs)
+                         n_targets=n_targets, seconds=seconds, lrs=lrs, optimizer_state_bytes=opt_bytes)
     logger.info("trained %d steps in %.1fs: final loss %.4f", cfg.steps, seconds, result.final_loss)
     return result
 

@@ -1,0 +1,46 @@
+"""scripts/reproduce_causal.py's statistics: Welch's test against scipy, and the verdicts."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("reproduce_causal", ROOT / "scripts" / "reproduce_causal.py")
+rc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rc)
+
+
+def test_welch_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [0.5, 0.6, 0.55, 0.7], [0.3, 0.35, 0.5]
+    w = rc.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert w["t"] == pytest.approx(ref.statistic, rel=1e-9)
+    assert w["p"] == pytest.approx(ref.pvalue, rel=1e-6)
+    assert w["diff"] == pytest.approx(sum(a) / 4 - sum(b) / 3)
+
+
+def test_welch_degenerate():
+    assert rc.welch([1.0], [2.0])["p"] is None
+    assert rc.welch([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
+    assert rc.welch([], [1.0])["diff"] is None
+
+
+def _results(pv, other):
+    runs = []
+    for s in rc.STRATEGIES:
+        vals = pv if s == "pv" else other
+        runs += [{"strategy": s, "evaluation": {"table": {"trained_mcq": v, "trained_se": 1 - v}}} for v in vals]
+    return {"metrics": [{"key": "trained_mcq", "label": "mcq"}, {"key": "trained_se", "label": "se"}], "runs": runs}
+
+
+def test_verdicts_follow_the_better_direction():
+    comp = rc.comparisons(_results([0.9, 0.92, 0.91], [0.5, 0.52, 0.49]))
+    by = {(c["metric"], c["versus"]): c for c in comp}
+    assert by[("trained_mcq", "FT-FV")]["verdict"] == "FT-PV better"
+    assert by[("trained_se", "FT-RV")]["verdict"] == "FT-PV better"  # lower entropy is better
+    comp = rc.comparisons(_results([0.5, 0.9, 0.1], [0.52, 0.1, 0.8]))
+    assert all(c["verdict"] == "no clear difference" and not c["beyond_spread"] for c in comp)
+    assert all(not math.isnan(c["pv_minus_other"]) for c in comp)

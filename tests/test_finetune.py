@@ -304,7 +304,7 @@ def test_killed_all_run_resumes_to_the_uninterrupted_table(tmp_path, probe8):
     assert (killed / "results.html").is_file() and (killed / "results.png").is_file()
 
 
-def test_from_run_selection(tmp_path):
+def test_from_run_selection(tmp_path, monkeypatch):
     """--from-run reads the run's concept mass and peak ratio; the vectors are ranked by the
     differential score summed over the trained concepts on that mass."""
     from specext.analyze import AnalyzeConfig, PSSConfig, run_analysis
@@ -332,6 +332,17 @@ def test_from_run_selection(tmp_path):
     assert not (out / "model.safetensors").exists()
     with pytest.raises(ValueError, match="incomplete run directory"):
         ft.load_run(tmp_path)
+    # A trained concept the run did not analyse: refused before the original is evaluated.
+    from specext.probes.probeset import load_probe
+
+    absent = next(c for c in load_probe("synthetic").concepts if c not in info.concepts)
+    cfg = ft.FinetuneConfig(model_dir=str(DEMO), probe="synthetic", concepts=(absent,), from_run=str(run),
+                            strategy="pv", se_samples=0, lid_k=0, out=str(tmp_path / "ft2"))
+    called = []
+    monkeypatch.setattr(ft, "evaluate", lambda *a, **k: called.append(1))
+    with pytest.raises(ValueError, match="not among the run's 12 concepts"):
+        ft.run_finetune(cfg, progress=False)
+    assert not called
 
 
 def test_options_are_checked():

@@ -371,15 +371,17 @@ def control_questions(probe: ProbeSet, trained: Sequence[str], size: int, seed: 
 
 
 def vector_scores(mass: torch.Tensor, concept_category: Sequence[int], trained: Sequence[int],
-                  unrelated: str = "other") -> torch.Tensor:
+                  unrelated: str = "other", names: Optional[Sequence[str]] = None) -> torch.Tensor:
     """``(L, d_ff)`` float64: the PSS differential score of every value vector summed over the
-    trained concepts (:class:`specext.metrics.pss.DifferentialScores`, one concept at a time)."""
+    trained concepts (:class:`specext.metrics.pss.DifferentialScores`, one concept at a time).
+    ``names``: every concept's name, for the error about a concept without a usable score."""
     K, L, D = mass.shape
     ds = DifferentialScores(mass, concept_category, unrelated, device=torch.device("cpu"))
     total = torch.zeros(L * D, dtype=torch.float64)
     for k in trained:
         if not ds.valid(k):
-            raise ValueError(f"concept {k} has no usable differential score (no usable prompt in the concept mass)")
+            raise ValueError(f"concept {names[k] if names else k!r} has no usable differential score (no usable "
+                             f"prompt in the concept mass, or no unrelated concept under --unrelated {unrelated})")
         total += ds(k).cpu()
     return total.view(L, D)
 
@@ -675,19 +677,23 @@ def _locked(cfg: FinetuneConfig, probe: ProbeSet, run: Optional[FromRun], traine
         scores = rundir.read_safetensors(out / "selection.safetensors")["score"]
         logger.info("--resume: the original model's evaluation and the selection from %s", out)
     else:
-        ev, cm = evaluate(lm, probe, trained, control, cfg, cfg.seed, nli=nli, progress=progress, label="original")
-        if run is not None:
+        run_scores = None
+        if run is not None:  # checked before minutes of evaluation, not after
+            if cfg.ratio is None and run.peak_ratio is None:
+                raise ValueError(f"--from-run {run.path} has no PSS (run without --no-pss) and no --ratio was given")
             mass, cats = _run_mass(run, probe, trained, L, D)
-            scores = vector_scores(mass, cats, [run.concepts.index(c) for c in trained], cfg.unrelated)
+            run_scores = vector_scores(mass, cats, [run.concepts.index(c) for c in trained], cfg.unrelated,
+                                       run.concepts)
+        ev, cm = evaluate(lm, probe, trained, control, cfg, cfg.seed, nli=nli, progress=progress, label="original")
+        if run_scores is not None:
+            scores = run_scores
         else:
             scores = vector_scores(cm.cpu(), probe.concept_category, [probe.concepts.index(c) for c in trained],
-                                   cfg.unrelated)
+                                   cfg.unrelated, probe.concepts)
         ratio = cfg.ratio
         ratio_source = "--ratio"
         if ratio is None and run is not None:
             ratio, ratio_source = run.peak_ratio, f"peak PSS ratio of {run.path}"
-            if ratio is None:
-                raise ValueError(f"--from-run {run.path} has no PSS (run without --no-pss) and no --ratio was given")
         if ratio is None:
             ratio, ratio_source = ev["pss"]["peak_ratio"], "peak PSS ratio of the trained concepts (original model)"
             if ratio is None:

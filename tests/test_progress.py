@@ -115,3 +115,18 @@ def test_run_analysis_hides_transformers_loading_bar_like_the_cli(tmp_path, capf
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "it/s" not in err, err
     assert (tl.get_verbosity(), tl.is_progress_bar_enabled()) == before
+
+
+def test_plain_progress_shows_a_postfix_string():
+    import io
+
+    from specext._progress import PlainProgress
+
+    f = io.StringIO()
+    bar = PlainProgress(total=4, desc="fine-tuning runs", unit="run", file=f, interval=0.0)
+    bar.set_postfix_str("FT-PV seed 1")
+    bar.update(1)
+    bar.close()
+    lines = f.getvalue().splitlines()
+    assert "\r" not in f.getvalue() and len(lines) == 3
+    assert lines[1].startswith("fine-tuning runs: 1/4 run (25%)") and lines[1].endswith("FT-PV seed 1")

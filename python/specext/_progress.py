@@ -104,6 +104,9 @@ class PlainProgress:
         items = dict(ordered_dict or {}, **kw)
         self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
 
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = str(s)
+
     def set_description(self, desc: str = "", refresh: bool = True) -> None:
         self.desc = desc
 

@@ -479,7 +479,7 @@ def evaluate(lm: LoadedModel, probe: ProbeSet, trained: Sequence[str], control: 
     answers per question at ``cfg.se_temperature`` with ``seed``; LID uses the last layer's
     hidden state at the answer position of each question of the set. Returns the metrics
     (a flat ``table`` dict of :data:`METRICS` plus details) and the ``(K, L, d_ff)`` mass."""
-    from tqdm.auto import tqdm
+    from specext._progress import progress as tqdm
 
     t0 = time.time()
     K = len(probe.concepts)
@@ -649,7 +649,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True,
 
 def _locked(cfg: FinetuneConfig, probe: ProbeSet, run: Optional[FromRun], trained: List[str], out: Path,
             t_start: float, progress: bool, on_checkpoint) -> Dict[str, object]:
-    from tqdm.auto import tqdm
+    from specext._progress import progress as tqdm
 
     strategies, seeds = cfg.strategies, cfg.seed_list
     single = len(strategies) == 1 and len(seeds) == 1

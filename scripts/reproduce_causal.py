@@ -106,6 +106,31 @@ def comparisons(results: dict) -> List[Dict[str, object]]:
     return rows
 
 
+def unchanged(results: dict, tol: float = 0.01) -> List[str]:
+    """The strategies whose every trained-concept metric lies within ``max(tol, 2 sd)`` of the
+    original model's: training left the model essentially as it was on the trained concepts,
+    so their "better" or "worse" against another strategy is the original model's."""
+    table = {r["key"]: r for r in results["table"]}
+    orig = table.get("original") or {}
+    keys = [m["key"] for m in results["metrics"] if m["key"].startswith("trained_")]
+    out = []
+    for s in STRATEGIES:
+        row = table.get(s)
+        if row is None:
+            continue
+        same = True
+        for k in keys:
+            v, o, sd = row.get(k), orig.get(k), row.get(k + "_std") or 0.0
+            if v is None or o is None:
+                continue
+            if abs(v - o) > max(tol * max(1.0, abs(o)), 2 * sd):
+                same = False
+                break
+        if same:
+            out.append(LABELS[s])
+    return out
+
+
 def _f(v, nd=3) -> str:
     return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
@@ -154,6 +179,12 @@ def readme(results: dict, comp: List[Dict[str, object]], seeds: int, seconds: fl
     for c in comp:
         out.append(f"| {c['label']} | {c['versus']} | {_f(c['pv_minus_other'])} | {_f(c['sd_pv'])} | "
                    f"{_f(c['sd_other'])} | {_f(c['p'], 4)} | {c['verdict']} |")
+    still = unchanged(results)
+    if still:
+        out += ["", f"**{', '.join(still)} left the model essentially unchanged on the trained concepts**: every "
+                "trained-concept metric is within max(1%, 2 sd over seeds) of the original model's. Where such a "
+                "strategy looks better than another (e.g. a lower semantic entropy), it is the original model's "
+                "value, not a sign that the strategy stored the facts with less hallucination."]
     out += ["", f"{len(beyond)} of {len(comp)} comparisons exceed the spread over seeds."]
     if beyond:
         out.append("They are: " + "; ".join(f"{c['label']} vs {c['versus']} ({c['verdict']})" for c in beyond) + ".")
@@ -189,7 +220,11 @@ def main(argv=None) -> int:
     rc = finetune.main(cmd)
     if rc:
         return rc
-    seconds = time.time() - t0
+    # wall time over every invocation that worked on --work (a resumed run adds to it)
+    timing = args.work / "reproduce_seconds.json"
+    before = json.loads(timing.read_text())["seconds"] if timing.exists() and "--resume" in cmd else 0.0
+    seconds = before + time.time() - t0
+    timing.write_text(json.dumps({"seconds": seconds}))
     results = json.loads((args.work / "results.json").read_text())
     comp = comparisons(results)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -201,7 +236,8 @@ def main(argv=None) -> int:
     (args.results / "comparison.csv").write_text(
         "\n".join([",".join(cols)] + [",".join("" if c[k] is None else (f'"{c[k]}"' if k == "label" else str(c[k]))
                                                 for k in cols) for c in comp]) + "\n")
-    shown = "python scripts/reproduce_causal.py " + " ".join(argv + (["--", *extra] if extra else []))
+    shown_args = [a for a in argv if a != "--fresh"]
+    shown = ".venv/bin/python scripts/reproduce_causal.py " + " ".join(shown_args + (["--", *extra] if extra else []))
     (args.results / "README.md").write_text(readme(results, comp, args.seeds, seconds, shown.strip()))
     print(f"wrote {args.results}")
     return 0

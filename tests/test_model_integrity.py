@@ -201,11 +201,16 @@ def test_damaged_checkpoint_one_clear_error_and_no_run_directory(base, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(d) in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # nothing this run created is left behind
-    # an --out that existed before the run is kept (with what was in it)
+    # an empty --out that existed before the run is kept (the damaged checkpoint is the error)
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert main([str(d), "--probe", str(base["probe"]), "--out", str(tmp_path / "mine"), "--device", "cpu", "-q"]) == 2
-    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [".lock", "notes.txt"]
+    assert str(d) in capsys.readouterr().err
+    assert (tmp_path / "mine").is_dir() and {p.name for p in (tmp_path / "mine").iterdir()} <= {".lock"}
+    # one holding other files is refused before loading, and left exactly as it was
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep")
+    assert main([str(d), "--probe", str(base["probe"]), "--out", str(tmp_path / "theirs"), "--device", "cpu", "-q"]) == 2
+    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["notes.txt"]
 
 
 def test_check_safetensors_overlap_gap_and_trailing_bytes(base, tmp_path):

@@ -44,3 +44,13 @@ def test_verdicts_follow_the_better_direction():
     comp = rc.comparisons(_results([0.5, 0.9, 0.1], [0.52, 0.1, 0.8]))
     assert all(c["verdict"] == "no clear difference" and not c["beyond_spread"] for c in comp)
     assert all(not math.isnan(c["pv_minus_other"]) for c in comp)
+
+
+def test_unchanged_strategies_are_named():
+    keys = ["trained_mcq", "trained_se"]
+    row = lambda key, a, b, sd=0.0: {"key": key, "trained_mcq": a, "trained_mcq_std": sd, "trained_se": b,  # noqa: E731
+                                     "trained_se_std": sd}
+    res = {"metrics": [{"key": k, "label": k} for k in keys],
+           "table": [row("original", 0.03, 0.93), row("fv", 0.29, 1.6, 0.01), row("pv", 0.033, 0.925, 0.002),
+                     row("cv", 0.28, 1.6, 0.01), row("rv", 0.03, 0.932, 0.002)]}
+    assert rc.unchanged(res) == ["FT-PV", "FT-RV"]

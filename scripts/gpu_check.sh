@@ -61,6 +61,11 @@ step "end to end: demo on $DEVICE vs cpu, and a random-weights model"
 timeout 240 "$PY" scripts/gpu_check.py --device "$DEVICE" ${QUICK:+--quick} --out "$OUT" 2>&1 | tee "$OUT/gpu_check_py.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
 
+step "causal fine-tuning on $DEVICE: the held-out demo, all four strategies, one seed"
+timeout 150 "$PY" -m specext.finetune --demo --strategy all --seeds 1 --device "$DEVICE" --no-save-model \
+  --out "$OUT/finetune" ${QUICK:+--steps 10 --se-samples 2 --pss-ratios 1,2} -q 2>&1 | tee "$OUT/finetune.txt" | tail -9
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "finetune failed"; fail=1; }
+
 step "kernel and peers benchmarks on $DEVICE"
 for b in bench/bench_category_accumulate.py bench/bench_neuron_specialization.py bench/bench_value_vector_norms.py bench/bench_peers.py; do
   [ -f "$b" ] || continue

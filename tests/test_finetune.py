@@ -274,8 +274,8 @@ def test_resume_refuses_other_inputs(tmp_path, probe8, capsys):
 
 
 def _cli(args, kill_after=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + str(ROOT / "tests"),
-               OMP_NUM_THREADS="1")
+    # the same interpreter and sys.path as this test (the installed specext, or a developer's PYTHONPATH)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "specext.finetune"] if kill_after is None else \
         [sys.executable, str(ROOT / "tests" / "kill_finetune.py"), str(kill_after), "--"]
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=600)

@@ -1,6 +1,7 @@
 """scripts/pretraining_dynamics.py: checkpoints during training and checkpoint discovery."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ TINY = dict(d_model=16, d_ff=32, n_layers=1, n_heads=2, batch_size=8, warmup=1)
 def script():
     spec = importlib.util.spec_from_file_location("pretraining_dynamics", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
+    path = list(sys.path)
     spec.loader.exec_module(mod)
+    sys.path[:] = path  # the script puts the checkout's python/ first: not for later tests' child processes
     return mod
 
 

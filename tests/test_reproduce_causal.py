@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("reproduce_causal", ROOT / "scripts" / "reproduce_causal.py")
 rc = importlib.util.module_from_spec(spec)
+_path = list(sys.path)
 spec.loader.exec_module(rc)
+sys.path[:] = _path  # the script puts the checkout's python/ first: not for the other tests' child processes
 
 
 def test_welch_matches_scipy():

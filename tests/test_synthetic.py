@@ -4,6 +4,7 @@ the demo-model builder (scripts/build_demo_model.py) and the shipped demo model.
 import collections
 import hashlib
 import importlib.util
+import sys
 import json
 import re
 from pathlib import Path
@@ -29,7 +30,9 @@ def build():
     """scripts/build_demo_model.py as a module (its train_demo_model and mcq_report)."""
     spec = importlib.util.spec_from_file_location("build_demo_model", BUILD_SCRIPT)
     mod = importlib.util.module_from_spec(spec)
+    path = list(sys.path)
     spec.loader.exec_module(mod)
+    sys.path[:] = path  # the script puts the checkout's python/ first: not for later tests' child processes
     return mod
 
 

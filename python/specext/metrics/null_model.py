@@ -65,14 +65,18 @@ def permutation_ginis(sums: torch.Tensor, counts: torch.Tensor, labels: torch.Te
     ``labels[perms[p, k]]`` (category sizes kept). Returns ``(P, d_ff)`` float32.
     """
     K, D = sums.shape
-    out = torch.empty((perms.shape[0], D), dtype=torch.float32, device=sums.device)
-    s64, c64 = sums.double(), counts.double()
-    for p in range(perms.shape[0]):
-        lab = labels[perms[p]]
-        cs = torch.zeros((n_categories, D), dtype=torch.float64, device=sums.device).index_add_(0, lab, s64)
-        cc = torch.zeros((n_categories,), dtype=torch.float64, device=sums.device).index_add_(0, lab, c64)
-        out[p] = ops.neuron_specialization((cs / cc[:, None]).float().contiguous()).gini
-    return out
+    P = perms.shape[0]
+    # every draw's category sums at once: a one-hot (P, C, K) assignment times the concept sums,
+    # in float64 (each category mass is a sum of whole concepts' sums, exact to float32)
+    lab = labels[perms]  # (P, K): draw p gives concept k this category
+    onehot = torch.zeros((P, n_categories, K), dtype=torch.float64, device=sums.device)
+    onehot.scatter_(1, lab[:, None, :], 1.0)
+    cs = onehot @ sums.double()  # (P, C, D)
+    cc = onehot @ counts.double()  # (P, C)
+    mean = (cs / cc[..., None]).float()  # (P, C, D) category means of each draw
+    # one kernel call for all draws: the P draws side by side as P * D neurons
+    batched = mean.permute(1, 0, 2).reshape(n_categories, P * D).contiguous()
+    return ops.neuron_specialization(batched).gini.view(P, D)
 
 
 def studentized(observed: torch.Tensor, null: torch.Tensor):

@@ -87,19 +87,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def available_memory_bytes(device) -> int:
-    """Free memory on the device (CUDA) or MemAvailable (CPU), to skip runs that would not fit."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: do not skip
+    """Free memory on the device (CUDA) or MemAvailable (CPU), to skip runs that would not fit
+    (:func:`specext.models.loading.free_memory_bytes`; unknown: a huge number, do not skip)."""
+    from specext.models.loading import free_memory_bytes
+
+    free = free_memory_bytes(device)
+    return (1 << 62) if free is None else free
 
 
 def cpu_busy_fraction(seconds: float = 1.0) -> Optional[float]:

@@ -412,6 +412,16 @@ def host_memory_available() -> Optional[int]:
     return None
 
 
+def free_memory_bytes(device: Union[str, torch.device]) -> Optional[int]:
+    """Memory free now on ``device``: CUDA, the driver's free bytes; otherwise the host's
+    ``MemAvailable`` (None when unknown). The one reading of free memory for the memory plan,
+    the dtype choice and the benchmarks."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return host_memory_available()
+
+
 def checkpoint_numel(model_dir: Path) -> Optional[int]:
     """Number of floating-point weights in the directory's safetensors files (headers only)."""
     import json

@@ -28,8 +28,9 @@ from specext.pipelines import distributed, rundir
 from specext._deps import require
 from specext._options import at_least, one_of
 from specext.metrics.accuracy import accuracy_by_group
-from specext.models.loading import (DEVICE_MAPS, LoadedModel, check_model_dir, host_memory_available, load_model,
-                                    parse_max_memory, quiet_transformers, value_norms)
+from specext.models.loading import (DEVICE_MAPS, LoadedModel, check_model_dir, load_model, parse_max_memory,
+                                    quiet_transformers, value_norms)
+from specext.models.loading import free_memory_bytes as _free_bytes
 from specext.metrics.null_model import permutation_null
 from specext.probes.probeset import ProbeSet, load_probe
 from specext.metrics.pss import MaskedScorer, PSSConfig, compute_pss
@@ -273,13 +274,6 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
     dd.barrier("rank 0 writes the run directory")  # every rank's checkpoint stays until it is written
     state.clear()
     return dd.broadcast(summary, "the summary")
-
-
-def _free_bytes(device: torch.device) -> Optional[int]:
-    """Memory free now on ``device`` (CPU: MemAvailable; CUDA: the driver's free), or None."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return host_memory_available()
 
 
 def accumulate_devices(option: str, lm: LoadedModel):

@@ -3,6 +3,7 @@ expected and what came. The configs call them once, when they are built."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Optional, Sequence
 
 
@@ -20,3 +21,17 @@ def at_least(option: str, value, minimum, *, optional: bool = False, off: Option
     if value is None or value < minimum:
         head = f"{option} must be {off} (off) or >= {minimum}" if off is not None else f"{option} must be >= {minimum}"
         raise ValueError(f"{head}{unit}, got {value}")
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` that states each option's default once: appends ``(default: X)`` to an
+    option that takes a value, has a default other than None, and whose help text does not
+    already say its default (argparse's ArgumentDefaultsHelpFormatter also adds ``None`` and
+    ``False``, and repeats defaults the text states)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if ("default" in h or not action.option_strings or action.nargs == 0 or action.default is None
+                or action.default is argparse.SUPPRESS):
+            return h
+        return h + " (default: %(default)s)"

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 from specext.pipelines import rundir
 from specext._deps import require
-from specext._options import at_least, one_of
+from specext._options import DefaultsFormatter, at_least, one_of
 from specext.metrics.bootstrap import bootstrap_correlation
 from specext.metrics.correlation import pearson, spearman
 
@@ -403,16 +403,22 @@ def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Option
     return result
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m specext.compare", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m specext.compare", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=DefaultsFormatter)
     p.add_argument("runs", nargs="+", help="run directories written by python -m specext.analyze")
-    p.add_argument("--out", default="specext-compare", help="output directory")
-    p.add_argument("--accuracy", default="mcq", choices=["mcq", "mcq_norm", "open"])
+    p.add_argument("--out", default="specext-compare", help="output directory (compare.csv, compare.json, compare.html)")
+    p.add_argument("--accuracy", default="mcq", choices=["mcq", "mcq_norm", "open"],
+                   help="the accuracy the scores are correlated with")
     p.add_argument("--pss-score", default=None, choices=list(SCORES),
                    help="PSS score to compare (default: the runs' headline score, which must agree)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of runs for correlation intervals (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         res = compare(args.runs, Path(args.out), args.accuracy, args.pss_score, args.bootstrap, args.seed)

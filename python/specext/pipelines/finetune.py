@@ -62,7 +62,7 @@ import torch
 
 from specext import __version__
 from specext._deps import require
-from specext._options import at_least, one_of
+from specext._options import DefaultsFormatter, at_least, one_of
 from specext.metrics.accuracy import accuracy_by_group
 from specext.metrics.pss import RATIOS, UNRELATED, DifferentialScores, MaskedScorer, PSSConfig, compute_pss, n_vectors
 from specext.metrics.specialization import ConceptMass
@@ -904,8 +904,8 @@ def print_table(results: Dict[str, object], out: Path, file=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m specext.finetune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m specext.finetune", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=DefaultsFormatter)
     p.add_argument("model_dir", nargs="?", help="local Hugging Face causal LM directory (config.json, *.safetensors, "
                                                 "tokenizer)")
     p.add_argument("--demo", action="store_true", help="the small model trained on the synthetic world without its "
@@ -930,7 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output directory (default specext-runs/finetune-MODEL-PROBE)")
     c.add_argument("--resume", action="store_true", help="keep the finished (strategy, seed) runs in --out")
     t = p.add_argument_group("training (equal for every strategy)")
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the deltas")
     t.add_argument("--steps", type=int, default=50, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=8, help="fact sentences per micro-batch")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -945,25 +945,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch threads while training")
     e = p.add_argument_group("evaluation")
     e.add_argument("--control-size", type=int, default=100, help="control questions of other concepts (forgetting)")
-    e.add_argument("--eval-batch-size", type=int, default=16)
+    e.add_argument("--eval-batch-size", type=int, default=16, help="questions per forward pass when evaluating")
     e.add_argument("--positions", default="question", choices=list(POSITIONS), help="tokens of the prompt statistic")
-    e.add_argument("--stat", default="abs", choices=list(STATS))
+    e.add_argument("--stat", default="abs", choices=list(STATS), help="mass statistic: abs |m|, contribution |m| x ||v||")
     e.add_argument("--unrelated", default="other", choices=list(UNRELATED),
                    help="concepts subtracted in the differential score")
     e.add_argument("--pss-ratios", default=",".join(f"{r:g}" for r in RATIOS),
                    help="PSS ratios (percent), comma-separated")
     e.add_argument("--pss-control", type=int, default=100, help="PSS control questions")
-    e.add_argument("--max-new-tokens", type=int, default=12)
+    e.add_argument("--max-new-tokens", type=int, default=12, help="tokens generated per open-ended answer")
     e.add_argument("--se-samples", type=int, default=10, help="sampled answers per question for semantic entropy "
                    "(0: off)")
-    e.add_argument("--se-temperature", type=float, default=1.0)
+    e.add_argument("--se-temperature", type=float, default=1.0, help="sampling temperature of the semantic-entropy answers")
     e.add_argument("--nli-model", default=None, metavar="DIR",
                    help="a local entailment model to cluster answers (default: normalised matching)")
     e.add_argument("--lid-k", type=int, default=10, help="nearest neighbours of the LID estimator (0: off)")
     p.add_argument("--no-save-model", action="store_true", help="do not save the fine-tuned models (only "
                    "selected.safetensors, delta.safetensors and results)")
     p.add_argument("--no-report", action="store_true", help="skip results.html")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model directory's own Python code")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     return p
 

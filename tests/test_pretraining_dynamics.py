@@ -1,7 +1,5 @@
 """scripts/pretraining_dynamics.py: checkpoints during training and checkpoint discovery."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +7,7 @@ from safetensors.torch import load_file
 
 from specext.pipelines import demo_models
 from specext.probes import synthetic
+from script_module import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pretraining_dynamics.py"
 TINY = dict(d_model=16, d_ff=32, n_layers=1, n_heads=2, batch_size=8, warmup=1)
@@ -16,12 +15,7 @@ TINY = dict(d_model=16, d_ff=32, n_layers=1, n_heads=2, batch_size=8, warmup=1)
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("pretraining_dynamics", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    path = list(sys.path)
-    spec.loader.exec_module(mod)
-    sys.path[:] = path  # the script puts the checkout's python/ first: not for later tests' child processes
-    return mod
+    return load_script(SCRIPT, "pretraining_dynamics")
 
 
 def test_checkpoint_step_names(script):

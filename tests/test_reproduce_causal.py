@@ -1,18 +1,13 @@
 """scripts/reproduce_causal.py's statistics: Welch's test against scipy, and the verdicts."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from script_module import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("reproduce_causal", ROOT / "scripts" / "reproduce_causal.py")
-rc = importlib.util.module_from_spec(spec)
-_path = list(sys.path)
-spec.loader.exec_module(rc)
-sys.path[:] = _path  # the script puts the checkout's python/ first: not for the other tests' child processes
+rc = load_script(ROOT / "scripts" / "reproduce_causal.py", "reproduce_causal")
 
 
 def test_welch_matches_scipy():
@@ -57,3 +52,13 @@ def test_unchanged_strategies_are_named():
            "table": [row("original", 0.03, 0.93), row("fv", 0.29, 1.6, 0.01), row("pv", 0.033, 0.925, 0.002),
                      row("cv", 0.28, 1.6, 0.01), row("rv", 0.03, 0.932, 0.002)]}
     assert rc.unchanged(res) == ["FT-PV", "FT-RV"]
+
+
+def test_comparison_csv_has_a_row_per_comparison():
+    import csv
+    import io
+
+    comp = rc.comparisons(_results([0.9, 0.92, 0.91], [0.5, 0.52, 0.49]))
+    rows = list(csv.reader(io.StringIO(rc.comparison_csv(comp))))
+    assert rows[0] == list(rc.COMPARISON_COLUMNS) and len(rows) == 1 + len(comp)
+    assert rows[1][rc.COMPARISON_COLUMNS.index("verdict")] == comp[0]["verdict"]

@@ -3,8 +3,6 @@ the demo-model builder (scripts/build_demo_model.py) and the shipped demo model.
 
 import collections
 import hashlib
-import importlib.util
-import sys
 import json
 import re
 from pathlib import Path
@@ -16,6 +14,7 @@ from specext import probes
 from specext.probes import synthetic
 from specext.models import load_model
 from specext.probes import MCQ_TEMPLATE, ProbeSet, check_probe, normalize_answer, read_jsonl, write_jsonl
+from script_module import load_script
 
 DEMO_DIR = probes.DATA_DIR / "demo_model"
 BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build_demo_model.py"
@@ -28,12 +27,7 @@ def _fields(q):
 @pytest.fixture(scope="module")
 def build():
     """scripts/build_demo_model.py as a module (its train_demo_model and mcq_report)."""
-    spec = importlib.util.spec_from_file_location("build_demo_model", BUILD_SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    path = list(sys.path)
-    spec.loader.exec_module(mod)
-    sys.path[:] = path  # the script puts the checkout's python/ first: not for later tests' child processes
-    return mod
+    return load_script(BUILD_SCRIPT, "build_demo_model")
 
 
 @pytest.fixture(scope="module")

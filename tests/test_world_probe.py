@@ -4,7 +4,6 @@ cheap signal (measured here, from the shipped file, independently of the builder
 ``scripts/build_world_probe.py`` reproduces the shipped file from the tables in
 ``scripts/world_data/``. See docs/world-probe.md."""
 
-import importlib.util
 import re
 import shutil
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 from specext import probes
 from specext.probes import normalize_answer
+from script_module import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "build_world_probe.py"
@@ -31,14 +31,11 @@ def world():
 
 @pytest.fixture(scope="module")
 def builder():
-    spec = importlib.util.spec_from_file_location("build_world_probe", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    mod = load_script(SCRIPT, "build_world_probe")
     try:
-        spec.loader.exec_module(mod)
         yield mod
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop("build_world_probe", None)
 
 
 def _by_concept(world):

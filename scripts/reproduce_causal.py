@@ -131,6 +131,17 @@ def unchanged(results: dict, tol: float = 0.01) -> List[str]:
     return out
 
 
+COMPARISON_COLUMNS = ("metric", "label", "versus", "pv_minus_other", "sd_pv", "sd_other", "welch_t", "df", "p",
+                      "beyond_spread", "verdict")
+
+
+def comparison_csv(comp: List[Dict[str, object]]) -> str:
+    """``comparison.csv``: one row per comparison, through specext's one CSV writer."""
+    from specext.pipelines.rundir import csv_text
+
+    return csv_text(COMPARISON_COLUMNS, (["" if c[k] is None else c[k] for k in COMPARISON_COLUMNS] for c in comp))
+
+
 def _f(v, nd=3) -> str:
     return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
@@ -231,11 +242,7 @@ def main(argv=None) -> int:
     for name in ("results.csv", "results.json", "results.html", "results.png"):
         if (args.work / name).exists():
             shutil.copyfile(args.work / name, args.results / name)
-    cols = ["metric", "label", "versus", "pv_minus_other", "sd_pv", "sd_other", "welch_t", "df", "p",
-            "beyond_spread", "verdict"]
-    (args.results / "comparison.csv").write_text(
-        "\n".join([",".join(cols)] + [",".join("" if c[k] is None else (f'"{c[k]}"' if k == "label" else str(c[k]))
-                                                for k in cols) for c in comp]) + "\n")
+    (args.results / "comparison.csv").write_text(comparison_csv(comp))
     shown_args = [a for a in argv if a != "--fresh"]
     shown = ".venv/bin/python scripts/reproduce_causal.py " + " ".join(shown_args + (["--", *extra] if extra else []))
     (args.results / "README.md").write_text(readme(results, comp, args.seeds, seconds, shown.strip()))

@@ -26,7 +26,6 @@ non-zero when a check fails. Running it twice on the same machine (same torch, s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -41,20 +40,13 @@ sys.path.insert(0, str(ROOT / "python"))  # use this checkout even if specext is
 from specext import probes  # noqa: E402
 from specext.probes import synthetic  # noqa: E402
 from specext.pipelines import demo_models, training  # noqa: E402
+from specext.pipelines.rundir import sha256_file  # noqa: E402
 
 logger = logging.getLogger("specext.build_demo_model")
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "specext_demo.json")
 METADATA = "specext_demo.json"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # The trainer and the scorer live in the package (the held-out model is built on first use
@@ -170,8 +162,8 @@ def main(argv=None) -> int:
         print(f"reloaded (held-out concepts, {held_report['n_questions']} questions, chance 0.25): "
               f"acc {held_report['acc']:.4f}, acc_norm {held_report['acc_norm']:.4f}, "
               f"p(correct) {held_report['p_correct']:.4f}")
-    print(f"sha256 model.safetensors {sha256(final / 'model.safetensors')}")
-    print(f"sha256 synthetic.jsonl   {sha256(probe_path)}")
+    print(f"sha256 model.safetensors {sha256_file(final / 'model.safetensors')}")
+    print(f"sha256 synthetic.jsonl   {sha256_file(probe_path)}")
     return 0
 
 

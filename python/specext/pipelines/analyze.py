@@ -29,10 +29,10 @@ from specext._deps import require
 require("torch", "transformers", "tokenizers", "matplotlib", "tqdm", what="python -m specext.analyze")
 
 from specext.metrics.pss import DENOMINATORS, PSSConfig, RATIOS, SCORES  # noqa: E402
+from specext.pipelines.demo_models import DEMO_MODEL  # noqa: E402,F401  (public: specext.analyze.DEMO_MODEL)
 from specext.pipelines.run import STATS, AnalyzeConfig, Specialisation, run_analysis, specialisation  # noqa: F401  (public)
 from specext.probes.scoring import POSITIONS  # noqa: E402
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "data" / "demo_model"
 # The demo evaluates PSS on a sample of concepts so that it stays within minutes on a CPU.
 DEMO_PSS_CONCEPTS = 24
 

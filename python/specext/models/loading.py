@@ -29,6 +29,7 @@ streamed to), :attr:`LoadedModel.device` the input device (where the embeddings 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,25 +423,15 @@ def free_memory_bytes(device: Union[str, torch.device]) -> Optional[int]:
     return host_memory_available()
 
 
-def checkpoint_numel(model_dir: Path) -> Optional[int]:
-    """Number of floating-point weights in the directory's safetensors files (headers only)."""
-    import json
-
+def checkpoint_numel(tensors: Dict[str, tuple]) -> Optional[int]:
+    """Number of floating-point weights in a checkpoint, from the headers
+    :func:`specext.kernels.weights.checkpoint_tensors` already read and validated
+    (``{name: (file, dtype, shape)}``); None when it holds none."""
     total, seen = 0, False
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        try:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                head = json.loads(fh.read(n))
-        except (OSError, ValueError):
-            return None
-        for name, t in head.items():
-            if name != "__metadata__" and isinstance(t, dict) and str(t.get("dtype", "")).startswith(("F", "BF")):
-                size = 1
-                for d in t.get("shape", []):
-                    size *= int(d)
-                total += size
-                seen = True
+    for _, dt, shape in tensors.values():
+        if str(dt).startswith(("F", "BF")):
+            total += math.prod(int(d) for d in shape)
+            seen = True
     return total if seen else None
 
 
@@ -746,7 +737,7 @@ def load_model(
     archs = list(getattr(cfg, "architectures", None) or [])
     causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
     on_cpu = (dev.type == "cpu") if dev is not None else (device == "cpu" or not torch.cuda.is_available())
-    numel = checkpoint_numel(model_dir) if use_safetensors else None
+    numel = checkpoint_numel(ckpt) if use_safetensors else None
     choice = choose_dtype(dtype, _config_dtype(cfg), on_cpu, numel,
                           host_memory_available() if on_cpu and dtype == "auto" else None)
     (logger.warning if "kept the checkpoint's" in choice["reason"] else logger.info)(

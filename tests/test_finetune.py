@@ -270,7 +270,7 @@ def test_resume_refuses_other_inputs(tmp_path, probe8, capsys):
     capsys.readouterr()
     assert ft.main(args + ["--resume", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err
-    assert "different inputs" in err and "options.lr" in err and "original.json" in err, err
+    assert "different inputs" in err and "--lr: 0.001 in the checkpoint, 0.01 now" in err and "original.json" in err, err
 
 
 def _cli(args, kill_after=None):

@@ -594,10 +594,8 @@ def _read_marker(path: Path, fp: Dict[str, object]) -> Optional[dict]:
     rec = {k: rec[k] for k in RUN_KEYS if k in rec}  # a single run's file also holds the experiment's table
     if rec.get("fingerprint") != fp:
         old = rec.get("fingerprint") if isinstance(rec.get("fingerprint"), dict) else {}
-        diff = [k for k in fp if old.get(k) != fp[k]]
-        if "options" in diff and isinstance(old.get("options"), dict):
-            diff += [f"options.{k}" for k in fp["options"] if old["options"].get(k) != fp["options"][k]]
-        raise ValueError(f"--resume: {path} was made with different inputs ({', '.join(diff)} differ); use another "
+        changes = rundir.fingerprint_changes(old, fp)
+        raise ValueError(f"--resume: {path} was made with different inputs ({'; '.join(changes)}); use another "
                          "--out or drop --resume")
     return rec
 

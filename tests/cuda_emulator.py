@@ -177,14 +177,15 @@ _DEVICE_TYPE_OFFSET = {b"dltensor": 8, b"dltensor_versioned": 32 + 8}
 _KDLCPU, _KDLCUDA = 1, 2
 
 
-def _relabel_cuda(cap) -> None:
+def _relabel_cuda(cap, device_id: int = 0) -> None:
+    """Marks a CPU tensor's capsule as ``cuda:device_id`` (the emulator has one device, 0)."""
     name = _get_name(cap)
     ptr = _get_pointer(cap, name)
     field = ctypes.c_int32.from_address(ptr + _DEVICE_TYPE_OFFSET[name])
     if field.value != _KDLCPU:
         raise ValueError(f"the CUDA emulator takes CPU tensors, got DLPack device type {field.value}")
     field.value = _KDLCUDA
-    ctypes.c_int32.from_address(ptr + _DEVICE_TYPE_OFFSET[name] + 4).value = 0
+    ctypes.c_int32.from_address(ptr + _DEVICE_TYPE_OFFSET[name] + 4).value = device_id
 
 
 _EMULATOR = None

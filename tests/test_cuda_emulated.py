@@ -240,6 +240,20 @@ def test_binding_cuda_branch_checks_devices(emu):
         emu.native.category_accumulate(relabelled[0], relabelled[1], None, sums_cpu, relabelled[2], "abs")
 
 
+def test_binding_cuda_error_becomes_python_error(emu):
+    """A CUDA runtime error (here: a device that does not exist, cuda:1 on a one-device
+    machine) reaches Python as a RuntimeError naming the call, not as a crash."""
+    def cap(x):
+        c = x.__dlpack__()
+        cuda_emulator._relabel_cuda(c, device_id=1)
+        return c
+
+    w, out = torch.randn(5, 7), torch.zeros(7)
+    with pytest.raises(RuntimeError, match=r"CUDA error in cudaSetDevice\(device\): invalid device ordinal"):
+        emu.native.value_vector_norms(cap(w), cap(out))
+    assert not out.any()
+
+
 # ------------------------------------------------------------------ neuron_specialization
 
 

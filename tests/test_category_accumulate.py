@@ -405,3 +405,32 @@ def test_unchecked_cuda_does_not_synchronise():
     assert_close(sums, want_s, rtol=1e-5, atol=1e-5, what="graph-replayed sums")
     assert_close(counts, want_c, rtol=1e-6, atol=1e-6, what="graph-replayed counts")
     assert errors.tolist() == want_e.tolist() == [1, 8, 123]
+
+
+def test_eager_path_compile_and_fake_tensors():
+    """Plain tensors go straight to the kernel; under torch.compile (fullgraph: a call
+    outside the custom op would break the graph) and for FakeTensors the custom op and its
+    fake are used. All three agree."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    acts, labels, weights = make_inputs(37, 19, 4, torch.float32, "cpu", seed=2, weighted=True)
+
+    def f(a, lab, w):
+        s, c, e = torch.zeros(4, 19), torch.zeros(4), torch.zeros(3, dtype=torch.int64)
+        ops.category_accumulate(a, lab, weights=w, sums=s, counts=c, errors=e)
+        s2, c2 = ops.category_accumulate(a, lab, 4, stat="square")
+        return s, c, e, s2, c2
+
+    eager = f(acts, labels, weights)
+    via_op = (torch.zeros(4, 19), torch.zeros(4), torch.zeros(3, dtype=torch.int64))
+    torch.ops.specext.category_accumulate_unchecked_(acts, labels, weights, *via_op, "abs")
+    for x, y, what in zip(eager[:3], via_op, ("sums", "counts", "errors")):
+        assert_equal(x, y, f"eager path vs custom op: {what}")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(acts, labels, weights)
+    for x, y, what in zip(compiled, eager, ("sums", "counts", "errors", "sums2", "counts2")):
+        assert_equal(x, y, f"compiled vs eager: {what}")
+    with FakeTensorMode() as mode:
+        fa, fl, fw = (mode.from_tensor(t) for t in (acts, labels, weights))
+        s, c, e, s2, c2 = f(fa, fl, fw)
+        assert s.shape == (4, 19) and s2.shape == (4, 19) and c.shape == (4,) and e.shape == (3,)

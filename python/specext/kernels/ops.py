@@ -25,6 +25,7 @@ from specext import _ext as _load_native
 try:  # torch is optional: the numpy entry points work without it
     import torch
     from torch import Tensor
+    from torch.utils.dlpack import to_dlpack as _to_dlpack
 except ImportError:  # pragma: no cover - exercised only where torch is absent
     torch = None
     Tensor = Any  # type: ignore[misc,assignment]
@@ -65,15 +66,28 @@ def _capsule(x):
     the tensor's current stream, which is already ordered after its producers. The
     default (``stream=None``) would make the legacy default stream wait on an event per
     tensor and call, which is work for nothing and breaks CUDA-graph capture."""
-    kw = {}
     if _is_torch(x):
-        x = x.detach()
-        if x.device.type == "cuda":
-            kw["stream"] = -1
+        # torch.utils.dlpack.to_dlpack exports without any stream synchronisation (what
+        # __dlpack__(stream=-1) does) in a tenth of the time (0.2 vs 2.2 us on CPU; more on
+        # CUDA, where __dlpack__ also checks devices and streams in Python).
+        return _to_dlpack(x.detach() if x.requires_grad else x)
+    kw = {}
     try:
         return x.__dlpack__(max_version=(1, 0), **kw)
     except TypeError:  # producers older than DLPack 1.0
         return x.__dlpack__(**kw)
+
+
+def _eager(*tensors) -> bool:
+    """Whether a call may skip torch's dispatcher and go straight to the kernel: plain
+    tensors (no subclass such as a FakeTensor, which has no memory to read) outside
+    ``torch.compile`` tracing. The result is the same as through the custom op, which costs
+    about 30 us more per call; category_accumulate is called once per layer per batch from
+    forward hooks, where that adds up. Under compilation and for subclasses the custom op
+    (with its fake) is used."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
 def _device_scope(t):
@@ -286,7 +300,9 @@ def category_accumulate(
             sums = torch.zeros((C, n_neurons), dtype=torch.float32, device=acts.device)
         if counts is None:
             counts = torch.zeros((C,), dtype=torch.float32, device=sums.device)
-        if errors is None:
+        if _eager(acts, labels, weights, sums, counts, errors):
+            _native_category_accumulate(acts, labels, weights, sums, counts, stat, errors)
+        elif errors is None:
             torch.ops.specext.category_accumulate_(acts, labels, weights, sums, counts, stat)
         else:
             torch.ops.specext.category_accumulate_unchecked_(acts, labels, weights, sums, counts, errors, stat)

@@ -4,10 +4,10 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
-#include <cstdio>
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
-#include <numeric>
+#include <mutex>
 #include <vector>
 
 #include "cuda_runtime.h"
@@ -106,6 +106,10 @@ void run_block(unsigned long long block_no, unsigned char poison) {
 }  // namespace
 
 bool run_grid(const Config& cfg, const std::function<void()>& body) {
+  // The binding releases the GIL: launches from two Python threads take turns, as the
+  // emulator's state (fibers, built-in variables, the shared section) is global.
+  static std::mutex launch_mutex;
+  std::lock_guard<std::mutex> lock(launch_mutex);
   ++g_launches;
   const unsigned long long threads = 1ULL * cfg.block.x * cfg.block.y * cfg.block.z;
   // Hardware limits (compute capability 9.0): 1024 threads a block, z <= 64, grid y/z < 65536.

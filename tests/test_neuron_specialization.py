@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import scipy.stats
 import torch
 
 import specext
@@ -45,10 +44,11 @@ def test_matches_float64_reference(device, C, N):
 
 
 def test_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")  # the [test] extra; not needed to collect
     m = random_mass(37, 301, seed=4).numpy()
     st = ops.neuron_specialization(m)
     live = m.sum(0) > 0
-    np.testing.assert_allclose(st.entropy[live], scipy.stats.entropy(m[:, live], axis=0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(st.entropy[live], scipy_stats.entropy(m[:, live], axis=0), rtol=1e-6, atol=1e-7)
     # Gini as the mean absolute difference over all pairs / (2 * mean), a formula that needs no sort.
     x = m[:, live].astype(np.float64)
     mad = np.abs(x[:, None, :] - x[None, :, :]).sum((0, 1)) / x.shape[0] ** 2

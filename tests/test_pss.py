@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import scipy.stats
 import torch
 
 import tiny_models as T
@@ -282,22 +281,24 @@ def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_concepts(
 
 
 def test_correlations_match_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")  # the [test] extra; not needed to collect
     rng = np.random.default_rng(1)
     for n in (3, 4, 7, 20, 57):
         x = rng.normal(size=n)
         y = 0.7 * x + rng.normal(size=n)
         y[0] = y[1]  # a tie for the ranks
         r, p = correlation.pearson(list(x), list(y))
-        ref = scipy.stats.pearsonr(x, y)
+        ref = scipy_stats.pearsonr(x, y)
         assert r == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-15)
         r, p = correlation.spearman(list(x), list(y))
-        ref = scipy.stats.spearmanr(x, y)
+        ref = scipy_stats.spearmanr(x, y)
         assert r == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-15)
     assert all(np.isnan(v) for v in correlation.pearson([1, 2], [3, 4]))
     assert all(np.isnan(v) for v in correlation.pearson([1, 1, 1], [3, 4, 5]))
 
 
 def test_compare_runs(tmp_path):
+    scipy_stats = pytest.importorskip("scipy.stats")  # the [test] extra; not needed to collect
     rng = np.random.default_rng(2)
     dirs = []
     for i in range(5):
@@ -322,8 +323,8 @@ def test_compare_runs(tmp_path):
     x = [r["peak_pss"] for r in res["runs"]]
     y = [r["mcq"] for r in res["runs"]]
     c = res["correlations"]["peak_pss_vs_mcq"]
-    assert c["n"] == 5 and c["pearson"] == pytest.approx(scipy.stats.pearsonr(x, y).statistic)
-    assert c["spearman_p"] == pytest.approx(scipy.stats.spearmanr(x, y).pvalue)
+    assert c["n"] == 5 and c["pearson"] == pytest.approx(scipy_stats.pearsonr(x, y).statistic)
+    assert c["spearman_p"] == pytest.approx(scipy_stats.spearmanr(x, y).pvalue)
     assert c["pearson_ci"][0] <= c["pearson"] <= c["pearson_ci"][1] and c["bootstrap_resamples"] > 900
     assert set(res["correlations"]) == {"peak_pss_vs_mcq", "mean_gini_vs_mcq", "mean_excess_gini_vs_mcq"}
     r0 = res["runs"][0]

@@ -26,7 +26,9 @@ from typing import Callable, Dict, List, Optional
 
 from specext._deps import require
 
-require("torch", "transformers", "tokenizers", "matplotlib", "tqdm", what="python -m specext.analyze")
+# matplotlib is only for the report: run_analysis requires it when the report is on, so that
+# --no-report (and the library's own users) work without it.
+require("torch", "transformers", "tokenizers", "tqdm", what="python -m specext.analyze")
 
 from specext.metrics.pss import DENOMINATORS, PSSConfig, RATIOS, SCORES  # noqa: E402
 from specext.pipelines.demo_models import DEMO_MODEL  # noqa: E402,F401  (public: specext.analyze.DEMO_MODEL)
@@ -264,6 +266,9 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
         summary = run(cfg, progress=not args.quiet, on_checkpoint=on_checkpoint)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {who}{e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # a missing optional dependency (matplotlib for the report)
+        print(f"error: {who}{e}" + (" (or pass --no-report)" if "matplotlib" in str(e) else ""), file=sys.stderr)
         return 2
     if world > 1 and os.environ.get("RANK", "0") != "0":
         return 0  # rank 0 prints the summary

@@ -61,17 +61,32 @@ def show(rows):
 def demo(args, out: Path):
     from safetensors.torch import load_file
 
-    runs = {}
-    for dev in dict.fromkeys([args.device, "cpu"]):
-        d = out / f"demo_{dev}"
+    # The device run and the CPU reference run at the same time (the CUDA run needs about one
+    # core): the CPU run gets the other cores. Each writes its stdout/stderr to a log.
+    devs = list(dict.fromkeys([args.device, "cpu"]))
+    procs, runs = {}, {}
+    t0 = time.perf_counter()
+    for dev in devs:
+        d = args.work / f"demo_{dev}"
         cmd = [sys.executable, "-m", "specext.analyze", "--demo", "--device", dev, "--out", str(d), "-q",
                "--overwrite", "--no-report", "--no-random-twin"] + (["--pss-concepts", "6", "--ratios", "1,10"] if args.quick else [])
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"demo on {dev} failed:\n{r.stderr[-3000:]}")
-        runs[dev] = (json.loads((d / "summary.json").read_text()), load_file(str(d / "neurons.safetensors")),
-                     time.perf_counter() - t0)
+        env = dict(os.environ)
+        if dev == "cpu" and len(devs) > 1:
+            env["OMP_NUM_THREADS"] = str(max(1, _cpus() - 2))
+        log = open(args.work / f"demo_{dev}.log", "w")
+        procs[dev] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env), log, d)
+    ends = {}
+    while len(ends) < len(procs):
+        for dev, (p, log, d) in procs.items():
+            if dev not in ends and p.poll() is not None:
+                ends[dev] = time.perf_counter() - t0
+                log.close()
+        time.sleep(0.2)
+    for dev, (p, log, d) in procs.items():
+        if p.returncode != 0:
+            raise SystemExit(f"demo on {dev} failed (rc={p.returncode}):\n"
+                             f"{(args.work / f'demo_{dev}.log').read_text()[-3000:]}")
+        runs[dev] = (json.loads((d / "summary.json").read_text()), load_file(str(d / "neurons.safetensors")), ends[dev])
     s_dev, n_dev, t_dev = runs[args.device]
     s_cpu, n_cpu, t_cpu = runs["cpu"]
     rows, ok = [], True
@@ -97,8 +112,17 @@ def demo(args, out: Path):
     return ok
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def build_model(args, path: Path):
     import transformers as tf
+
+    tf.utils.logging.disable_progress_bar()  # save_pretrained's shard bar would litter the log
 
     from specext.analyze import DEMO_MODEL
 
@@ -128,7 +152,7 @@ def model_throughput(args, out: Path):
     from specext.probes import load_probe
     from specext.probes.scoring import PromptStats, Scorer
 
-    path = out / "random_llama"
+    path = args.work / "random_llama"
     n_params = build_model(args, path)
     lm = load_model(path, device=args.device)
     probe = load_probe("synthetic", max_concepts=12 if args.quick else 36)
@@ -189,7 +213,7 @@ def model_throughput(args, out: Path):
 def device_map_check(args, out: Path):
     from safetensors.torch import load_file
 
-    path = out / "random_llama"
+    path = args.work / "random_llama"
     if not (path / "config.json").exists():
         build_model(args, path)
     from safetensors import safe_open
@@ -216,8 +240,8 @@ def device_map_check(args, out: Path):
               "--pss-control", "20", "--bootstrap", "0", "--max-new-tokens", "4", "--null-permutations", "2"]
     runs = {}
     for name, extra in (("in memory", []), ("device map", ["--device-map", "sequential", "--max-memory", budget,
-                                                           "--offload-dir", str(out / "offload")])):
-        d = out / f"devicemap_{name.replace(' ', '_')}"
+                                                           "--offload-dir", str(args.work / "offload")])):
+        d = args.work / f"devicemap_{name.replace(' ', '_')}"
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "specext.analyze", str(path), "--out", str(d), "--overwrite", *common, *extra],
                            capture_output=True, text=True)
@@ -258,12 +282,17 @@ def main():
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/specext-gpu"))
+    p.add_argument("--work", default=None,
+                   help="where the big files go: the ~1B model (2.2 GB), its offload folder, the run directories "
+                        "(default: --out; gpu_check.sh keeps them out of $OUT, which only small files may leave)")
     p.add_argument("--only", choices=["demo", "model", "devicemap"], default=None)
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no GPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.work = Path(args.work) if args.work else out
+    args.work.mkdir(parents=True, exist_ok=True)
     ok = True
     if args.only in (None, "demo"):
         ok &= demo(args, out)

@@ -3,17 +3,27 @@
 # device tool allows 10 minutes a command), on a machine with no internet and torch with CUDA
 # preinstalled. Steps run most valuable first; each gets at most what is left of the budget,
 # and a step that no longer fits is reported as skipped (not as passed):
+#   0. preflight: the versions of everything used, nvcc, compute-sanitizer, Python.h; the
+#      optional packages that are missing (pytest, matplotlib, nnsight) skip what needs them;
 #   1. build for sm_90 only (H100/H200) in place, print build_info;
-#   2. scripts/gpu_check.py: analyze --demo with PSS on CUDA vs the CPU (same accuracy,
-#      statistics within float32 tolerance), a random-weights ~1B Llama: tokens/s of the
-#      scoring pass with and without statistics, batched vs one-mask-at-a-time PSS, and the
-#      1B model with --device-map and half its layers offloaded vs in memory;
+#   2. scripts/gpu_check.py, one step per part: analyze --demo with PSS on CUDA vs the CPU
+#      (same accuracy, statistics within float32 tolerance); a random-weights ~1B Llama:
+#      tokens/s of the scoring pass with and without statistics, batched vs
+#      one-mask-at-a-time PSS; the 1B model with --device-map and half its layers offloaded
+#      vs in memory;
 #   3. the CUDA kernel tests under compute-sanitizer memcheck;
 #   4. every CUDA-marked test (pytest -m cuda);
 #   5. causal fine-tuning of the held-out demo on the device (all strategies, one seed);
 #   6. the kernel benchmarks and the peers benchmark against torch on the same card;
 #   7. compute-sanitizer racecheck on the kernel tests; 8. the whole test suite.
-# Everything printed also lands under $OUT (logs and CSVs).
+# The last lines printed are a summary: one line per step, pass / FAIL / TIMEOUT / skipped
+# (with the reason), so that the end of the output alone says what happened.
+#
+# Files: the device tool brings back only a few small files from $OUT (8 files, 16 MiB each),
+# so every log, CSV and run directory goes to $WORK (default: a new folder under /tmp; the
+# ~1B model is 2.2 GB), and $OUT holds two files, rewritten after every step so that a run
+# cut short still returns what it did: summary.txt and gpu_check.tar.gz (every log and CSV,
+# and the run directories' small files; `tar xzf gpu_check.tar.gz` gives logs/ and those).
 #
 #   device run:  bash scripts/gpu_check.sh                      (OUT defaults to /tmp/specext-gpu)
 #   CI, no GPU:  bash scripts/gpu_check.sh --device cpu --quick (no build, no sanitizer: the
@@ -31,65 +41,175 @@ while [ $# -gt 0 ]; do
 done
 OUT=${OUT:-/tmp/specext-gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 OUT
+WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/specext-gpu-work.XXXXXX")}
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 OUT WORK
+# Nothing can be fetched on the device machine: pip must not try an index or its own update.
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PYTHON:-python3}
 if [ "$DEVICE" = cuda ]; then BUDGET=${BUDGET:-510}; else BUDGET=${BUDGET:-1500}; fi
 START=$(date +%s)
 fail=0
-skipped=""
+SUMMARY=()  # one line per step: name, status, seconds, note
 step() { echo; echo "== $*   [$(( $(date +%s) - START )) s of $BUDGET]"; }
 # limit WANT: the seconds a step may take, WANT or what is left of the budget (minus a margin)
 limit() { local l=$(( BUDGET - ($(date +%s) - START) - 10 )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
-# fits T NAME: whether a step with T seconds is worth starting; records it as skipped if not
-fits() { if [ "$1" -lt 20 ]; then echo "skipped: $2 (time budget of $BUDGET s spent)"; skipped="$skipped $2"; return 1; fi; }
+record() {  # record NAME STATUS SECONDS [NOTE]: a summary line; FAIL and TIMEOUT count as failures
+  SUMMARY+=("$(printf '  %-30s %-8s %5s s  %s' "$1" "$2" "$3" "${4:-}")")
+  case "$2" in FAIL|TIMEOUT) fail=1 ;; esac
+  save
+}
+skip() { echo "skipped: $1 ($2)"; record "$1" skipped - "$2"; }
+# fits T NAME [MIN]: whether a step with T seconds (at least MIN, default 20) is worth starting
+fits() { if [ "$1" -lt "${3:-20}" ]; then skip "$2" "time budget of $BUDGET s spent"; return 1; fi; }
+# finish NAME RC T0 LIMIT LOG [NOTE]: record a step that ran, from its exit status
+finish() {
+  local s=$(( $(date +%s) - $3 )) log
+  log=$(basename "$5")${6:+; $6}
+  if [ "$2" -eq 0 ]; then record "$1" pass "$s" "$log"
+  elif [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then record "$1" TIMEOUT "$s" "killed at its limit of $4 s; $log"
+  else record "$1" FAIL "$s" "rc=$2; $log"; fi
+}
+summary_text() {
+  echo "== gpu_check summary: device $DEVICE, quick=${QUICK:-0}, $(( $(date +%s) - START )) s of a $BUDGET s budget"
+  printf '%s\n' "${SUMMARY[@]}"
+  echo "  => $([ $fail -eq 0 ] && echo "no failures" || echo "FAILURES"); logs and CSVs: $OUT/gpu_check.tar.gz (work dir $WORK)"
+}
+save() {  # $OUT: summary.txt and a tarball of the logs, CSVs and the run directories' small files
+  summary_text >"$OUT/summary.txt"
+  (cd "$WORK" && find . -type f -size -4M ! -name '*.safetensors' ! -name '*.bin' ! -name '*.pt' ! -name '.lock' \
+     ! -path './random_llama/*' ! -path './offload/*' -print0 | tar czf "$OUT/.gpu_check.tar.gz" --null -T - 2>/dev/null) \
+    && mv -f "$OUT/.gpu_check.tar.gz" "$OUT/gpu_check.tar.gz"
+}
+final() { echo; summary_text; }
+trap 'echo; echo "gpu_check interrupted"; final; exit 130' INT TERM
+have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+# pytest's closing line ("12 passed, 3 skipped in 9.1s"), for the summary: all skipped is no proof
+pytest_line() { grep -E "[0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran" "$1" | tail -1 | tr -d '='; }
 
-if [ "$DEVICE" = cuda ]; then
-  { nvidia-smi; "$PY" -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"; } \
-    2>&1 | tee "$OUT/device.txt"
-  step "build (sm_90 only)"
-  SPECEXT_CUDA=ON SPECEXT_CUDA_ARCHS=${SPECEXT_CUDA_ARCHS:-90} \
-    timeout "$(limit 300)" "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
-  rc=$?
-  tail -5 "$OUT/build.log"
-  [ $rc -eq 0 ] || { echo "build failed (rc=$rc), see build.log"; exit $rc; }
+# ---- 0. preflight: what is there (one look at the output tells a missing piece)
+CUDA_BIN=""
+for d in /usr/local/cuda/bin /usr/local/cuda-13/bin /usr/local/cuda-13.0/bin; do [ -d "$d" ] && { CUDA_BIN=$d; break; }; done
+# CMake looks for nvcc on PATH (or CUDACXX): add the toolkit's folder when nvcc is not there
+if [ -n "$CUDA_BIN" ] && ! command -v nvcc >/dev/null; then export PATH="$PATH:$CUDA_BIN"; fi
+{
+  [ "$DEVICE" = cuda ] && nvidia-smi
+  echo "nvcc: $(command -v nvcc || echo 'not found')  $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*')"
+  echo "compute-sanitizer: $(command -v compute-sanitizer || echo 'not found')"
+  "$PY" - <<'EOF'
+import importlib, importlib.metadata as md, os, sys, sysconfig
+print("python", sys.version.split()[0], sys.executable)
+inc = sysconfig.get_paths()["include"]
+print("Python.h:", "found in " + inc if os.path.exists(os.path.join(inc, "Python.h")) else "MISSING in " + inc)
+row = []
+for d in ("torch", "transformers", "accelerate", "tokenizers", "safetensors", "numpy", "tqdm", "pytest", "scipy",
+          "matplotlib", "nnsight", "scikit-build-core", "pybind11", "cmake", "ninja", "pip"):
+    try:
+        row.append(f"{d} {md.version(d)}")
+    except md.PackageNotFoundError:
+        row.append(f"{d} MISSING")
+print(", ".join(row))
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+except Exception as e:  # noqa: BLE001
+    print("torch import failed:", e)
+EOF
+} 2>&1 | tee "$LOGS/device.txt"
+if ! have torch; then record preflight FAIL 0 "$PY cannot import torch"; final; exit 1; fi
+if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  record preflight FAIL 0 "torch sees no CUDA device"; final; exit 1
 fi
-"$PY" -c "import specext, json; print(json.dumps(specext.build_info()))" | tee "$OUT/build_info.json"
+HAVE_PYTEST=1; have pytest || HAVE_PYTEST=""
+NO_REPORT=""; have matplotlib || NO_REPORT=--no-report
+SANITIZER=1; command -v compute-sanitizer >/dev/null || SANITIZER=""
+
+# ---- 1. build
+if [ "$DEVICE" = cuda ]; then
+  step "build (sm_90 only)"
+  t0=$(date +%s); t=$(limit 300)
+  SPECEXT_CUDA=ON SPECEXT_CUDA_ARCHS=${SPECEXT_CUDA_ARCHS:-90} \
+    timeout "$t" "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . >"$LOGS/build.log" 2>&1
+  rc=$?
+  tail -5 "$LOGS/build.log"
+  finish build "$rc" "$t0" "$t" "$LOGS/build.log"
+  if [ $rc -ne 0 ]; then
+    echo "build failed (rc=$rc); the errors in build.log:"
+    grep -inE "error|fatal|could not|not found|no such" "$LOGS/build.log" | grep -v "^\s*$" | tail -25
+    final; exit 1
+  fi
+fi
+if "$PY" -c "import specext, json; print(json.dumps(specext.build_info()))" >"$LOGS/build_info.json" 2>&1; then
+  cat "$LOGS/build_info.json"
+  if [ "$DEVICE" = cuda ] && ! "$PY" -c "import specext, sys; i = specext.build_info(); sys.exit(not (i['cuda'] and i['cuda_devices'] > 0))"; then
+    record build_info FAIL 0 "the extension was built without CUDA or sees no device: $(cat "$LOGS/build_info.json")"
+  fi
+else
+  cat "$LOGS/build_info.json"; record build_info FAIL 0 "import specext failed"; final; exit 1
+fi
 
 KERNEL_TESTS="tests/test_category_accumulate.py tests/test_neuron_specialization.py tests/test_value_vector_norms.py tests/test_prompt_stats.py"
 
-step "end to end: demo on $DEVICE vs cpu, and a random-weights model"
-t=$(limit 240)
-if fits "$t" gpu_check.py; then
-  timeout "$t" "$PY" scripts/gpu_check.py --device "$DEVICE" ${QUICK:+--quick} --out "$OUT" 2>&1 | tee "$OUT/gpu_check_py.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
-fi
+# ---- 2. end to end: scripts/gpu_check.py, one part per step (a part that fails or times out
+# does not take the others with it)
+for part in demo:150 model:150 devicemap:180; do
+  name=${part%%:*}
+  step "end to end ($name): scripts/gpu_check.py --only $name on $DEVICE"
+  t=$(limit "${part##*:}")
+  fits "$t" "gpu_check.py $name" 45 || continue
+  t0=$(date +%s)
+  timeout "$t" "$PY" scripts/gpu_check.py --device "$DEVICE" ${QUICK:+--quick} --only "$name" --out "$LOGS" --work "$WORK" \
+    2>&1 | tee "$LOGS/gpu_check_$name.txt"
+  finish "gpu_check.py $name" "${PIPESTATUS[0]}" "$t0" "$t" "$LOGS/gpu_check_$name.txt"
+done
 
 sanitizer() {  # sanitizer TOOL SECONDS
   step "compute-sanitizer --tool $1 on the CUDA kernel tests"
-  local t; t=$(limit "$2")
-  fits "$t" "sanitizer-$1" || return 0
+  [ -n "$SANITIZER" ] || { skip "sanitizer $1" "compute-sanitizer not found"; return 0; }
+  [ -n "$HAVE_PYTEST" ] || { skip "sanitizer $1" "pytest not installed"; return 0; }
+  local t t0 rc log=$LOGS/sanitizer_$1.log; t=$(limit "$2")
+  fits "$t" "sanitizer $1" 30 || return 0
+  t0=$(date +%s)
   timeout "$t" compute-sanitizer --tool "$1" --error-exitcode 99 --target-processes all \
-    "$PY" -m pytest -q -x -m cuda -p no:cacheprovider $KERNEL_TESTS 2>&1 | tee "$OUT/sanitizer_$1.log" | tail -6
-  local rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 0 ] || { echo "compute-sanitizer $1: rc=$rc"; fail=1; }
+    "$PY" -m pytest -q -x -m cuda -p no:cacheprovider $KERNEL_TESTS >"$log" 2>&1
+  rc=$?
+  tail -6 "$log"
+  if [ $rc -ne 0 ] && grep -qiE "device not supported|not supported on this (device|platform)" "$log"; then
+    skip "sanitizer $1" "compute-sanitizer does not support this device/runtime (see $(basename "$log"))"
+  else
+    finish "sanitizer $1" "$rc" "$t0" "$t" "$log" "$(pytest_line "$log")"
+  fi
 }
 
 if [ "$DEVICE" = cuda ]; then
   sanitizer memcheck 120
   step "every CUDA-marked test"
-  t=$(limit 120)
-  if fits "$t" pytest-cuda; then
-    timeout "$t" "$PY" -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cuda.log" | tail -6
-    [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
+  if [ -z "$HAVE_PYTEST" ]; then skip pytest-cuda "pytest not installed"
+  else
+    t=$(limit 120)
+    if fits "$t" pytest-cuda 30; then
+      t0=$(date +%s)
+      timeout "$t" "$PY" -m pytest -q -m cuda tests -p no:cacheprovider >"$LOGS/pytest_cuda.log" 2>&1
+      rc=$?
+      tail -6 "$LOGS/pytest_cuda.log"
+      finish pytest-cuda "$rc" "$t0" "$t" "$LOGS/pytest_cuda.log" "$(pytest_line "$LOGS/pytest_cuda.log")"
+    fi
   fi
 fi
 
 step "causal fine-tuning on $DEVICE: the held-out demo, all four strategies, one seed"
 t=$(limit 150)
-if fits "$t" finetune; then
+if fits "$t" finetune 45; then
+  t0=$(date +%s)
+  # the report (results.html) needs matplotlib; without it the run itself is still checked
   timeout "$t" "$PY" -m specext.finetune --demo --strategy all --seeds 1 --device "$DEVICE" --no-save-model \
-    --out "$OUT/finetune" ${QUICK:+--steps 10 --se-samples 2 --pss-ratios 1,2} -q 2>&1 | tee "$OUT/finetune.txt" | tail -9
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "finetune failed"; fail=1; }
+    --out "$WORK/finetune" ${QUICK:+--steps 10 --se-samples 2 --pss-ratios 1,2} $NO_REPORT -q \
+    >"$LOGS/finetune.txt" 2>&1
+  rc=$?
+  tail -9 "$LOGS/finetune.txt"
+  finish finetune "$rc" "$t0" "$t" "$LOGS/finetune.txt" "${NO_REPORT:+matplotlib missing: run without its report}"
 fi
 
 step "kernel and peers benchmarks on $DEVICE"
@@ -97,21 +217,30 @@ for b in bench/bench_category_accumulate.py bench/bench_neuron_specialization.py
   [ -f "$b" ] || continue
   name=$(basename "$b" .py)
   t=$(limit 120)
-  fits "$t" "$name" || continue
-  timeout "$t" "$PY" "$b" --device "$DEVICE" ${QUICK:+--quick} --csv "$OUT/results.csv" 2>&1 | tee "$OUT/$name.txt" | tail -12
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "$name failed"; fail=1; }
+  fits "$t" "$name" 30 || continue
+  t0=$(date +%s)
+  timeout "$t" "$PY" "$b" --device "$DEVICE" ${QUICK:+--quick} --csv "$LOGS/results.csv" >"$LOGS/$name.txt" 2>&1
+  rc=$?
+  tail -12 "$LOGS/$name.txt"
+  finish "$name" "$rc" "$t0" "$t" "$LOGS/$name.txt"
 done
 
 if [ "$DEVICE" = cuda ]; then
   sanitizer racecheck 120
   step "the whole test suite"
-  t=$(limit 300)
-  if fits "$t" pytest-all; then
-    timeout "$t" "$PY" -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -8
-    [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
+  if [ -z "$HAVE_PYTEST" ]; then skip pytest-all "pytest not installed"
+  else
+    t=$(limit 300)
+    if fits "$t" pytest-all 60; then
+      t0=$(date +%s)
+      timeout "$t" "$PY" -m pytest -q -x tests -p no:cacheprovider >"$LOGS/pytest.log" 2>&1
+      rc=$?
+      tail -8 "$LOGS/pytest.log"
+      finish pytest-all "$rc" "$t0" "$t" "$LOGS/pytest.log" "$(pytest_line "$LOGS/pytest.log")"
+    fi
   fi
 fi
-echo
-echo "gpu_check done in $(( $(date +%s) - START )) s (device $DEVICE, quick=${QUICK:-0}, failures: $fail," \
-     "skipped:${skipped:- none}); logs and CSVs in $OUT"
+# the big scratch files (the random model and its offload folder) are not kept
+rm -rf "$WORK/random_llama" "$WORK/offload"
+final
 exit $fail

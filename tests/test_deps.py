@@ -36,3 +36,14 @@ def test_kernels_import_without_the_analysis_extras():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]] [2.0, 2.0]"
+
+
+def test_analyze_cli_needs_matplotlib_only_for_the_report(tmp_path):
+    # the GPU check runs `analyze --no-report` where matplotlib may be missing: the CLI must import
+    # without it, and a run with the report must stop at once saying how to go without it
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from specext import analyze\n"
+            "sys.exit(analyze.main(['--demo', '--out', sys.argv[1], '-q']))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "run_analysis needs matplotlib, which is not installed" in r.stderr and "--no-report" in r.stderr

@@ -5,7 +5,7 @@ compute-sanitizer and the kernel benchmarks around it):
 1. ``demo``: ``python -m specext.analyze --demo`` with PSS on ``--device`` and on the CPU;
    the same accuracy and the statistics within float32 tolerance (printed, and a non-zero
    exit when they disagree);
-2. ``model``: a random-weights Llama-style model of about 1B parameters (``--quick``: ~20M)
+2. ``model``: a random-weights Llama-style model of about 1B parameters (``--quick``: ~3M)
    built here with the demo tokenizer: tokens per second of the scoring pass with and
    without the per-neuron statistics, and of PSS's batched masked scoring against one mask
    at a time (bench/bench_pss.py's naive-1);
@@ -16,7 +16,8 @@ compute-sanitizer and the kernel benchmarks around it):
    accuracy, statistics and PSS curve (bit for bit expected on the CPU; within float32
    tolerance on CUDA, whose ``index_add_`` is unordered).
 
-Every table is printed and written to ``$OUT/gpu_check_*.csv``.
+Every table is printed and written to ``--out``/gpu_check_*.csv; the model, the offload folder
+and the run directories go to ``--work`` (default: ``--out``).
 
     python scripts/gpu_check.py --device cuda --out /tmp/specext-gpu
     python scripts/gpu_check.py --device cpu --quick --out /tmp/x       # CI: keeps it from rotting
@@ -53,9 +54,9 @@ def show(rows):
     keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     width = {k: max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys}
-    print("  ".join(k.ljust(width[k]) for k in keys))
+    print("  ".join(k.ljust(width[k]) for k in keys).rstrip())
     for r in rows:
-        print("  ".join(fmt(r.get(k, "")).ljust(width[k]) for k in keys))
+        print("  ".join(fmt(r.get(k, "")).ljust(width[k]) for k in keys).rstrip())
 
 
 def demo(args, out: Path):
@@ -105,7 +106,7 @@ def demo(args, out: Path):
     pd, pc = s_dev["pss"]["paper"]["curve"], s_cpu["pss"]["paper"]["curve"]
     rows.append({"check": "PSS curve (paper)", "device": max(pd), "cpu": max(pc),
                  "max_abs_diff": max(abs(x - y) for x, y in zip(pd, pc)), "ok": "informational"})
-    rows.append({"check": "seconds", "device": t_dev, "cpu": t_cpu, "max_abs_diff": "", "ok": ""})
+    rows.append({"check": "seconds (side by side)", "device": t_dev, "cpu": t_cpu, "max_abs_diff": "", "ok": ""})
     print(f"\n== demo: analyze --demo on {args.device} vs cpu")
     show(rows)
     write_csv(out / "gpu_check_demo.csv", rows)

@@ -111,7 +111,11 @@ if [ -n "$CUDA_BIN" ] && ! { command -v nvcc && command -v compute-sanitizer; } 
   export PATH="$PATH:$CUDA_BIN"
 fi
 {
-  [ "$DEVICE" = cuda ] && nvidia-smi
+  if [ "$DEVICE" = cuda ]; then  # the full table goes to the logs only: the output's tail is short
+    nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1
+    echo "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm \
+      --format=csv,noheader 2>&1 | head -3)"
+  fi
   echo "nvcc: $(command -v nvcc || echo 'not found')  $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*')"
   echo "compute-sanitizer: $(command -v compute-sanitizer || echo 'not found')"
   "$PY" - "$WORK/preflight.env" <<'EOF'

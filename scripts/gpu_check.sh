@@ -204,10 +204,10 @@ sanitizer() {  # sanitizer TOOL SECONDS
   # torch's caching allocator each tensor is its own block (the tests of no-sync and CUDA-graph
   # capture need the caching allocator; the pytest-cuda step runs them)
   # (torch disables it when the variable is set at all, even empty: set it for memcheck only)
-  local envs=() sel="cuda"
-  [ "$1" = memcheck ] && { envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1); sel="cuda and not synchronise"; }
+  local envs=() sel=()
+  [ "$1" = memcheck ] && { envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1); sel=(-k "not synchronise"); }
   env ${envs[@]+"${envs[@]}"} timeout "$t" compute-sanitizer --tool "$1" --error-exitcode 99 \
-    --target-processes all "$PY" -m pytest -q -x -m "$sel" -p no:cacheprovider $KERNEL_TESTS >"$log" 2>&1
+    --target-processes all "$PY" -m pytest -q -x -m cuda ${sel[@]+"${sel[@]}"} -p no:cacheprovider $KERNEL_TESTS >"$log" 2>&1
   rc=$?
   if [ $rc -ne 0 ] && grep -qiE "device not supported|not supported on this (device|platform)" "$log"; then
     skip "sanitizer $1" "compute-sanitizer does not support this device/runtime (see $(basename "$log"))"

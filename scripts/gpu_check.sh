@@ -47,6 +47,8 @@ mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 OUT WORK
 # Nothing can be fetched on the device machine: pip must not try an index or its own update.
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Everything is local (the demo model, the random model's folder): no Hugging Face Hub calls either.
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1} HF_HUB_DISABLE_TELEMETRY=1
 PY=${PYTHON:-python3}
 if [ "$DEVICE" = cuda ]; then BUDGET=${BUDGET:-510}; else BUDGET=${BUDGET:-1500}; fi
 START=$(date +%s)
@@ -62,7 +64,7 @@ record() {  # record NAME STATUS SECONDS [NOTE]: a summary line; FAIL and TIMEOU
 }
 skip() { echo "skipped: $1 ($2)"; record "$1" skipped - "$2"; }
 # fits T NAME [MIN]: whether a step with T seconds (at least MIN, default 20) is worth starting
-fits() { if [ "$1" -lt "${3:-20}" ]; then skip "$2" "time budget of $BUDGET s spent"; return 1; fi; }
+fits() { if [ "$1" -lt "${3:-20}" ]; then skip "$2" "$(( $1 < 0 ? 0 : $1 )) s left of the $BUDGET s budget, needs ${3:-20}"; return 1; fi; }
 # finish NAME RC T0 LIMIT LOG [NOTE]: record a step that ran, from its exit status
 finish() {
   local s=$(( $(date +%s) - $3 )) log

@@ -14,7 +14,7 @@
 #   3. the CUDA kernel tests under compute-sanitizer memcheck;
 #   4. every CUDA-marked test (pytest -m cuda);
 #   5. causal fine-tuning of the held-out demo on the device (all strategies, one seed);
-#   6. the kernel benchmarks and the peers benchmark against torch on the same card;
+#   6. the kernel benchmarks (per-call cost at hook sizes too) and the peers benchmark against torch on the same card;
 #   7. compute-sanitizer racecheck on the kernel tests; 8. the whole test suite.
 # The last lines printed are a summary: one line per step, pass / FAIL / TIMEOUT / skipped
 # (with the reason), so that the end of the output alone says what happened.
@@ -247,7 +247,7 @@ if fits "$t" finetune 45; then
 fi
 
 step "kernel and peers benchmarks on $DEVICE"
-for b in bench/bench_category_accumulate.py bench/bench_neuron_specialization.py bench/bench_value_vector_norms.py bench/bench_peers.py; do
+for b in bench/bench_category_accumulate.py bench/bench_call_overhead.py bench/bench_neuron_specialization.py bench/bench_value_vector_norms.py bench/bench_peers.py; do
   [ -f "$b" ] || continue
   name=$(basename "$b" .py)
   t=$(limit 120)

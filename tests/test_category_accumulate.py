@@ -416,7 +416,8 @@ def test_eager_path_compile_and_fake_tensors():
     acts, labels, weights = make_inputs(37, 19, 4, torch.float32, "cpu", seed=2, weighted=True)
 
     def f(a, lab, w):
-        s, c, e = torch.zeros(4, 19), torch.zeros(4), torch.zeros(3, dtype=torch.int64)
+        s, c, e = (torch.zeros(4, 19, device=a.device), torch.zeros(4, device=a.device),
+                   torch.zeros(3, dtype=torch.int64, device=a.device))
         ops.category_accumulate(a, lab, weights=w, sums=s, counts=c, errors=e)
         s2, c2 = ops.category_accumulate(a, lab, 4, stat="square")
         return s, c, e, s2, c2
@@ -430,6 +431,9 @@ def test_eager_path_compile_and_fake_tensors():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(acts, labels, weights)
     for x, y, what in zip(compiled, eager, ("sums", "counts", "errors", "sums2", "counts2")):
         assert_equal(x, y, f"compiled vs eager: {what}")
+    meta = [t.to("meta") for t in (acts, labels, weights)]
+    s, c, e, s2, c2 = f(*meta)  # meta tensors: the op's fake, nothing read
+    assert s.device.type == "meta" and s.shape == (4, 19) and c.shape == (4,)
     with FakeTensorMode() as mode:
         fa, fl, fw = (mode.from_tensor(t) for t in (acts, labels, weights))
         s, c, e, s2, c2 = f(fa, fl, fw)

@@ -54,6 +54,19 @@ def translate(source: str, name: str) -> str:
     return f'#line 1 "{name}"\n' + out
 
 
+def missing_tools() -> str:
+    """What the emulator cannot be built without, or "" when everything is there: g++,
+    pybind11's headers, and Linux (ucontext fibers, the ELF section of the shared arrays)."""
+    missing = []
+    if not sys.platform.startswith("linux"):
+        missing.append("Linux")
+    if shutil.which("g++") is None:
+        missing.append("g++")
+    if importlib.util.find_spec("pybind11") is None:
+        missing.append("pybind11")
+    return ", ".join(missing)
+
+
 def _flags() -> list:
     import pybind11
 

@@ -5,7 +5,9 @@ Three ways, measured in the same run: the public function (plain tensors go stra
 the kernel), the same kernel through torch's dispatcher (``torch.ops.specext``, the path
 under ``torch.compile`` and for tensor subclasses), and the plain-torch baseline
 (``specext.reference.category_accumulate``, ``index_add_``). Unchecked mode (``errors=``),
-as the pipeline's hooks call it.
+as the pipeline's hooks call it. On CUDA also the public function with the launcher's
+token chunks fixed at 256 (``SPECEXT_CUDA_CHUNK=256``, the length before the launcher sized
+chunks to the GPU).
 
     python bench/bench_call_overhead.py            # CPU or CUDA (auto)
     python bench/bench_call_overhead.py --quick --no-csv
@@ -13,6 +15,7 @@ as the pipeline's hooks call it.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -60,13 +63,21 @@ def main(argv=None) -> None:
         t_pub = h.time_fn(public, warmup=20, repeat=repeat, device=device, flush_l2=False)
         t_disp = h.time_fn(dispatcher, warmup=20, repeat=repeat, device=device, flush_l2=False)
         t_base = h.time_fn(base, warmup=5, repeat=max(20, repeat // 10), device=device, flush_l2=False)
+        t_fixed = None
+        if device.type == "cuda":  # the launcher's adaptive chunks against the former fixed 256 tokens
+            os.environ["SPECEXT_CUDA_CHUNK"] = "256"
+            try:
+                t_fixed = h.time_fn(public, warmup=20, repeat=repeat, device=device, flush_l2=False)
+            finally:
+                del os.environ["SPECEXT_CUDA_CHUNK"]
         m = h.Measurement(BENCH, h.shape_str((T, N)), "bfloat16", f"C={C}", t_pub * 1e3, t_base * 1e3,
                           acts.numel() * acts.element_size(), bw.gbps)
         rows.append(m.as_row(us=t_pub * 1e6, disp_us=t_disp * 1e6, base_us=t_base * 1e6,
-                             disp_ratio=t_disp / t_pub))
+                             disp_ratio=t_disp / t_pub, fixed_us=None if t_fixed is None else t_fixed * 1e6))
     h.finish(args, device, rows, [("shape", "tokens x d_ff"), ("extra", "C"), ("us", "public us"),
                                   ("disp_us", "dispatcher us"), ("disp_ratio", "dispatcher/public"),
-                                  ("base_us", "torch us"), ("ratio", "torch/public")])
+                                  ("base_us", "torch us"), ("ratio", "torch/public")]
+             + ([("fixed_us", "256-token chunks us")] if device.type == "cuda" else []))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 // launch on the caller's stream.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 
 #include "common.h"
 #include "cuda_common.cuh"
@@ -54,25 +56,25 @@ __global__ void counts_kernel(const AccumulateArgs a, bool i32) {
 }
 
 // ------------------------------------------------------------------ category_accumulate
-// Grid: x over column groups of kThreads * kVec columns, y over token chunks (grid-strided
-// past 65535 chunks). Thread x of a block owns columns base + v * kThreads + x, so every
-// load and every atomic of a warp covers adjacent columns. Each thread keeps running sums
-// in registers while consecutive tokens share a label and adds them to `sums` with one
-// atomic per run: tokens of one prompt share a category, so runs are long in real use.
-// Labels and weights of the chunk are staged in shared memory.
+// Grid: x over column groups of kThreads * kVec columns, y over chunks of `chunk` tokens
+// (grid-strided past 65535 chunks). Thread x of a block owns columns base + v * kThreads + x,
+// so every load and every atomic of a warp covers adjacent columns. Each thread keeps
+// running sums in registers while consecutive tokens share a label and adds them to `sums`
+// with one atomic per run: tokens of one prompt share a category, so runs are long in real
+// use. Labels and weights of the chunk are staged in shared memory.
 constexpr int kThreads = 128;
-constexpr int kChunk = 256;
+constexpr int kMaxChunk = 256;
 constexpr int kVec = 4;
 
 template <DType D, Stat S>
-__global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateArgs a, bool i32) {
-  __shared__ int64_t s_lab[kChunk];
-  __shared__ float s_w[kChunk];
+__global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateArgs a, bool i32, int64_t chunk_len) {
+  __shared__ int64_t s_lab[kMaxChunk];
+  __shared__ float s_w[kMaxChunk];
   const int64_t base = int64_t(blockIdx.x) * kThreads * kVec + threadIdx.x;
-  const int64_t nchunks = (a.T + kChunk - 1) / kChunk;
+  const int64_t nchunks = (a.T + chunk_len - 1) / chunk_len;
   for (int64_t chunk = blockIdx.y; chunk < nchunks; chunk += gridDim.y) {
-    const int64_t t0 = chunk * kChunk;
-    const int64_t tn = imin(kChunk, a.T - t0);
+    const int64_t t0 = chunk * chunk_len;
+    const int64_t tn = imin(chunk_len, a.T - t0);
     __syncthreads();  // the previous chunk's readers are done with s_lab / s_w
     for (int i = threadIdx.x; i < tn; i += blockDim.x) {
       const int64_t lab = load_label(a.labels, i32, t0 + i, a.labels_stride);
@@ -116,15 +118,53 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateArgs a, 
   }
 }
 
+// Streaming multiprocessors of `device`, asked once per device (an attribute query, not a
+// stream operation: allowed while a graph is being captured).
+int multiprocessors(int device) {
+  static std::atomic<int> cache[64] = {};
+  if (device < 0 || device >= 64) return 0;
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
+      cudaGetLastError();
+      return 0;
+    }
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Tokens per block. 256-token chunks fill a GPU only for long inputs: a forward hook of a 1B
+// model sees about 2048 tokens x 8192 columns, i.e. 16 column groups x 8 chunks = 128 blocks
+// of 4 warps, one per SM, too few loads in flight to use the memory bandwidth. So chunks
+// shrink (down to 32 tokens) until there are about 8 blocks per SM; each extra chunk costs
+// a barrier pair and one atomic per label run and column. SPECEXT_CUDA_CHUNK=N (1-256)
+// fixes the length, for benchmarks and tests.
+int64_t chunk_length(int64_t T, int64_t col_groups, int device) {
+  if (const char* env = std::getenv("SPECEXT_CUDA_CHUNK")) {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && v >= 1 && v <= kMaxChunk) return v;
+  }
+  const int sms = multiprocessors(device);
+  if (sms <= 0 || T <= 32) return kMaxChunk;
+  const int64_t want_chunks = (8 * int64_t(sms) + col_groups - 1) / col_groups;
+  int64_t len = (T + want_chunks - 1) / want_chunks;
+  len = (len + 31) / 32 * 32;  // whole warps of tokens for the staging loop
+  return len < 32 ? 32 : len > kMaxChunk ? kMaxChunk : len;
+}
+
 template <DType D>
-void launch_accumulate(const AccumulateArgs& a, bool i32, cudaStream_t st) {
-  const int64_t nchunks = (a.T + kChunk - 1) / kChunk;
-  dim3 grid(unsigned((a.N + kThreads * kVec - 1) / (kThreads * kVec)), unsigned(imin(nchunks, 65535)));
+void launch_accumulate(const AccumulateArgs& a, bool i32, int device, cudaStream_t st) {
+  const int64_t col_groups = (a.N + kThreads * kVec - 1) / (kThreads * kVec);
+  const int64_t len = chunk_length(a.T, col_groups, device);
+  const int64_t nchunks = (a.T + len - 1) / len;
+  dim3 grid(unsigned(col_groups), unsigned(imin(nchunks, 65535)));
   switch (a.stat) {
-    case Stat::Abs: accumulate_kernel<D, Stat::Abs><<<grid, kThreads, 0, st>>>(a, i32); break;
-    case Stat::Square: accumulate_kernel<D, Stat::Square><<<grid, kThreads, 0, st>>>(a, i32); break;
-    case Stat::Relu: accumulate_kernel<D, Stat::Relu><<<grid, kThreads, 0, st>>>(a, i32); break;
-    case Stat::Signed: accumulate_kernel<D, Stat::Signed><<<grid, kThreads, 0, st>>>(a, i32); break;
+    case Stat::Abs: accumulate_kernel<D, Stat::Abs><<<grid, kThreads, 0, st>>>(a, i32, len); break;
+    case Stat::Square: accumulate_kernel<D, Stat::Square><<<grid, kThreads, 0, st>>>(a, i32, len); break;
+    case Stat::Relu: accumulate_kernel<D, Stat::Relu><<<grid, kThreads, 0, st>>>(a, i32, len); break;
+    case Stat::Signed: accumulate_kernel<D, Stat::Signed><<<grid, kThreads, 0, st>>>(a, i32, len); break;
   }
 }
 
@@ -168,9 +208,9 @@ void category_accumulate_cuda(const AccumulateArgs& a, int device, void* stream)
   SPECEXT_CUDA_CHECK(cudaGetLastError());
   if (a.N == 0) return;
   switch (a.acts_dtype) {
-    case DType::F32: launch_accumulate<DType::F32>(a, i32, st); break;
-    case DType::F16: launch_accumulate<DType::F16>(a, i32, st); break;
-    case DType::BF16: launch_accumulate<DType::BF16>(a, i32, st); break;
+    case DType::F32: launch_accumulate<DType::F32>(a, i32, device, st); break;
+    case DType::F16: launch_accumulate<DType::F16>(a, i32, device, st); break;
+    case DType::BF16: launch_accumulate<DType::BF16>(a, i32, device, st); break;
     default: SPECEXT_CHECK(false, TypeError, "acts dtype " << dtype_name(a.acts_dtype) << " is not supported");
   }
   SPECEXT_CUDA_CHECK(cudaGetLastError());

@@ -139,6 +139,7 @@ class Emulator:
         self.lib.specext_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         self.lib.specext_emu_set_max_grid_y.argtypes = [ctypes.c_uint]
         self.lib.specext_emu_counters.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
+        self.lib.specext_emu_last_grid.argtypes = [ctypes.POINTER(ctypes.c_uint)]
         self.lib.specext_emu_selftest_exchange.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self.lib.specext_emu_selftest_bad_launch.argtypes = [ctypes.c_void_p]
 
@@ -152,6 +153,12 @@ class Emulator:
         buf = (ctypes.c_longlong * 6)()
         self.lib.specext_emu_counters(buf)
         return dict(zip(["launches", "syncs", "mallocs", "copies", "memsets", "barriers"], list(buf)))
+
+    def last_grid(self) -> tuple:
+        """(x, y, z) of the last kernel launch, as its launcher sized it."""
+        buf = (ctypes.c_uint * 3)()
+        self.lib.specext_emu_last_grid(buf)
+        return tuple(buf)
 
     def reset_counters(self) -> None:
         self.lib.specext_emu_reset_counters()

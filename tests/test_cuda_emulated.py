@@ -119,6 +119,37 @@ def test_accumulate_grid_stride_over_token_chunks(emu, max_y):
     check_against_float64(acts, labels, 4, weights, "abs", *got)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 32, 100, 256])
+def test_accumulate_every_chunk_length(emu, monkeypatch, chunk):
+    """Tokens per block (SPECEXT_CUDA_CHUNK fixes what the launcher otherwise sizes to the
+    GPU): the same sums, and the same first bad token in unchecked mode, for any length."""
+    acts, labels, weights = prompt_like(700, 530, 5, torch.bfloat16, seed=chunk)
+    labels[333], labels[650] = 9, 5  # bad: the first is token 333
+    clean = labels.clone()
+    clean[[333, 650]] = -1
+    monkeypatch.setenv("SPECEXT_CUDA_CHUNK", str(chunk))
+    errors = zeros_errors()
+    s, c = ops.category_accumulate(acts, labels, 5, weights=weights, stat="relu", errors=errors)
+    assert errors.tolist() == [2, 9, 333]
+    assert emu.last_grid() == (2, -(-700 // chunk), 1)
+    check_against_float64(acts, clean, 5, weights, "relu", s, c)
+
+
+def test_accumulate_grid_fills_the_device(emu, monkeypatch):
+    """Without SPECEXT_CUDA_CHUNK, short inputs get shorter chunks: about 8 blocks per SM
+    (the emulated GPU has 4), in whole warps of tokens, at most 256."""
+    monkeypatch.delenv("SPECEXT_CUDA_CHUNK", raising=False)
+    # (tokens, columns) -> grid: 8 x 4 SMs / 2 column groups = 16 chunks of 128 tokens; with 8
+    # column groups 4 chunks would do, but chunks stop at 256 tokens; 100 tokens: chunks of 32;
+    # at most 32 tokens: one chunk; long inputs: 256-token chunks, as before.
+    cases = {(2048, 1024): (2, 16), (2048, 4096): (8, 8), (100, 512): (1, 4), (20, 512): (1, 1),
+             (40000, 2048): (4, 157)}
+    for (T, N), grid in cases.items():
+        acts, labels, _ = make_inputs(T, N, 3, torch.bfloat16, "cpu", seed=T + N)
+        ops.category_accumulate(acts, labels, 3, errors=zeros_errors())
+        assert emu.last_grid()[:2] == grid, (T, N, emu.last_grid())
+
+
 def test_accumulate_chunked_equals_single_call(emu):
     acts, labels, weights = make_inputs(517, 301, 6, torch.bfloat16, "cpu", seed=11, weighted=True)
     one_s, one_c = ops.category_accumulate(acts, labels, 6, weights=weights, stat="square")

@@ -82,7 +82,10 @@ enum cudaMemcpyKind {
   cudaMemcpyDefault = 4
 };
 
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+
 const char* cudaGetErrorString(cudaError_t e);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t cudaGetLastError();
 cudaError_t cudaGetDevice(int* d);
 cudaError_t cudaSetDevice(int d);

@@ -44,7 +44,11 @@ unsigned long long g_seed = 1;
 unsigned g_max_grid_y = 65535;
 long long g_launches = 0, g_syncs = 0, g_mallocs = 0, g_copies = 0, g_memsets = 0, g_barriers = 0;
 cudaError_t g_last = cudaSuccess;
+dim3 g_last_grid;  // the grid of the last launch, as the launcher asked for it
 int g_device = 0;
+// What the launchers size their grids by (they cache it per device): a small emulated GPU,
+// so that test-sized inputs already take the paths large inputs take on a real one.
+constexpr int kMultiprocessors = 4;
 
 unsigned long long splitmix(unsigned long long& s) {
   unsigned long long z = (s += 0x9e3779b97f4a7c15ULL);
@@ -120,6 +124,7 @@ bool run_grid(const Config& cfg, const std::function<void()>& body) {
   }
   if (g_in_kernel) fail("a kernel launched a kernel");
   g_in_kernel = true;
+  g_last_grid = cfg.grid;
   g_body = &body;
   blockDim = cfg.block;
   gridDim = cfg.grid;
@@ -169,6 +174,13 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     default: return "unknown error";
   }
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = kMultiprocessors;
+  return cudaSuccess;
 }
 
 cudaError_t cudaGetLastError() {
@@ -246,6 +258,12 @@ void specext_emu_counters(long long* out) {
   out[3] = g_copies;
   out[4] = g_memsets;
   out[5] = g_barriers;
+}
+
+void specext_emu_last_grid(unsigned* out) {
+  out[0] = g_last_grid.x;
+  out[1] = g_last_grid.y;
+  out[2] = g_last_grid.z;
 }
 
 void specext_emu_reset_counters() { g_launches = g_syncs = g_mallocs = g_copies = g_memsets = g_barriers = 0; }

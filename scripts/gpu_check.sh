@@ -26,17 +26,23 @@
 # and the run directories' small files; `tar xzf gpu_check.tar.gz` gives logs/ and those).
 #
 #   device run:  bash scripts/gpu_check.sh                      (OUT defaults to /tmp/specext-gpu)
+#   second call: bash scripts/gpu_check.sh --only finetune,bench,racecheck,pytest-all
+#                (the build, then only the listed steps: those the first call's summary
+#                reported as skipped for time; steps: demo model devicemap memcheck
+#                pytest-cuda finetune bench racecheck pytest-all)
 #   CI, no GPU:  bash scripts/gpu_check.sh --device cpu --quick (no build, no sanitizer: the
 #                same Python steps on the installed package, so the script cannot rot)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
 QUICK=${QUICK:-}
+ONLY=${ONLY:-}  # comma list of steps to run (after the build): demo model devicemap memcheck pytest-cuda finetune bench racecheck pytest-all
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
-    *) echo "usage: $0 [--device cuda|cpu] [--quick]" >&2; exit 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    *) echo "usage: $0 [--device cuda|cpu] [--quick] [--only STEP,...]" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-/tmp/specext-gpu}
@@ -64,7 +70,14 @@ record() {  # record NAME STATUS SECONDS [NOTE]: a summary line; FAIL and TIMEOU
 }
 skip() { echo "skipped: $1 ($2)"; record "$1" skipped - "$2"; }
 # fits T NAME [MIN]: whether a step with T seconds (at least MIN, default 20) is worth starting
-fits() { if [ "$1" -lt "${3:-20}" ]; then skip "$2" "$(( $1 < 0 ? 0 : $1 )) s left of the $BUDGET s budget, needs ${3:-20}"; return 1; fi; }
+fits() {
+  if [ "$1" -lt "${3:-20}" ]; then
+    skip "$2" "$(( $1 < 0 ? 0 : $1 )) s left of the $BUDGET s budget, needs ${3:-20}"
+    case ",$RERUN," in *",$CUR,"*) ;; *) RERUN=${RERUN:+$RERUN,}$CUR ;; esac  # for a second call
+    return 1
+  fi
+}
+CUR="" RERUN=""  # the --only name of the step under way; the steps the budget left out
 # finish NAME RC T0 LIMIT LOG [NOTE]: record a step that ran, from its exit status
 finish() {
   local s=$(( $(date +%s) - $3 )) log
@@ -82,6 +95,7 @@ summary_text() {
   n_fail=$(printf '%s\n' "${SUMMARY[@]}" | grep -cE '^  .{30} (FAIL|TIMEOUT) ')
   echo "  => $([ $fail -eq 0 ] && echo "no failures" || echo "FAILURES"): $n_pass passed, $n_fail failed, $n_skip skipped;" \
        "logs and CSVs: $OUT/gpu_check.tar.gz (work dir $WORK)"
+  [ -z "$RERUN" ] || echo "  => the budget left out: run them with  bash scripts/gpu_check.sh --only $RERUN"
 }
 save() {  # $OUT: summary.txt and a tarball of the logs, CSVs and the run directories' small files
   summary_text >"$OUT/summary.txt"
@@ -90,6 +104,13 @@ save() {  # $OUT: summary.txt and a tarball of the logs, CSVs and the run direct
     && mv -f "$OUT/.gpu_check.tar.gz" "$OUT/gpu_check.tar.gz"
 }
 final() { echo; summary_text; }
+# want STEP: whether --only selects the step (every step when --only is not given)
+want() {
+  CUR=$1
+  [ -z "$ONLY" ] && return 0
+  case ",$ONLY," in *",$1,"*) return 0 ;; esac
+  skip "$1" "not in --only $ONLY"; return 1
+}
 trap 'echo; echo "gpu_check interrupted"; final; exit 130' INT TERM
 # pytest's closing line ("12 passed, 3 skipped in 9.1s"), for the summary
 pytest_line() { grep -E "[0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran" "$1" | tail -1 | tr -d '='; }
@@ -186,6 +207,7 @@ KERNEL_TESTS="tests/test_category_accumulate.py tests/test_neuron_specialization
 # does not take the others with it)
 for part in demo:150 model:150 devicemap:180; do
   name=${part%%:*}
+  want "$name" || continue
   step "end to end ($name): scripts/gpu_check.py --only $name on $DEVICE"
   t=$(limit "${part##*:}")
   fits "$t" "gpu_check.py $name" 45 || continue
@@ -196,6 +218,7 @@ for part in demo:150 model:150 devicemap:180; do
 done
 
 sanitizer() {  # sanitizer TOOL SECONDS
+  want "$1" || return 0
   step "compute-sanitizer --tool $1 on the CUDA kernel tests"
   [ -n "$SANITIZER" ] || { skip "sanitizer $1" "compute-sanitizer not found"; return 0; }
   [ -n "$HAVE_PYTEST" ] || { skip "sanitizer $1" "pytest not installed"; return 0; }
@@ -221,9 +244,10 @@ sanitizer() {  # sanitizer TOOL SECONDS
 
 if [ "$DEVICE" = cuda ]; then
   sanitizer memcheck 120
-  step "every CUDA-marked test"
-  if [ -z "$HAVE_PYTEST" ]; then skip pytest-cuda "pytest not installed"
+  if ! want pytest-cuda; then :
+  elif [ -z "$HAVE_PYTEST" ]; then step "every CUDA-marked test"; skip pytest-cuda "pytest not installed"
   else
+    step "every CUDA-marked test"
     t=$(limit 120)
     if fits "$t" pytest-cuda 30; then
       t0=$(date +%s)
@@ -233,37 +257,43 @@ if [ "$DEVICE" = cuda ]; then
   fi
 fi
 
-step "causal fine-tuning on $DEVICE: the held-out demo, all four strategies, one seed"
-t=$(limit 150)
-if fits "$t" finetune 45; then
-  t0=$(date +%s)
-  # the report (results.html) needs matplotlib; without it the run itself is still checked
-  timeout "$t" "$PY" -m specext.finetune --demo --strategy all --seeds 1 --device "$DEVICE" --no-save-model \
-    --out "$WORK/finetune" ${QUICK:+--steps 10 --se-samples 2 --pss-ratios 1,2} $NO_REPORT -q \
-    >"$LOGS/finetune.txt" 2>&1
-  rc=$?
-  tail -9 "$LOGS/finetune.txt"
-  finish finetune "$rc" "$t0" "$t" "$LOGS/finetune.txt" "${NO_REPORT:+matplotlib missing: run without its report}"
+if want finetune; then
+  step "causal fine-tuning on $DEVICE: the held-out demo, all four strategies, one seed"
+  t=$(limit 150)
+  if fits "$t" finetune 45; then
+    t0=$(date +%s)
+    # the report (results.html) needs matplotlib; without it the run itself is still checked
+    timeout "$t" "$PY" -m specext.finetune --demo --strategy all --seeds 1 --device "$DEVICE" --no-save-model \
+      --out "$WORK/finetune" ${QUICK:+--steps 10 --se-samples 2 --pss-ratios 1,2} $NO_REPORT -q \
+      >"$LOGS/finetune.txt" 2>&1
+    rc=$?
+    tail -9 "$LOGS/finetune.txt"
+    finish finetune "$rc" "$t0" "$t" "$LOGS/finetune.txt" "${NO_REPORT:+matplotlib missing: run without its report}"
+  fi
 fi
 
-step "kernel and peers benchmarks on $DEVICE"
-for b in bench/bench_category_accumulate.py bench/bench_call_overhead.py bench/bench_neuron_specialization.py bench/bench_value_vector_norms.py bench/bench_peers.py; do
-  [ -f "$b" ] || continue
-  name=$(basename "$b" .py)
-  t=$(limit 120)
-  fits "$t" "$name" 30 || continue
-  t0=$(date +%s)
-  timeout "$t" "$PY" "$b" --device "$DEVICE" ${QUICK:+--quick} --csv "$LOGS/results.csv" >"$LOGS/$name.txt" 2>&1
-  rc=$?
-  tail -12 "$LOGS/$name.txt"
-  finish "$name" "$rc" "$t0" "$t" "$LOGS/$name.txt"
-done
+if want bench; then
+  step "kernel and peers benchmarks on $DEVICE"
+  for b in bench/bench_category_accumulate.py bench/bench_call_overhead.py bench/bench_neuron_specialization.py \
+           bench/bench_value_vector_norms.py bench/bench_peers.py; do
+    [ -f "$b" ] || continue
+    name=$(basename "$b" .py)
+    t=$(limit 120)
+    fits "$t" "$name" 30 || continue
+    t0=$(date +%s)
+    timeout "$t" "$PY" "$b" --device "$DEVICE" ${QUICK:+--quick} --csv "$LOGS/results.csv" >"$LOGS/$name.txt" 2>&1
+    rc=$?
+    tail -12 "$LOGS/$name.txt"
+    finish "$name" "$rc" "$t0" "$t" "$LOGS/$name.txt"
+  done
+fi
 
 if [ "$DEVICE" = cuda ]; then
   sanitizer racecheck 120
-  step "the whole test suite"
-  if [ -z "$HAVE_PYTEST" ]; then skip pytest-all "pytest not installed"
+  if ! want pytest-all; then :
+  elif [ -z "$HAVE_PYTEST" ]; then step "the whole test suite"; skip pytest-all "pytest not installed"
   else
+    step "the whole test suite"
     t=$(limit 300)
     if fits "$t" pytest-all 60; then
       t0=$(date +%s)

@@ -56,7 +56,7 @@ __global__ void counts_kernel(const AccumulateArgs a, bool i32) {
 }
 
 // ------------------------------------------------------------------ category_accumulate
-// Grid: x over column groups of kThreads * kVec columns, y over chunks of `chunk` tokens
+// Grid: x over column groups of kThreads * kVec columns, y over chunks of `chunk_len` tokens
 // (grid-strided past 65535 chunks). Thread x of a block owns columns base + v * kThreads + x,
 // so every load and every atomic of a warp covers adjacent columns. Each thread keeps
 // running sums in registers while consecutive tokens share a label and adds them to `sums`

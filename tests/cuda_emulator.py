@@ -33,7 +33,8 @@ EMU = Path(__file__).resolve().parent / "cuda_emu"
 CPU_SOURCES = ["bindings.cpp", "cpu_dispatch.cpp", "parallel.cpp", "cpu_isa_scalar.cpp",
                "accumulate_cpu.cpp", "specialization_cpu.cpp", "norms_cpu.cpp"]
 CUDA_SOURCES = ["cuda_common.cu", "accumulate_cuda.cu", "specialization_cuda.cu", "norms_cuda.cu"]
-SCHEDULES = {"forward": 0, "reverse": 1, "shuffle": 2}
+# Thread order between barriers; "shuffle-blocks" also runs the blocks in a seeded order.
+SCHEDULES = {"forward": 0, "reverse": 1, "shuffle": 2, "shuffle-blocks": 3}
 
 # kernel<T, S><<<grid, block[, shared[, stream]]>>>(args...)
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;(){}]*>)?)\s*<<<(.+?)>>>\s*\((\s*\))?")

@@ -102,6 +102,33 @@ def test_accumulate_same_under_every_schedule(emu, dtype):
     check_against_float64(acts, labels, 5, weights, "abs", *results[0])
 
 
+def test_every_kernel_under_shuffled_blocks(emu):
+    """A GPU promises no order of blocks: with blocks and threads shuffled, the sums agree up
+    to the order of the atomics, the per-neuron outputs bit for bit (one writer per element),
+    and unchecked mode records the same first bad token."""
+    acts, labels, weights = prompt_like(1200, 1100, 5, torch.bfloat16, seed=8)
+    labels[700], labels[300], labels[1100] = 8, 6, 9
+    m = random_mass(97, 300, seed=5)
+    w = weight(70, 200, torch.float16, seed=4)
+
+    def run():
+        errors = zeros_errors()
+        s, c = ops.category_accumulate(acts, labels, 5, weights=weights, errors=errors)
+        return s, c, errors, ops.neuron_specialization(m), ops.value_vector_norms(w)
+
+    want = run()
+    for seed in (1, 2, 3):
+        emu.schedule("shuffle-blocks", seed)
+        got = run()
+        emu.schedule("forward")
+        assert_close(got[0], want[0], rtol=1e-6, atol=1e-5, what=f"sums, block order {seed}")
+        assert_close(got[1], want[1], rtol=1e-6, atol=1e-6, what=f"counts, block order {seed}")
+        assert got[2].tolist() == want[2].tolist() == [3, 6, 300]
+        for f in ops.NeuronStats._fields:
+            assert_equal(getattr(got[3], f), getattr(want[3], f), f"{f}, block order {seed}")
+        assert_equal(got[4], want[4], f"norms, block order {seed}")
+
+
 @pytest.mark.parametrize("max_y", [1, 2, 3])
 def test_accumulate_grid_stride_over_token_chunks(emu, max_y):
     """Past 65535 chunks (16.7M tokens) the kernel strides over chunks with a smaller grid;

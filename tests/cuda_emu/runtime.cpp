@@ -39,7 +39,7 @@ const std::function<void()>* g_body = nullptr;
 bool g_in_kernel = false;
 
 // Settings and counters (extern "C" below).
-int g_order = 0;  // 0 forward, 1 reverse, 2 seeded shuffle
+int g_order = 0;  // threads: 0 forward, 1 reverse, 2 seeded shuffle; 3: shuffle blocks too
 unsigned long long g_seed = 1;
 unsigned g_max_grid_y = 65535;
 long long g_launches = 0, g_syncs = 0, g_mallocs = 0, g_copies = 0, g_memsets = 0, g_barriers = 0;
@@ -88,7 +88,7 @@ void run_block(unsigned long long block_no, unsigned char poison) {
     if (order.empty()) break;
     if (g_order == 1) {
       std::reverse(order.begin(), order.end());
-    } else if (g_order == 2) {
+    } else if (g_order >= 2) {
       for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[splitmix(rng) % i]);
     }
     for (size_t i : order) {
@@ -142,13 +142,18 @@ bool run_grid(const Config& cfg, const std::function<void()>& body) {
   for (unsigned z = 0; z < cfg.block.z; ++z)
     for (unsigned y = 0; y < cfg.block.y; ++y)
       for (unsigned x = 0; x < cfg.block.x; ++x) g_fibers[k++].tid = dim3(x, y, z);
-  unsigned long long block_no = 0;
+  std::vector<dim3> blocks;
   for (unsigned bz = 0; bz < gridDim.z; ++bz)
     for (unsigned by = 0; by < gridDim.y; ++by)
-      for (unsigned bx = 0; bx < gridDim.x; ++bx, ++block_no) {
-        blockIdx = dim3(bx, by, bz);
-        run_block(block_no, (block_no & 1) ? 0x7f : 0xff);
-      }
+      for (unsigned bx = 0; bx < gridDim.x; ++bx) blocks.emplace_back(bx, by, bz);
+  if (g_order == 3) {  // a GPU runs blocks in no promised order
+    unsigned long long rng = g_seed ^ 0x5bd1e995ULL;
+    for (size_t i = blocks.size(); i > 1; --i) std::swap(blocks[i - 1], blocks[splitmix(rng) % i]);
+  }
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    blockIdx = blocks[b];
+    run_block(b, (b & 1) ? 0x7f : 0xff);
+  }
   g_body = nullptr;
   g_in_kernel = false;
   return true;

@@ -21,7 +21,7 @@ from specext.probes import Question, write_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_probe(path, n_cats=3, n_concepts=3, n_q=4):
+def make_probe(path, n_cats=3, n_concepts=3, n_q=4, tiers=("high", "medium", "low")):
     qs = []
     words = ["Velmora", "Paris", "Tallinn", "Gold", "Estonia", "Physics"]
     for k in range(n_cats):
@@ -30,7 +30,7 @@ def make_probe(path, n_cats=3, n_concepts=3, n_q=4):
             for j in range(n_q):
                 ch = [words[(j + i) % len(words)] for i in range(4)]
                 qs.append(Question(f"{cat}{c}", cat, f"What is fact {j} of the {cat} number {c}?", tuple(ch), j % 4,
-                                   tier=("high", "medium", "low")[c % 3], aliases=(ch[j % 4].lower(),)))
+                                   tier=tiers[c % 3], aliases=(ch[j % 4].lower(),)))
     write_jsonl(qs, path)
     return path
 

@@ -14,23 +14,10 @@ from safetensors.torch import load_file
 
 import browser
 import tiny_models as T
+from test_analyze import make_probe
 from specext.analyze import main
-from specext.probes import Question, write_jsonl
 from specext.report import plots
 from specext.report.html import top_neurons
-
-
-def make_probe(path):
-    qs = []
-    words = ["Velmora", "Paris", "Tallinn", "Gold", "Estonia", "Physics"]
-    for cat in ("country", "river", "person"):
-        for c in range(3):
-            for j in range(4):
-                ch = [words[(j + i) % len(words)] for i in range(4)]
-                qs.append(Question(f"{cat}{c}", cat, f"What is fact {j} of the {cat} number {c}?", tuple(ch), j % 4,
-                                   tier=("medium", "high", "low")[c % 3], aliases=(ch[j % 4].lower(),)))
-    write_jsonl(qs, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +25,7 @@ def run_dir(tmp_path_factory):
     """A finished run of a tiny Llama with every figure (PSS, the null)."""
     base = tmp_path_factory.mktemp("report")
     model = T.save_tiny("llama", base / "llama", seed=1)
-    probe = make_probe(base / "probe.jsonl")
+    probe = make_probe(base / "probe.jsonl", tiers=("medium", "high", "low"))
     out = base / "run"
     assert main([str(model), "--probe", str(probe), "--out", str(out), "--device", "cpu", "--no-open", "-q"]) == 0
     return out

@@ -15,11 +15,24 @@ import torch
 from specext import ops, reference
 from conftest import assert_close, assert_equal
 import cuda_emulator
-from test_category_accumulate import DTYPES, SHAPES, STATS, check_against_float64, make_inputs
+from test_category_accumulate import DTYPES, SHAPES, STATS, check_against_float64, check_special_values, make_inputs
 from test_neuron_specialization import check as check_specialization, random_mass
 from test_value_vector_norms import DTYPES as NORM_DTYPES, weight
 
 ORDERS = [("forward", 1), ("reverse", 1), ("shuffle", 1), ("shuffle", 2)]
+
+
+def under_every_schedule(emu, fn):
+    """``[((order, seed), fn()), ...]`` for each of ORDERS, the first the plain forward one;
+    the schedule is forward again afterwards."""
+    out = []
+    try:
+        for order, seed in ORDERS:
+            emu.schedule(order, seed)
+            out.append(((order, seed), fn()))
+    finally:
+        emu.schedule("forward")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +104,12 @@ def test_accumulate_same_under_every_schedule(emu, dtype):
     the sums may not depend on the order of the threads (shared labels are read only after
     the barrier). Counts are summed by many threads with atomics: equal up to rounding."""
     acts, labels, weights = prompt_like(900, 613, 5, dtype, seed=4)
-    results = []
-    for order, seed in ORDERS:
-        emu.schedule(order, seed)
-        results.append(ops.category_accumulate(acts, labels, 5, weights=weights, stat="abs"))
-    emu.schedule("forward")
-    for (order, seed), (s, c) in zip(ORDERS[1:], results[1:]):
-        assert_equal(s, results[0][0], f"sums under schedule {order}/{seed}")
-        assert_close(c, results[0][1], rtol=1e-6, atol=1e-6, what=f"counts under schedule {order}/{seed}")
-    check_against_float64(acts, labels, 5, weights, "abs", *results[0])
+    (_, first), *rest = under_every_schedule(emu, lambda: ops.category_accumulate(acts, labels, 5, weights=weights,
+                                                                                  stat="abs"))
+    for (order, seed), (s, c) in rest:
+        assert_equal(s, first[0], f"sums under schedule {order}/{seed}")
+        assert_close(c, first[1], rtol=1e-6, atol=1e-6, what=f"counts under schedule {order}/{seed}")
+    check_against_float64(acts, labels, 5, weights, "abs", *first)
 
 
 def test_every_kernel_under_shuffled_blocks(emu):
@@ -203,12 +213,7 @@ def test_accumulate_strided_arguments(emu):
 
 
 def test_accumulate_special_values(emu):
-    acts = torch.tensor([[1.0, float("nan"), float("inf"), -2.0, 0.0, -0.0]] * 2)
-    labels = torch.tensor([0, 1])
-    for stat in STATS:
-        s, _ = ops.category_accumulate(acts, labels, 2, stat=stat)
-        r, _ = reference.category_accumulate(acts, labels, 2, stat=stat, dtype=torch.float64)
-        assert_close(s, r, rtol=0, atol=0, what=f"stat={stat}")
+    check_special_values()
 
 
 def test_accumulate_empty(emu):
@@ -254,17 +259,18 @@ def test_accumulate_unchecked_skips_bad_labels_without_sync(emu, dtype, label_dt
     big_s, big_c = torch.full((C + 2, N), 7.0), torch.full((C + 2,), 7.0)  # guard rows
     sums, counts = big_s[1:-1], big_c[1:-1]
     errors = zeros_errors()
-    for order, seed in ORDERS:  # the record is the first bad token whatever the order
-        emu.schedule(order, seed)
+
+    def one():
         errors.zero_()
         sums.fill_(7.0)
         counts.fill_(7.0)
         emu.reset_counters()
         ops.category_accumulate(acts, labels, weights=weights, stat="square", sums=sums, counts=counts, errors=errors)
-        n = emu.counters()
+        return emu.counters(), errors.tolist()
+
+    for (order, seed), (n, record) in under_every_schedule(emu, one):  # the first bad token whatever the order
         assert (n["syncs"], n["mallocs"], n["copies"], n["memsets"]) == (0, 0, 0, 0), n
-        assert errors.tolist() == [len(bad_at), 9, 300], (order, seed)
-    emu.schedule("forward")
+        assert record == [len(bad_at), 9, 300], (order, seed)
     want_s, want_c = ops.category_accumulate(acts, clean, weights=weights, stat="square",
                                              sums=torch.full((C, N), 7.0), counts=torch.full((C,), 7.0))
     assert_close(sums, want_s, rtol=1e-5, atol=1e-5, what="sums over the valid tokens")
@@ -343,14 +349,10 @@ def test_specialization_invalid_columns(emu):
 
 def test_specialization_same_under_every_schedule(emu):
     m = random_mass(130, 300, seed=9)
-    results = []
-    for order, seed in ORDERS:
-        emu.schedule(order, seed)
-        results.append(ops.neuron_specialization(m))
-    emu.schedule("forward")
-    for (order, seed), r in zip(ORDERS[1:], results[1:]):
+    (_, first), *rest = under_every_schedule(emu, lambda: ops.neuron_specialization(m))
+    for (order, seed), r in rest:
         for f in ops.NeuronStats._fields:
-            assert_equal(getattr(r, f), getattr(results[0], f), f"{f} under schedule {order}/{seed}")
+            assert_equal(getattr(r, f), getattr(first, f), f"{f} under schedule {order}/{seed}")
 
 
 def test_specialization_agrees_with_cpu_kernel(emu):
@@ -390,13 +392,9 @@ def test_norms_layouts(emu, dtype):
 
 def test_norms_same_under_every_schedule(emu):
     w = weight(75, 70, torch.bfloat16, seed=2)
-    results = []
-    for order, seed in ORDERS:
-        emu.schedule(order, seed)
-        results.append(ops.value_vector_norms(w))
-    emu.schedule("forward")
-    for (order, seed), r in zip(ORDERS[1:], results[1:]):
-        assert_equal(r, results[0], f"norms under schedule {order}/{seed}")
+    (_, first), *rest = under_every_schedule(emu, lambda: ops.value_vector_norms(w))
+    for (order, seed), r in rest:
+        assert_equal(r, first, f"norms under schedule {order}/{seed}")
 
 
 # ------------------------------------------------------------------ the emulator itself
@@ -408,15 +406,17 @@ def test_emulator_exposes_a_missing_barrier(emu):
     passes under every schedule above does not depend on an unsynchronised read."""
     want = (np.arange(3 * 64) % 64 + 1) % 64
     out = np.zeros(3 * 64, np.int32)
-    wrong_without = False
-    for order, seed in ORDERS:
-        emu.schedule(order, seed)
+
+    def with_and_without_barrier():
         assert emu.lib.specext_emu_selftest_exchange(out.ctypes.data, 3, 1)
-        np.testing.assert_array_equal(out, want, err_msg=f"with the barrier, schedule {order}/{seed}")
+        with_barrier = out.copy()
         assert emu.lib.specext_emu_selftest_exchange(out.ctypes.data, 3, 0)
-        wrong_without |= not np.array_equal(out, want)
-    emu.schedule("forward")
-    assert wrong_without, "no schedule exposed the missing barrier"
+        return with_barrier, out.copy()
+
+    runs = under_every_schedule(emu, with_and_without_barrier)
+    for (order, seed), (with_barrier, _) in runs:
+        np.testing.assert_array_equal(with_barrier, want, err_msg=f"with the barrier, schedule {order}/{seed}")
+    assert any(not np.array_equal(without, want) for _, (_, without) in runs), "no schedule exposed the missing barrier"
 
 
 def test_emulator_refuses_what_a_gpu_refuses(emu):

@@ -242,19 +242,21 @@ sanitizer() {  # sanitizer TOOL SECONDS
   fi
 }
 
+pytest_step() {  # pytest_step NAME TITLE SECONDS MIN LOG PYTEST-ARGS...: a pytest run as one step
+  local name=$1 title=$2 secs=$3 min=$4 log=$5 t t0; shift 5
+  want "$name" || return 0
+  step "$title"
+  [ -n "$HAVE_PYTEST" ] || { skip "$name" "pytest not installed"; return 0; }
+  t=$(limit "$secs")
+  fits "$t" "$name" "$min" || return 0
+  t0=$(date +%s)
+  timeout "$t" "$PY" -m pytest "$@" -p no:cacheprovider >"$log" 2>&1
+  finish_pytest "$name" $? "$t0" "$t" "$log"
+}
+
 if [ "$DEVICE" = cuda ]; then
   sanitizer memcheck 120
-  if ! want pytest-cuda; then :
-  elif [ -z "$HAVE_PYTEST" ]; then step "every CUDA-marked test"; skip pytest-cuda "pytest not installed"
-  else
-    step "every CUDA-marked test"
-    t=$(limit 120)
-    if fits "$t" pytest-cuda 30; then
-      t0=$(date +%s)
-      timeout "$t" "$PY" -m pytest -q -m cuda tests -p no:cacheprovider >"$LOGS/pytest_cuda.log" 2>&1
-      finish_pytest pytest-cuda $? "$t0" "$t" "$LOGS/pytest_cuda.log"
-    fi
-  fi
+  pytest_step pytest-cuda "every CUDA-marked test" 120 30 "$LOGS/pytest_cuda.log" -q -m cuda tests
 fi
 
 if want finetune; then
@@ -290,17 +292,7 @@ fi
 
 if [ "$DEVICE" = cuda ]; then
   sanitizer racecheck 120
-  if ! want pytest-all; then :
-  elif [ -z "$HAVE_PYTEST" ]; then step "the whole test suite"; skip pytest-all "pytest not installed"
-  else
-    step "the whole test suite"
-    t=$(limit 300)
-    if fits "$t" pytest-all 60; then
-      t0=$(date +%s)
-      timeout "$t" "$PY" -m pytest -q -x tests -p no:cacheprovider >"$LOGS/pytest.log" 2>&1
-      finish_pytest pytest-all $? "$t0" "$t" "$LOGS/pytest.log"
-    fi
-  fi
+  pytest_step pytest-all "the whole test suite" 300 60 "$LOGS/pytest.log" -q -x tests
 fi
 # the big scratch files (the random model and its offload folder) are not kept
 rm -rf "$WORK/random_llama" "$WORK/offload"

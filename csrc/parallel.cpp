@@ -56,24 +56,31 @@ class Pool {
     threads_ = n;
   }
 
-  void run(int64_t n, const std::function<void(int64_t)>& fn) {
+  void run(int64_t n, const std::function<void(int64_t)>& fn, int max_threads) {
     std::unique_lock<std::mutex> run(run_, std::try_to_lock);
-    const int t = threads();
-    if (n <= 1 || t <= 1 || !run.owns_lock()) {
+    int64_t t = threads();
+    if (max_threads > 0 && max_threads < t) t = max_threads;
+    if (n < t) t = n;
+    if (t <= 1 || !run.owns_lock()) {
       for (int64_t i = 0; i < n; ++i) fn(i);
       return;
     }
-    ensure_workers(t - 1);
+    ensure_workers(threads() - 1);
     {
       std::lock_guard<std::mutex> g(m_);
       job_ = &fn;
       n_ = n;
       next_.store(0);
-      pending_ = int(workers_.size());
+      // Wake only the workers this job can use: a waking thread costs tens of
+      // microseconds on a virtual machine, more than a small job's share of the work.
+      tickets_ = pending_ = int(t - 1);
       error_ = nullptr;
-      ++generation_;
     }
-    cv_work_.notify_all();
+    if (t - 1 == int64_t(workers_.size())) {
+      cv_work_.notify_all();
+    } else {
+      for (int64_t i = 0; i < t - 1; ++i) cv_work_.notify_one();
+    }
     work(fn);
     std::unique_lock<std::mutex> g(m_);
     cv_done_.wait(g, [&] { return pending_ == 0; });
@@ -116,6 +123,7 @@ class Pool {
     p->next_.store(0);
     p->n_ = 0;
     p->pending_ = 0;
+    p->tickets_ = 0;
     p->stop_ = false;
     new (&p->error_) std::exception_ptr();  // a parent's exception is not ours to free
   }
@@ -133,14 +141,18 @@ class Pool {
     }
   }
 
-  void worker_loop(uint64_t seen) {
+  // A worker takes part in a job by taking one of its tickets; the caller counts a ticket
+  // done (pending_) when its holder's share of the work is over. A worker that comes back
+  // while tickets remain takes another (it finds the job's tasks gone and returns at once):
+  // pending_ reaches zero only when every ticket is taken and finished.
+  void worker_loop() {
     for (;;) {
       const std::function<void(int64_t)>* job;
       {
         std::unique_lock<std::mutex> g(m_);
-        cv_work_.wait(g, [&] { return stop_ || generation_ != seen; });
+        cv_work_.wait(g, [&] { return stop_ || tickets_ > 0; });
         if (stop_) return;
-        seen = generation_;
+        --tickets_;
         job = job_;
       }
       work(*job);
@@ -156,7 +168,7 @@ class Pool {
     stop_workers();
     std::lock_guard<std::mutex> g(m_);
     stop_ = false;
-    for (int i = 0; i < want; ++i) workers_.add(new std::thread(&Pool::worker_loop, this, generation_));
+    for (int i = 0; i < want; ++i) workers_.add(new std::thread(&Pool::worker_loop, this));
   }
 
   void stop_workers() {
@@ -191,8 +203,8 @@ class Pool {
   const std::function<void(int64_t)>* job_ = nullptr;
   std::atomic<int64_t> next_{0};
   int64_t n_ = 0;
-  int pending_ = 0;
-  uint64_t generation_ = 0;
+  int pending_ = 0;  // tickets not yet finished
+  int tickets_ = 0;  // tickets not yet taken
   bool stop_ = false;
   std::exception_ptr error_;
 };
@@ -201,7 +213,9 @@ Pool* Pool::instance_ = nullptr;
 
 }  // namespace
 
-void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) { Pool::get().run(n, fn); }
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn, int max_threads) {
+  Pool::get().run(n, fn, max_threads);
+}
 
 int num_threads() { return Pool::get().threads(); }
 

@@ -13,9 +13,10 @@
 namespace specext {
 
 // Runs fn(i) for every i in [0, n) on the pool's threads and the caller; returns when all
-// are done. Serial when n <= 1, when one thread is configured, or when the pool is busy
-// with another caller (concurrent callers never deadlock).
-void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
+// are done. At most min(n, max_threads, num_threads()) threads take part (the caller
+// included; max_threads <= 0: no cap), and only that many are woken. Serial when that is
+// one, or when the pool is busy with another caller (concurrent callers never deadlock).
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn, int max_threads = 0);
 
 int num_threads();
 void set_num_threads(int n);

@@ -16,7 +16,7 @@ CHILD_TIMEOUT_S = 60  # a hang fails the test instead of hanging CI
 
 def _inputs(seed=0):
     rng = np.random.default_rng(seed)
-    acts = rng.standard_normal((1031, 517)).astype(np.float32)  # enough rows/columns to use every thread
+    acts = rng.standard_normal((1031, 517)).astype(np.float32)  # enough for the norms kernel to use every thread
     labels = rng.integers(-1, 5, size=1031)
     return acts, labels
 
@@ -110,6 +110,40 @@ def _fork_again(expected, queue):
     if inner.is_alive():
         inner.kill()
         queue.put(("error", "grandchild hung"))
+
+
+# ------------------------------------------------------- threads: a call uses what its work needs
+
+GRAIN = 1 << 21  # csrc/accumulate_cpu.cpp accumulate_grain(): elements of work per thread (default)
+
+
+@pytest.mark.parametrize("grains", [0.4, 2.3, 4.6])
+def test_accumulate_is_bit_identical_on_every_thread_count(grains):
+    """category_accumulate takes one thread per GRAIN elements of work, at most the pool's:
+    a small call runs on the caller alone, a 2.3-grain one wakes one worker of a 3- or
+    4-thread pool (the pool wakes only the workers a job can use), a 4.6-grain one all of
+    them. Sums are bit-identical whatever the number, and repeated calls neither hang nor
+    leave a worker behind for the next call."""
+    n = 4099
+    rng = np.random.default_rng(7)
+    t = max(8, int(grains * GRAIN / n))
+    acts = rng.standard_normal((t, n)).astype(np.float32)
+    labels = rng.integers(-1, 6, size=t)
+    old = specext.build_info()["threads"]
+    try:
+        specext.set_num_threads(1)
+        ref_sums, ref_counts = ops.category_accumulate(acts, labels, 6)
+        for threads in (2, 3, 4):
+            specext.set_num_threads(threads)
+            for _ in range(3):
+                sums, counts = ops.category_accumulate(acts, labels, 6)
+                np.testing.assert_array_equal(sums, ref_sums)
+                np.testing.assert_array_equal(counts, ref_counts)
+                # the other kernels use the whole pool in between: the workers left asleep
+                # by a capped call must still answer them
+                ops.value_vector_norms(acts[:64])
+    finally:
+        specext.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------------- item 4: aliasing

@@ -102,11 +102,14 @@ def test_per_layer_accumulators_equal_one_tensor():
     one, per = ConceptMass(K, L, D), ConceptMass(K, L, D, device=["cpu"] * L)
     assert per.per_layer and not one.per_layer
     valid = torch.tensor([True, True, False, True, True, True])
-    for step in range(3):
+    for step in range(4):
         idx = torch.tensor([0, 1, 1, 4, step, 2])
         st = _stats(B, L, D, step)
-        one.add(idx, st, valid)
-        per.add(idx, list(st.unbind(1)), valid)
+        ok = valid
+        if step == 3:  # every prompt valid and finite (the CPU path's shortcut)
+            st, ok = st.nan_to_num(0.5), torch.ones(B, dtype=torch.bool)
+        one.add(idx, st, ok)
+        per.add(idx, list(st.unbind(1)), ok)
     for k, v in one.state().items():
         assert torch.equal(v.nan_to_num(-1.0), per.state()[k].nan_to_num(-1.0)), k
     assert torch.equal(one.category_mass([0, 0, 1, 1, 1], 2), per.category_mass([0, 0, 1, 1, 1], 2))
@@ -114,6 +117,17 @@ def test_per_layer_accumulators_equal_one_tensor():
     again.load_state(per.state())
     assert all(torch.equal(a, b) for a, b in zip(again.tensors(), per.tensors()))
     assert len(per.tensors()) == 3 * L + 1
+
+
+@pytest.mark.parametrize("bad", [5, -1])
+def test_concept_index_out_of_range_writes_nothing(bad):
+    """The one-tensor CPU path sums through the kernel, which skips negative labels: an
+    index outside [0, K) must still be an error that names it, with nothing written."""
+    K, L, D = 5, 3, 17
+    for mass in (ConceptMass(K, L, D), ConceptMass(K, L, D, device=["cpu"] * L)):
+        with pytest.raises((ValueError, IndexError, RuntimeError), match=f"{bad}"):
+            mass.add(torch.tensor([0, bad]), _stats(2, L, D, 0))
+        assert all(not t.any() for t in mass.tensors())
 
 
 def test_per_layer_prompt_stats_equal_one_tensor():

@@ -19,6 +19,7 @@ Open-ended answers are matched against the *answer span* of the generation (see
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -28,6 +29,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from specext.kernels import ops
@@ -345,6 +347,7 @@ class PromptStats:
         one ``(B, L, d_ff)`` tensor of which ``layer_sums[l]`` are views."""
         if devices is not None and len(devices) != n_layers:
             raise ValueError(f"PromptStats: {len(devices)} layer devices for {n_layers} layers")
+        ops._check_stat(stat)  # the hooks' calls skip the public argument checks
         self.n_layers, self.d_ff, self.stat = n_layers, d_ff, stat
         self.devices = None if devices is None else [torch.device(d) for d in devices]
         self.layer_sums: List[torch.Tensor] = []
@@ -374,10 +377,18 @@ class PromptStats:
     def begin(self, batch: EncodedBatch) -> None:
         B, S = batch.select.shape
         dev = batch.select.device
-        n_sel = batch.select.sum(1, keepdim=True).clamp_min(1)
-        rows = torch.arange(B, device=dev)[:, None].expand(B, S)
-        labels = torch.where(batch.select, rows, torch.full_like(rows, -1)).reshape(-1)
-        weights = (batch.select.float() / n_sel).reshape(-1)
+        if dev.type == "cpu":
+            # The same labels and weights (float32 division either way) in numpy: each torch
+            # op here costs several microseconds, more between the layers of a forward pass.
+            sel = batch.select.cpu().numpy()  # .cpu(): a no-op here
+            n_sel = np.maximum(sel.sum(1, keepdims=True), 1).astype(np.float32)
+            labels = torch.from_numpy(np.where(sel, np.arange(B, dtype=np.int64)[:, None], -1).reshape(-1))
+            weights = torch.from_numpy((sel.astype(np.float32) / n_sel).reshape(-1))
+        else:
+            n_sel = batch.select.sum(1, keepdim=True).clamp_min(1)
+            rows = torch.arange(B, device=dev)[:, None].expand(B, S)
+            labels = torch.where(batch.select, rows, torch.full_like(rows, -1)).reshape(-1)
+            weights = (batch.select.float() / n_sel).reshape(-1)
         L, D = self.n_layers, self.d_ff
         self._home, self._labels, self._weights = dev, labels, weights
         if self.devices is None:
@@ -408,8 +419,8 @@ class PromptStats:
         if flat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             flat = flat.float()
         labels, weights = self._inputs[layer]
-        ops.category_accumulate(flat, labels, weights=weights, stat=self.stat, sums=self.layer_sums[layer],
-                                counts=self._counts[layer], errors=self._errors[layer])
+        ops._accumulate_unchecked(flat, labels, weights, self.layer_sums[layer], self._counts[layer],
+                                  self._errors[layer], self.stat)
 
     def end(self) -> None:
         """Stops the reduction (later passes of the batch are not prompts) and reads the label
@@ -514,10 +525,17 @@ class Scorer:
                 rows = rows_on[m.device]
             return m.index_select(0, rows)
 
-        sink = stats if stats is not None else (lambda layer, m: None)
         if stats is not None:
             stats.begin(batch)
-        with capture(lm.sites, sink), mask(lm.sites, masks_for):
+        # Only the hooks this call needs, each a Python call per layer per pass: the capture
+        # for the prompt pass alone (registered first: it sees the unmasked coefficients),
+        # the masks for every pass.
+        with contextlib.ExitStack() as hooked:
+            prompt_only = hooked.enter_context(contextlib.ExitStack())
+            if stats is not None:
+                prompt_only.enter_context(capture(lm.sites, stats))
+            if row_masks is not None:
+                hooked.enter_context(mask(lm.sites, masks_for))
             current_rows[0] = torch.arange(B, device=lm.device)
             extra = {}
             if lm.has_lm_head and _accepts(type(lm.model).forward, "logits_to_keep"):
@@ -526,6 +544,7 @@ class Scorer:
                            position_ids=batch.position_ids, use_cache=lm.has_lm_head, **extra)
             if stats is not None:
                 stats.end()
+            prompt_only.close()
             if not lm.has_lm_head:
                 return results
             last_logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B, V)

@@ -20,7 +20,15 @@ processes take turns, one full run at a time, in rounds whose order rotates, so 
 machine load hits every method alike. Peak memory is the growth of the process's resident
 set high-water mark (``VmHWM``, reset after loading) over its first full run, or of
 ``torch.cuda.max_memory_allocated`` on CUDA; that run and ``--warmup - 1`` more are
-warm-up, then the median of ``--repeat`` timed runs is reported. Every method encodes its
+warm-up, then the median of ``--repeat`` timed runs is reported.
+
+The *capture* cost, what a method adds to the forward pass, is measured inside each
+process: every timed run times each batch of the method right next to a plain forward pass
+of the same batch on a second copy of the model (which of the two goes first alternates),
+and takes, per batch, the median difference over rounds, summed over batches (with a
+bootstrap 95% interval over rounds). Subtracting whole runs of different processes instead
+left +-100 ms of noise on a ~100 ms difference. The ``forward`` method, paired with itself, is
+the null control: its capture is 0 up to the noise. Every method encodes its
 batches itself (``encode_prompts(..., positions="question")``) and ends with the per-neuron
 entropy and Gini; they are compared to specext's (max absolute difference).
 """
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import random
 import statistics
 import subprocess
 import sys
@@ -178,94 +187,134 @@ def nnsight_model(lm: LoadedModel):
         return nnsight.LanguageModel(lm.model, tokenizer=lm.tokenizer)
 
 
-def make_nnsight(lm: LoadedModel, probe, qs: Sequence[Question], batch_size: int) -> Callable[[], Stats]:
+class Steps:
+    """One method's work on the probe, cut at batch boundaries so that a worker can time
+    each batch next to a plain forward pass of the same batch: ``begin()``, ``step(i)`` for
+    every batch ``i``, ``finish()`` (the statistics, or None) and ``close()`` (cleanup,
+    always). Calling it runs them all once and returns what ``finish`` returns. Every part
+    runs under ``torch.inference_mode``."""
+
+    def __init__(self, n: int, step: Callable[[int], None], finish: Callable[[], Optional[Stats]] = lambda: None,
+                 begin: Callable[[], None] = lambda: None, close: Callable[[], None] = lambda: None):
+        mode = torch.inference_mode()
+        self.n = n
+        self.begin, self.step, self.finish, self.close = mode(begin), mode(step), mode(finish), mode(close)
+
+    def __call__(self) -> Optional[Stats]:
+        try:
+            self.begin()
+            for i in range(self.n):
+                self.step(i)
+            return self.finish()
+        finally:
+            self.close()
+
+
+def make_nnsight(lm: LoadedModel, probe, qs: Sequence[Question], batch_size: int) -> Steps:
     model = nnsight_model(lm)
     envoys = [_envoy(model, s.name) for s in lm.sites]
     K, L, D = len(probe.concepts), lm.n_layers, lm.d_ff
     bs = batches(qs, batch_size)
+    acc = {}
 
-    @torch.inference_mode()
-    def run() -> Stats:
-        sums = torch.zeros((K, L, D), dtype=torch.float32, device=lm.device)
-        counts = torch.zeros(K, dtype=torch.float32, device=lm.device)
-        for b in bs:
-            enc = encode_prompts(lm.tokenizer, b, POSITIONS, device=lm.device)
-            saved = []
-            with model.trace(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                             position_ids=enc.position_ids, use_cache=False):
-                for e in envoys:
-                    saved.append(e.input.save())
-            saved = [getattr(m, "value", m) for m in saved]  # nnsight < 0.5 returns proxies
-            stats = torch.stack([prompt_means(m, enc.select) for m in saved], 1)  # (B, L, D)
-            idx = _concept_idx(probe, b, lm.device)
-            sums.index_add_(0, idx, stats)
-            counts.index_add_(0, idx, enc.valid.float())
-        return torch_specialisation(sums, counts, probe.concept_category, len(probe.categories))
+    def begin() -> None:
+        acc["sums"] = torch.zeros((K, L, D), dtype=torch.float32, device=lm.device)
+        acc["counts"] = torch.zeros(K, dtype=torch.float32, device=lm.device)
 
-    return run
+    def step(i: int) -> None:
+        b = bs[i]
+        enc = encode_prompts(lm.tokenizer, b, POSITIONS, device=lm.device)
+        saved = []
+        with model.trace(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                         position_ids=enc.position_ids, use_cache=False):
+            for e in envoys:
+                saved.append(e.input.save())
+        saved = [getattr(m, "value", m) for m in saved]  # nnsight < 0.5 returns proxies
+        stats = torch.stack([prompt_means(m, enc.select) for m in saved], 1)  # (B, L, D)
+        idx = _concept_idx(probe, b, lm.device)
+        acc["sums"].index_add_(0, idx, stats)
+        acc["counts"].index_add_(0, idx, enc.valid.float())
+
+    def finish() -> Stats:
+        return torch_specialisation(acc["sums"], acc["counts"], probe.concept_category, len(probe.categories))
+
+    return Steps(len(bs), step, finish, begin)
 
 
-def make_hooks(lm: LoadedModel, probe, qs: Sequence[Question], batch_size: int) -> Callable[[], Stats]:
+def make_hooks(lm: LoadedModel, probe, qs: Sequence[Question], batch_size: int) -> Steps:
     K, L, D = len(probe.concepts), lm.n_layers, lm.d_ff
     bs = batches(qs, batch_size)
+    acc, cur, handles = {}, {}, []
 
-    @torch.inference_mode()
-    def run() -> Stats:
-        sums = torch.zeros((L, K, D), dtype=torch.float32, device=lm.device)  # sums[l] contiguous
-        counts = torch.zeros(K, dtype=torch.float32, device=lm.device)
-        cur = {}
+    def hook(module, args, layer):
+        acc["sums"][layer].index_add_(0, cur["idx"], prompt_means(args[0], cur["select"]))
 
-        def hook(module, args, layer):
-            sums[layer].index_add_(0, cur["idx"], prompt_means(args[0], cur["select"]))
+    def begin() -> None:
+        acc["sums"] = torch.zeros((L, K, D), dtype=torch.float32, device=lm.device)  # sums[l] contiguous
+        acc["counts"] = torch.zeros(K, dtype=torch.float32, device=lm.device)
+        handles[:] = [s.module.register_forward_pre_hook(lambda mod, a, layer=s.layer: hook(mod, a, layer))
+                      for s in lm.sites]
 
-        handles = [s.module.register_forward_pre_hook(lambda mod, a, layer=s.layer: hook(mod, a, layer))
-                   for s in lm.sites]
-        try:
-            for b in bs:
-                enc = encode_prompts(lm.tokenizer, b, POSITIONS, device=lm.device)
-                cur["idx"], cur["select"] = _concept_idx(probe, b, lm.device), enc.select
-                _forward(lm, enc)
-                counts.index_add_(0, cur["idx"], enc.valid.float())
-        finally:
-            for hd in handles:
-                hd.remove()
-        return torch_specialisation(sums.transpose(0, 1), counts, probe.concept_category, len(probe.categories))
+    def step(i: int) -> None:
+        b = bs[i]
+        enc = encode_prompts(lm.tokenizer, b, POSITIONS, device=lm.device)
+        cur["idx"], cur["select"] = _concept_idx(probe, b, lm.device), enc.select
+        _forward(lm, enc)
+        acc["counts"].index_add_(0, cur["idx"], enc.valid.float())
 
-    return run
+    def finish() -> Stats:
+        close()
+        return torch_specialisation(acc["sums"].transpose(0, 1), acc["counts"], probe.concept_category,
+                                    len(probe.categories))
+
+    def close() -> None:
+        for hd in handles:
+            hd.remove()
+        handles.clear()
+
+    # The hooks stay registered from begin() to finish(): a plain forward pass timed next
+    # to this method in the same process must not run them, so the worker pairs it with
+    # a second copy of the model (see worker()).
+    return Steps(len(bs), step, finish, begin, close)
 
 
-def make_specext(lm: LoadedModel, probe, qs: Sequence[Question], batch_size: int) -> Callable[[], Stats]:
+def make_specext(lm: LoadedModel, probe, qs: Sequence[Question], batch_size: int) -> Steps:
     # Scoring a model without an LM head is exactly the pipeline's prompt pass with the
     # statistics streamed out, and nothing else (no options, no generation).
     scorer = Scorer(dataclasses.replace(lm, has_lm_head=False), positions=POSITIONS, open_ended=False)
     stats = PromptStats(lm.n_layers, lm.d_ff)
     K, C = len(probe.concepts), len(probe.categories)
     bs = batches(qs, batch_size)
+    acc = {}
 
-    def run() -> Stats:
-        mass = ConceptMass(K, lm.n_layers, lm.d_ff, device=lm.device)
-        for b in bs:
-            scorer.score(b, stats=stats)
-            mass.add(_concept_idx(probe, b, lm.device), stats.sums, stats.valid)
+    def begin() -> None:
+        acc["mass"] = ConceptMass(K, lm.n_layers, lm.d_ff, device=lm.device)
+
+    def step(i: int) -> None:
+        b = bs[i]
+        scorer.score(b, stats=stats)
+        acc["mass"].add(_concept_idx(probe, b, lm.device), stats.sums, stats.valid)
+
+    def finish() -> Stats:
+        mass = acc["mass"]
         usable = (mass.category_counts(probe.concept_category, C) > 0).cpu()
         table = neuron_table(mass.category_mass(probe.concept_category, C), None, usable)
         return table.entropy, table.gini
 
-    return run
+    return Steps(len(bs), step, finish, begin)
 
 
-def make_forward(lm: LoadedModel, probe, qs: Sequence[Question], batch_size: int) -> Callable[[], None]:
+def make_forward(lm: LoadedModel, probe, qs: Sequence[Question], batch_size: int) -> Steps:
     bs = batches(qs, batch_size)
 
-    @torch.inference_mode()
-    def run() -> None:
-        for b in bs:
-            _forward(lm, encode_prompts(lm.tokenizer, b, POSITIONS, device=lm.device))
+    def step(i: int) -> None:
+        _forward(lm, encode_prompts(lm.tokenizer, bs[i], POSITIONS, device=lm.device))
 
-    return run
+    return Steps(len(bs), step)
 
 
-MAKERS = {"forward": make_forward, "nnsight": make_nnsight, "hooks": make_hooks, "specext": make_specext}
+MAKERS: Dict[str, Callable[..., Steps]] = {"forward": make_forward, "nnsight": make_nnsight, "hooks": make_hooks,
+                                          "specext": make_specext}
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -316,20 +365,53 @@ def _memory_peak(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _paired_run(fn: Steps, floor: Steps, rnd: int, device: torch.device) -> Tuple[List[float], List[float], float]:
+    """One timed run of ``fn`` with ``floor``'s plain forward pass of each batch timed right
+    next to it (which goes first alternates by batch and round): per-batch ms of each, and
+    the ms of ``fn.finish()``."""
+    def timed(call) -> float:
+        return h.time_fn(call, warmup=0, repeat=1, device=device, flush_l2=False) * 1e3
+
+    own, base = [], []
+    try:
+        fn.begin()
+        floor.begin()
+        for i in range(fn.n):
+            if (i + rnd) % 2 == 0:
+                base.append(timed(lambda: floor.step(i)))
+                own.append(timed(lambda: fn.step(i)))
+            else:
+                own.append(timed(lambda: fn.step(i)))
+                base.append(timed(lambda: floor.step(i)))
+        fin = timed(fn.finish)
+    finally:
+        fn.close()
+        floor.close()
+    return own, base, fin
+
+
 def worker(args) -> None:
     """One method in its own process, driven by the main process over stdin/stdout: ``run``
     runs it once and answers its time; ``exit`` saves the result file and ends. The first
-    run also measures the peak memory."""
+    run measures the peak memory (the method alone); every later run times each batch of
+    the method next to a plain forward pass of the same batch on a second copy of the model
+    (the *floor*: built the same way, never hooked or wrapped), so that the method's cost
+    over the forward pass is measured batch by batch in one process, not as a difference
+    of two processes' totals."""
     device = h.resolve_device(args.device)
     h.seed_all(0)
     lm = build_model(args.models, args, device)
+    twin = build_model(args.models, args, device)
     probe, qs = questions_of(args)
     fn = MAKERS[args.worker](lm, probe, qs, args.batch_size)
+    floor = make_forward(twin, probe, qs, args.batch_size)
     enc = encode_prompts(lm.tokenizer, qs, POSITIONS)
     res = {"n_layers": lm.n_layers, "d_ff": lm.d_ff, "params": lm.n_parameters(), "dtype": h.dtype_str(lm.dtype),
-           "tokens": int(enc.lengths.sum()), "selected": int(enc.select.sum()), "times_ms": []}
+           "tokens": int(enc.lengths.sum()), "selected": int(enc.select.sum()), "times_ms": [], "batch_ms": [],
+           "floor_ms": [], "finish_ms": []}
     del enc
     _say("ready")
+    rnd = 0
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "exit":
@@ -345,9 +427,14 @@ def worker(args) -> None:
                 res["entropy"], res["gini"] = out[0].cpu(), out[1].cpu()
             _say("0")
             continue
-        t = h.time_fn(fn, warmup=0, repeat=1, device=device, flush_l2=False)
-        res["times_ms"].append(t * 1e3)
-        _say(f"{t * 1e3:.6f}")
+        own, base, fin = _paired_run(fn, floor, rnd, device)
+        rnd += 1
+        total = sum(own) + fin
+        res["times_ms"].append(total)
+        res["batch_ms"].append(own)
+        res["floor_ms"].append(base)
+        res["finish_ms"].append(fin)
+        _say(f"{total:.6f}")
     torch.save(res, args.result)
     _say("saved")
 
@@ -427,11 +514,24 @@ def measure(kind: str, methods: Sequence[str], args, tmp: Path) -> Dict[str, dic
 # ---------------------------------------------------------------------------- main
 
 
-def _paired_over(r: dict, fwd: Optional[dict]) -> Optional[float]:
-    """Median over rounds of the time ``r`` took beyond the plain forward passes of the same round."""
-    if fwd is None:
-        return None
-    return statistics.median(a - b for a, b in zip(r["times_ms"], fwd["times_ms"]))
+def capture_ms(r: dict, rounds: Optional[Sequence[int]] = None) -> float:
+    """The ms a method spends beyond the plain forward passes: for each batch, the median
+    over timed rounds of (its time - the floor's pass of that batch, timed next to it in the
+    same process), summed over batches, plus the median time of its final reduction. A
+    median per batch, so that a stall of the machine in one batch of a round does not move
+    the total. ``rounds``: the rounds to use (a bootstrap resample), default all."""
+    rounds = range(len(r["batch_ms"])) if rounds is None else rounds
+    n = len(r["batch_ms"][0])
+    per_batch = (statistics.median(r["batch_ms"][k][i] - r["floor_ms"][k][i] for k in rounds) for i in range(n))
+    return sum(per_batch) + statistics.median(r["finish_ms"][k] for k in rounds)
+
+
+def bootstrap(stat: Callable[[Sequence[int]], float], rounds: int, n: int = 1000, seed: int = 0) -> Tuple[float, float]:
+    """95% interval of ``stat(rounds resampled with replacement)``; methods resampled
+    together share the same rounds (their runs of a round are adjacent in time)."""
+    rng = random.Random(seed)
+    vals = sorted(stat([rng.randrange(rounds) for _ in range(rounds)]) for _ in range(n))
+    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
 
 
 def compare(kind: str, res: Dict[str, Optional[dict]], args) -> List[dict]:
@@ -453,14 +553,21 @@ def compare(kind: str, res: Dict[str, Optional[dict]], args) -> List[dict]:
         # Paired per round (the runs of one round are adjacent in time, so they share the
         # machine's load at that moment), then the median over rounds.
         paired = statistics.median(a / b for a, b in zip(r["times_ms"], ref["times_ms"]))
+        R = min(len(r["batch_ms"]), len(ref["batch_ms"]))
+        lo, hi = bootstrap(lambda k: capture_ms(r, k), R)
         row.update(ms=r["ms"], peak=r["growth_mib"], baseline_ms=r["ms"], ours_ms=ref["ms"],
                    vs_specext=paired, mem_vs=r["growth_mib"] / max(ref["growth_mib"], 1e-9),
-                   over_fwd=_paired_over(r, res.get("forward")))
+                   floor=statistics.median(sum(b) for b in r["floor_ms"]),
+                   cap=capture_ms(r), cap_range=f"{lo:.0f}..{hi:.0f}")
         row["ratio"] = r["ms"] / ref["ms"]  # the CSV's definition: baseline_ms / ours_ms
-        fwd, own = res.get("forward"), row["over_fwd"]
-        ref_cap = _paired_over(ref, fwd)
-        if method not in ("forward", "specext") and own is not None and ref_cap and ref_cap > 0:
-            row["cap_vs"] = own / ref_cap
+        ref_cap = capture_ms(ref)
+        if method not in ("forward", "specext") and ref_cap > 0:
+            def ratio(k):  # a resample where specext's capture is 0 or less: unbounded
+                den = capture_ms(ref, k)
+                return capture_ms(r, k) / den if den > 0 else float("inf")
+
+            lo, hi = bootstrap(ratio, R)
+            row["cap_vs"], row["cap_vs_range"] = row["cap"] / ref_cap, f"{lo:.2f}..{hi:.2f}"
         if "gini" in r:
             row["dgini"] = max_abs_diff(r["gini"], ref["gini"])
             row["dh"] = max_abs_diff(r["entropy"], ref["entropy"])
@@ -469,8 +576,9 @@ def compare(kind: str, res: Dict[str, Optional[dict]], args) -> List[dict]:
             row["dgini_s"], row["dh_s"] = f"{row['dgini']:.1e}", f"{row['dh']:.1e}"
         else:
             row["equal"] = "-"
-        row["extra"] += (f" paired_ratio={paired:.3g}"
-                         f" peak_growth_mib={r['growth_mib']:.1f} specext_peak_growth_mib={ref['growth_mib']:.1f}"
+        row["extra"] += (f" paired_ratio={paired:.3g} capture_ms={row['cap']:.4g}"
+                         + (f" capture_ratio={row['cap_vs']:.3g}" if "cap_vs" in row else "")
+                         + f" peak_growth_mib={r['growth_mib']:.1f} specext_peak_growth_mib={ref['growth_mib']:.1f}"
                          + (f" max_dgini={row['dgini']:.3g} max_dentropy={row['dh']:.3g}" if "dgini" in row else ""))
         rows.append(row)
     return rows
@@ -528,12 +636,22 @@ def main():
             res.update(measure(kind, run_methods, args, Path(tmp)))
             rows += compare(kind, res, args)
     print()
+    for r in rows:
+        if "cap_vs" in r:
+            r["cap_vs_s"] = f"{r['cap_vs']:.2f} ({r['cap_vs_range']})"
+        if "cap" in r:
+            r["cap_s"] = f"{r['cap']:.1f} ({r['cap_range']})"
     h.print_table(rows, [("model", "model"), ("method", "method"), ("ms", "ms"), ("vs_specext", "time / specext"),
-                         ("over_fwd", "ms over forward"), ("cap_vs", "over fwd / specext's"), ("peak", "peak MiB"),
+                         ("floor", "floor ms"), ("cap_s", "capture ms (95% CI)"),
+                         ("cap_vs_s", "capture / specext's (95% CI)"), ("peak", "peak MiB"),
                          ("mem_vs", "mem / specext"), ("dgini_s", "max |dGini|"), ("dh_s", "max |dH|"),
                          ("equal", "equal")], missing="-")
-    print("\n(ms: median over rounds; time / specext: median over rounds of the time ratio within a round, > 1 means "
-          "specext is that many times faster; peak MiB: growth of peak "
+    print("\n(ms: median over rounds of the method's time (its batches and final reduction); time / specext: median "
+          "over rounds of the time ratio within a round, > 1 means specext is that many times faster; floor ms: "
+          "the plain forward passes timed next to the method's batches in its process, on a second copy of the "
+          "model; capture ms: the method's time beyond the floor, per batch the median over rounds, summed, plus its "
+          "final reduction; the forward row is the null control (forward vs forward, 0 up to noise); capture / "
+          "specext's: their ratio; 95% CI: bootstrap over rounds (1000 resamples); peak MiB: growth of peak "
           + ("CUDA memory allocated" if device.type == "cuda" else "RSS (VmHWM)")
           + " over one run; differences against specext's Gini and entropy)")
     if not have_nnsight():

@@ -65,3 +65,28 @@ def test_torch_specialisation_matches_reference():
     ref = reference.neuron_specialization(mass.reshape(3, -1))
     assert_close(gini, ref.gini.reshape(3, 37), rtol=1e-12, atol=1e-12, what="Gini")
     assert_close(h, ref.entropy.reshape(3, 37), rtol=1e-12, atol=1e-12, what="entropy")
+
+
+def test_capture_is_the_median_per_batch_over_rounds():
+    """capture_ms: per batch the median over rounds of (method - floor), summed, plus the
+    median final reduction; a stall in one batch of one round does not move it."""
+    r = {"batch_ms": [[10, 20, 30], [11, 21, 31], [500, 22, 29]],  # round 2, batch 0: a stall
+         "floor_ms": [[8, 18, 27], [8, 18, 27], [8, 18, 27]],
+         "finish_ms": [1.0, 2.0, 3.0]}
+    # per batch: median(2, 3, 492) = 3, median(2, 3, 4) = 3, median(3, 4, 2) = 3; finish: 2
+    assert bp.capture_ms(r) == 3 + 3 + 3 + 2.0
+    assert bp.capture_ms(r, [0, 0, 0]) == 2 + 2 + 3 + 1.0
+    lo, hi = bp.bootstrap(lambda k: bp.capture_ms(r, k), 3, n=200)
+    assert 8.0 <= lo <= bp.capture_ms(r) <= hi
+
+
+def test_paired_run_times_every_batch_of_both(setup):
+    """A timed run of a worker: each batch of the method next to the floor's plain pass of
+    the same batch, on another copy of the model, and nothing left registered."""
+    lm, probe, qs = setup
+    fn = bp.make_hooks(lm, probe, qs, BATCH)
+    twin = load_model(lm.path, device="cpu")
+    floor = bp.make_forward(twin, probe, qs, BATCH)
+    own, base, fin = bp._paired_run(fn, floor, 1, torch.device("cpu"))
+    assert len(own) == len(base) == fn.n == 3 and fin >= 0
+    assert all(not s.module._forward_pre_hooks for s in lm.sites), "hooks left registered"

@@ -196,19 +196,28 @@ def missing_root(out: Path) -> Optional[Path]:
     return root
 
 
+def _remove(paths, *, ignore_errors: bool = False) -> None:
+    """Delete each path: a directory (not a link to one) with everything in it, anything
+    else as a file. ``ignore_errors``: go on past what cannot be deleted (a best-effort
+    cleanup) instead of raising."""
+    import shutil
+
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=ignore_errors)
+        else:
+            p.unlink(missing_ok=ignore_errors)
+
+
 def discard_new(out: Path, made: Path, lock: "RunLock") -> None:
     """Remove a run directory this run created (``made``: the topmost folder it created, from
     :func:`missing_root`) when the run failed before its first checkpoint: nothing in it is
     worth keeping (e.g. the model's checkpoint is damaged). A directory with a checkpoint
     (``OUT/.state``, kept for ``--resume``) or a finished run (``summary.json``) is kept. Called holding ``lock``, which it releases."""
-    import shutil
-
     out = Path(out).absolute()
     if (out / STATE).exists() or (out / "summary.json").exists():  # a checkpoint, or a finished run
         return
-    for p in out.iterdir():
-        if p.name != LOCK:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    _remove((p for p in out.iterdir() if p.name != LOCK), ignore_errors=True)
     lock.release()
     (out / LOCK).unlink(missing_ok=True)
     d = out
@@ -274,14 +283,9 @@ def prepare_out(out: Path, *, resume: bool = False, overwrite: bool = False) -> 
             raise ValueError(f"--overwrite: --out {out} is not a specext run directory (it holds {names}); refusing "
                              f"to delete it: use another --out, or empty it yourself")
         import logging
-        import shutil
 
         logging.getLogger("specext.analyze").info("--overwrite: clearing %s (%d entries)", out, len(entries))
-        for p in entries:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+        _remove(entries)
         return
     if not is_run:
         raise ValueError(f"--out {out} is not empty and not a specext run directory (it holds {names}); a run "

@@ -249,6 +249,28 @@ def source_revision() -> str:
         return "unknown"
 
 
+@dataclass
+class KernelBench:
+    """What every kernel benchmark's ``main()`` starts from (:func:`start_kernel_bench`)."""
+
+    device: torch.device
+    bw: "Bandwidth"
+    cpu: bool
+    base_warmup: int  # runs of the torch baseline: fewer on a CPU, where its float64
+    base_repeat: int  # accumulation is slow, than on a GPU
+
+
+def start_kernel_bench(args, title: str) -> KernelBench:
+    """Resolve ``--device``, seed everything, print the header (:func:`start`) and pick the
+    baseline's warm-up and timed runs: (1, 3) on a CPU, (2, 7) on a GPU."""
+    device = resolve_device(args.device)
+    seed_all(0)
+    bw = start(title, device)
+    cpu = device.type == "cpu"
+    warmup, repeat = (1, 3) if cpu else (2, 7)
+    return KernelBench(device, bw, cpu, warmup, repeat)
+
+
 def start(title: str, device: torch.device) -> Bandwidth:
     """Measure the background load and the reference bandwidth, print the header (machine,
     versions, build, bandwidth) and return the bandwidth for the ``share_of_bw`` column."""

@@ -93,15 +93,10 @@ def main(argv=None) -> None:
     p.add_argument("--full", action="store_true", help="the full matrix of shapes, C and dtypes")
     p.add_argument("--stat", default="abs", choices=ops.STATS)
     args = p.parse_args(argv)
-    device = h.resolve_device(args.device)
     mode = "quick" if args.quick else "full" if args.full else "default"
     cases = cases_for(mode)
-
-    h.seed_all(0)
-    bw = h.start(f"{BENCH} ({mode}, stat={args.stat})", device)
-
-    cpu = device.type == "cpu"
-    base_warmup, base_repeat = (1, 3) if cpu else (2, 7)
+    kb = h.start_kernel_bench(args, f"{BENCH} ({mode}, stat={args.stat})")
+    device, bw, cpu, base_warmup, base_repeat = kb.device, kb.bw, kb.cpu, kb.base_warmup, kb.base_repeat
 
     rows = []
     acts_key, acts = None, None

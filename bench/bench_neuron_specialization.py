@@ -42,14 +42,9 @@ def make_mass(C: int, N: int, device: torch.device) -> torch.Tensor:
 def main(argv=None) -> None:
     p = h.make_parser(__doc__.splitlines()[0])
     args = p.parse_args(argv)
-    device = h.resolve_device(args.device)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-
-    h.seed_all(0)
-    bw = h.start(f"{BENCH} ({'quick' if args.quick else 'default'})", device)
-
-    cpu = device.type == "cpu"
-    base_warmup, base_repeat = (1, 3) if cpu else (2, 7)
+    kb = h.start_kernel_bench(args, f"{BENCH} ({'quick' if args.quick else 'default'})")
+    device, bw, cpu, base_warmup, base_repeat = kb.device, kb.bw, kb.cpu, kb.base_warmup, kb.base_repeat
     simd_now = specext.build_info()["simd"] if cpu else None
     tag = f" simd={simd_now}" if cpu else ""
 

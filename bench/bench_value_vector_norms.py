@@ -58,13 +58,8 @@ def make_weight(case: Case, device: torch.device) -> torch.Tensor:
 def main(argv=None) -> None:
     p = h.make_parser(__doc__.splitlines()[0])
     args = p.parse_args(argv)
-    device = h.resolve_device(args.device)
-
-    h.seed_all(0)
-    bw = h.start(f"{BENCH} ({'quick' if args.quick else 'default'})", device)
-
-    cpu = device.type == "cpu"
-    base_warmup, base_repeat = (1, 3) if cpu else (2, 7)
+    kb = h.start_kernel_bench(args, f"{BENCH} ({'quick' if args.quick else 'default'})")
+    device, bw, cpu, base_warmup, base_repeat = kb.device, kb.bw, kb.cpu, kb.base_warmup, kb.base_repeat
 
     rows = []
     for case in h.progress(cases_for(args.quick), desc=BENCH):

@@ -249,6 +249,35 @@ def source_revision() -> str:
         return "unknown"
 
 
+def paired_excess(own: Sequence[Sequence[float]], base: Sequence[Sequence[float]],
+                  rounds: Optional[Sequence[int]] = None) -> float:
+    """What ``own`` costs beyond ``base``, measured in pairs: ``own[r][i]`` and ``base[r][i]``
+    are the times of batch ``i`` in round ``r``, timed next to each other. Per batch the
+    median over rounds of the difference, summed over batches: a stall of the machine in one
+    batch of one round does not move it. ``rounds``: the rounds to use (a bootstrap
+    resample, repeats allowed), default all."""
+    rounds = range(len(own)) if rounds is None else rounds
+    n = len(own[0])
+    return sum(statistics.median(own[k][i] - base[k][i] for k in rounds) for i in range(n))
+
+
+def paired_total(times: Sequence[Sequence[float]], rounds: Optional[Sequence[int]] = None) -> float:
+    """Per batch the median over rounds, summed: the total that :func:`paired_excess` is
+    an excess over."""
+    rounds = range(len(times)) if rounds is None else rounds
+    return sum(statistics.median(times[k][i] for k in rounds) for i in range(len(times[0])))
+
+
+def bootstrap(stat: Callable[[Sequence[int]], float], rounds: int, n: int = 1000, seed: int = 0):
+    """95% interval ``(lo, hi)`` of ``stat(rounds resampled with replacement)``; quantities
+    resampled together share the same rounds (their runs of a round are adjacent in time)."""
+    import random
+
+    rng = random.Random(seed)
+    vals = sorted(stat([rng.randrange(rounds) for _ in range(rounds)]) for _ in range(n))
+    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
+
+
 @dataclass
 class KernelBench:
     """What every kernel benchmark's ``main()`` starts from (:func:`start_kernel_bench`)."""

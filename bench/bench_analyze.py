@@ -32,35 +32,57 @@ from specext.metrics.specialization import ConceptMass  # noqa: E402
 
 
 def capture_overhead(args, device):
+    """The scoring pass with and without the statistics, each batch timed both ways right
+    next to each other (which goes first alternates by batch and round): per batch the
+    median over rounds of the difference, summed (``h.paired_excess``), over the same sum of
+    the plain batches; 95% interval by bootstrap over rounds. Subtracting whole runs instead
+    left several percent of this VM's drift on a difference of a few percent."""
     lm = load_model(args.model, device=str(device), dtype=args.dtype)
     probe = load_probe(args.probe, max_concepts=args.max_concepts)
     qs = probe.questions[: args.questions] if args.questions else probe.questions
+    batches = [qs[i : i + args.batch_size] for i in range(0, len(qs), args.batch_size)]
     rows = []
     for open_ended in (False, True):
         scorer = Scorer(lm, open_ended=open_ended)
         mass = ConceptMass(len(probe.concepts), lm.n_layers, lm.d_ff, device=lm.device)
         stats = PromptStats(lm.n_layers, lm.d_ff)
 
-        def plain():
-            for i in range(0, len(qs), args.batch_size):
-                scorer.score(qs[i : i + args.batch_size])
+        def plain(b):
+            scorer.score(b)
 
-        def captured():
-            for i in range(0, len(qs), args.batch_size):
-                b = qs[i : i + args.batch_size]
-                scorer.score(b, stats=stats)
-                mass.add(torch.tensor([probe.concept_index(q) for q in b], device=lm.device), stats.sums)
+        def captured(b):
+            scorer.score(b, stats=stats)
+            mass.add(torch.tensor([probe.concept_index(q) for q in b], device=lm.device), stats.sums)
 
-        # Interleave the two so drifting machine load hits both alike.
-        t_plain, t_cap = [], []
-        for _ in range(args.repeat):
-            t_plain.append(h.time_fn(plain, warmup=0, repeat=1, device=device))
-            t_cap.append(h.time_fn(captured, warmup=0, repeat=1, device=device))
-        tp, tc = sorted(t_plain)[len(t_plain) // 2], sorted(t_cap)[len(t_cap) // 2]
+        def timed(fn, b) -> float:
+            return h.time_fn(lambda: fn(b), warmup=0, repeat=1, device=device, flush_l2=False) * 1e3
+
+        for b in batches[:2]:  # warm-up
+            plain(b)
+            captured(b)
+        own, base = [], []
+        for r in range(args.repeat):
+            o, p = [], []
+            for i, b in enumerate(batches):
+                if (i + r) % 2 == 0:
+                    p.append(timed(plain, b))
+                    o.append(timed(captured, b))
+                else:
+                    o.append(timed(captured, b))
+                    p.append(timed(plain, b))
+            own.append(o)
+            base.append(p)
+
+        def overhead(k=None):
+            return h.paired_excess(own, base, k) / h.paired_total(base, k)
+
+        lo, hi = h.bootstrap(overhead, args.repeat)
+        tp, tc = h.paired_total(base), h.paired_total(own)
         rows.append({"bench": "capture_overhead", "shape": f"{len(qs)} questions", "dtype": str(lm.dtype).replace("torch.", ""),
-                     "extra": f"{'mcq+open' if open_ended else 'mcq'} batch={args.batch_size} L={lm.n_layers} d_ff={lm.d_ff}",
-                     "baseline_ms": tp * 1e3, "ours_ms": tc * 1e3, "ratio": tc / tp,
-                     "overhead": f"{100 * (tc / tp - 1):+.1f}%"})
+                     "extra": f"{'mcq+open' if open_ended else 'mcq'} batch={args.batch_size} L={lm.n_layers} d_ff={lm.d_ff} "
+                              f"paired_overhead={overhead():.4f} ci95={lo:.4f}..{hi:.4f}",
+                     "baseline_ms": tp, "ours_ms": tc, "ratio": tc / tp,
+                     "overhead": f"{100 * overhead():+.1f}% ({100 * lo:+.1f}..{100 * hi:+.1f}%)"})
     return rows
 
 
@@ -120,7 +142,9 @@ def main():
     h.start("analyze pipeline: capture overhead and peak memory", device)
     rows = capture_overhead(args, device)
     h.print_table(rows, ["shape", "dtype", "extra", "baseline_ms", "ours_ms", "overhead"])
-    print("\n(baseline = scoring without capture; ours = the same with per-neuron statistics streamed out)\n")
+    print("\n(baseline = scoring without capture; ours = the same with per-neuron statistics streamed out; each "
+          "batch timed both ways next to each other, per batch the median over rounds, summed; overhead = the "
+          "summed paired difference over the baseline, with its 95% bootstrap interval over rounds)\n")
     if not args.skip_memory:
         mem = memory(args)
         h.print_table(mem, ["shape", "extra", "peak_rss_mib", "wall_s", "growth_4x_vs_1x"])

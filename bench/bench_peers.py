@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import random
 import statistics
 import subprocess
 import sys
@@ -515,23 +514,15 @@ def measure(kind: str, methods: Sequence[str], args, tmp: Path) -> Dict[str, dic
 
 
 def capture_ms(r: dict, rounds: Optional[Sequence[int]] = None) -> float:
-    """The ms a method spends beyond the plain forward passes: for each batch, the median
-    over timed rounds of (its time - the floor's pass of that batch, timed next to it in the
-    same process), summed over batches, plus the median time of its final reduction. A
-    median per batch, so that a stall of the machine in one batch of a round does not move
-    the total. ``rounds``: the rounds to use (a bootstrap resample), default all."""
+    """The ms a method spends beyond the plain forward passes (:func:`_harness.paired_excess`
+    of its batches against the floor's) plus the median time of its final reduction.
+    ``rounds``: the rounds to use (a bootstrap resample), default all."""
     rounds = range(len(r["batch_ms"])) if rounds is None else rounds
-    n = len(r["batch_ms"][0])
-    per_batch = (statistics.median(r["batch_ms"][k][i] - r["floor_ms"][k][i] for k in rounds) for i in range(n))
-    return sum(per_batch) + statistics.median(r["finish_ms"][k] for k in rounds)
+    return (h.paired_excess(r["batch_ms"], r["floor_ms"], rounds)
+            + statistics.median(r["finish_ms"][k] for k in rounds))
 
 
-def bootstrap(stat: Callable[[Sequence[int]], float], rounds: int, n: int = 1000, seed: int = 0) -> Tuple[float, float]:
-    """95% interval of ``stat(rounds resampled with replacement)``; methods resampled
-    together share the same rounds (their runs of a round are adjacent in time)."""
-    rng = random.Random(seed)
-    vals = sorted(stat([rng.randrange(rounds) for _ in range(rounds)]) for _ in range(n))
-    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
+bootstrap = h.bootstrap
 
 
 def compare(kind: str, res: Dict[str, Optional[dict]], args) -> List[dict]:

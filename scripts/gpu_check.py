@@ -146,6 +146,7 @@ def build_model(args, path: Path):
 
 
 def model_throughput(args, out: Path):
+    import _harness as bench_harness
     import bench_pss
     from specext.metrics.pss import MaskedScorer, PSSConfig, compute_pss
     from specext.metrics.specialization import ConceptMass
@@ -165,15 +166,14 @@ def model_throughput(args, out: Path):
     stats = PromptStats(lm.n_layers, lm.d_ff)
     mass = ConceptMass(len(probe.concepts), lm.n_layers, lm.d_ff, device=lm.device)
 
-    def plain():
-        for i in range(0, len(qs), bs):
-            scorer.score(qs[i : i + bs])
+    batches = [qs[i : i + bs] for i in range(0, len(qs), bs)]
 
-    def captured():
-        for i in range(0, len(qs), bs):
-            b = qs[i : i + bs]
-            scorer.score(b, stats=stats)
-            mass.add(torch.tensor([probe.concept_index(q) for q in b], device=lm.device), stats.sums, stats.valid)
+    def plain(b):
+        scorer.score(b)
+
+    def captured(b):
+        scorer.score(b, stats=stats)
+        mass.add(torch.tensor([probe.concept_index(q) for q in b], device=lm.device), stats.sums, stats.valid)
 
     def timed(fn):
         sync()
@@ -182,16 +182,34 @@ def model_throughput(args, out: Path):
         sync()
         return time.perf_counter() - t0
 
-    plain(), captured()  # warm-up
-    tp, tc = [], []
-    for _ in range(1 if args.quick else 3):  # interleaved, so drifting load hits both alike
-        tp.append(timed(plain))
-        tc.append(timed(captured))
-    tp, tc = sorted(tp)[len(tp) // 2], sorted(tc)[len(tc) // 2]
+    for b in batches:  # warm-up (and the concept mass the PSS part below uses)
+        plain(b)
+        captured(b)
+    # Each batch both ways next to each other (which goes first alternates), per batch the
+    # median over rounds, summed (bench/_harness.py paired_excess), with a bootstrap interval.
+    rounds = 1 if args.quick else 5
+    own, base = [], []
+    for r in range(rounds):
+        o, p = [], []
+        for i, b in enumerate(batches):
+            if (i + r) % 2 == 0:
+                p.append(timed(lambda: plain(b)))
+                o.append(timed(lambda: captured(b)))
+            else:
+                o.append(timed(lambda: captured(b)))
+                p.append(timed(lambda: plain(b)))
+        own.append(o)
+        base.append(p)
+    tp, tc = bench_harness.paired_total(base), bench_harness.paired_total(own)
+
+    def overhead(k=None):
+        return bench_harness.paired_excess(own, base, k) / bench_harness.paired_total(base, k)
+
+    lo, hi = bench_harness.bootstrap(overhead, rounds)
     rows = [{"bench": "scoring pass", "model": f"llama {n_params / 1e9:.2f}B L={lm.n_layers} d_ff={lm.d_ff}",
              "device": args.device, "dtype": str(lm.dtype).replace("torch.", ""), "questions": len(qs),
              "tokens_per_s_plain": tokens / tp, "tokens_per_s_with_statistics": tokens / tc,
-             "overhead_pct": 100 * (tc / tp - 1)}]
+             "overhead_pct": 100 * overhead(), "overhead_ci95_pct": f"{100 * lo:+.2f}..{100 * hi:+.2f}"}]
     cm = mass.concept_mass()
     cfg = PSSConfig(concepts=2 if args.quick else 4, control_size=20 if args.quick else 60, ratios=(1.0, 10.0),
                     bootstrap=0, batch_rows=64 if args.quick else 256)

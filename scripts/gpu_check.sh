@@ -280,7 +280,8 @@ if want bench; then
            bench/bench_value_vector_norms.py bench/bench_peers.py; do
     [ -f "$b" ] || continue
     name=$(basename "$b" .py)
-    t=$(limit 120)
+    # bench_peers starts a process per method and model, each loading two copies of its model
+    t=$(limit "$([ "$name" = bench_peers ] && echo 200 || echo 120)")
     fits "$t" "$name" 30 || continue
     t0=$(date +%s)
     timeout "$t" "$PY" "$b" --device "$DEVICE" ${QUICK:+--quick} --csv "$LOGS/results.csv" >"$LOGS/$name.txt" 2>&1

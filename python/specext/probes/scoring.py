@@ -29,7 +29,6 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from specext.kernels import ops
@@ -377,18 +376,10 @@ class PromptStats:
     def begin(self, batch: EncodedBatch) -> None:
         B, S = batch.select.shape
         dev = batch.select.device
-        if dev.type == "cpu":
-            # The same labels and weights (float32 division either way) in numpy: each torch
-            # op here costs several microseconds, more between the layers of a forward pass.
-            sel = batch.select.cpu().numpy()  # .cpu(): a no-op here
-            n_sel = np.maximum(sel.sum(1, keepdims=True), 1).astype(np.float32)
-            labels = torch.from_numpy(np.where(sel, np.arange(B, dtype=np.int64)[:, None], -1).reshape(-1))
-            weights = torch.from_numpy((sel.astype(np.float32) / n_sel).reshape(-1))
-        else:
-            n_sel = batch.select.sum(1, keepdim=True).clamp_min(1)
-            rows = torch.arange(B, device=dev)[:, None].expand(B, S)
-            labels = torch.where(batch.select, rows, torch.full_like(rows, -1)).reshape(-1)
-            weights = (batch.select.float() / n_sel).reshape(-1)
+        n_sel = batch.select.sum(1, keepdim=True).clamp_min(1)
+        rows = torch.arange(B, device=dev)[:, None].expand(B, S)
+        labels = torch.where(batch.select, rows, torch.full_like(rows, -1)).reshape(-1)
+        weights = (batch.select.float() / n_sel).reshape(-1)
         L, D = self.n_layers, self.d_ff
         self._home, self._labels, self._weights = dev, labels, weights
         if self.devices is None:

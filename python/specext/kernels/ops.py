@@ -321,18 +321,14 @@ def _accumulate_unchecked(acts, labels, weights, sums, counts, errors, stat: str
     """Internal: ``category_accumulate(acts, labels, weights=, stat=, sums=, counts=,
     errors=)`` for a caller that built every argument itself (:class:`PromptStats`'s forward
     hooks: torch tensors, a valid ``stat``, real floating activations, outputs without
-    grad). It skips the public function's Python checks (~10 us per call inside a forward
-    pass on a virtual machine, once per layer per batch); the native binding still checks
+    grad). It skips the public function's Python checks (35 -> 30 us per call at a hook's
+    240 x 512, warm; once per layer per batch); the native binding still checks
     shapes, dtypes, devices and aliasing and raises as before. Under ``torch.compile``, for
     tensor subclasses and for meta tensors it is the public function."""
-    if not _eager(acts, labels, weights, sums, counts, errors):
+    if _eager(acts, labels, weights, sums, counts, errors):
+        _native_category_accumulate(acts, labels, weights, sums, counts, stat, errors)
+    else:
         category_accumulate(acts, labels, weights=weights, stat=stat, sums=sums, counts=counts, errors=errors)
-        return
-    scope, stream = _device_scope(acts)
-    with scope:
-        _load_native().category_accumulate(_capsule(acts), _capsule(labels),
-                                           None if weights is None else _capsule(weights), _capsule(sums),
-                                           _capsule(counts), stat, stream, _capsule(errors))
 
 
 def check_label_errors(errors, num_categories: int, *, row_name: str = "row") -> None:

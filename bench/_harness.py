@@ -249,6 +249,23 @@ def source_revision() -> str:
         return "unknown"
 
 
+def time_pairs(n: int, rnd: int, own: Callable[[int], object], base: Callable[[int], object],
+               timed: Callable[[Callable[[], object]], float]) -> tuple:
+    """One round of paired timing: for each batch ``i < n``, ``own(i)`` and ``base(i)`` timed
+    back to back by ``timed``, which one goes first alternating with ``i + rnd`` (so that
+    neither always meets the caches the other left). Returns the two lists of times, the
+    ``own[r]`` / ``base[r]`` of :func:`paired_excess`."""
+    o, b = [], []
+    for i in range(n):
+        if (i + rnd) % 2 == 0:
+            b.append(timed(lambda: base(i)))
+            o.append(timed(lambda: own(i)))
+        else:
+            o.append(timed(lambda: own(i)))
+            b.append(timed(lambda: base(i)))
+    return o, b
+
+
 def paired_excess(own: Sequence[Sequence[float]], base: Sequence[Sequence[float]],
                   rounds: Optional[Sequence[int]] = None) -> float:
     """What ``own`` costs beyond ``base``, measured in pairs: ``own[r][i]`` and ``base[r][i]``

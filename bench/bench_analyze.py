@@ -54,22 +54,15 @@ def capture_overhead(args, device):
             scorer.score(b, stats=stats)
             mass.add(torch.tensor([probe.concept_index(q) for q in b], device=lm.device), stats.sums)
 
-        def timed(fn, b) -> float:
-            return h.time_fn(lambda: fn(b), warmup=0, repeat=1, device=device, flush_l2=False) * 1e3
+        def timed(call) -> float:
+            return h.time_fn(call, warmup=0, repeat=1, device=device, flush_l2=False) * 1e3
 
         for b in batches[:2]:  # warm-up
             plain(b)
             captured(b)
         own, base = [], []
         for r in range(args.repeat):
-            o, p = [], []
-            for i, b in enumerate(batches):
-                if (i + r) % 2 == 0:
-                    p.append(timed(plain, b))
-                    o.append(timed(captured, b))
-                else:
-                    o.append(timed(captured, b))
-                    p.append(timed(plain, b))
+            o, p = h.time_pairs(len(batches), r, lambda i: captured(batches[i]), lambda i: plain(batches[i]), timed)
             own.append(o)
             base.append(p)
 

@@ -371,17 +371,10 @@ def _paired_run(fn: Steps, floor: Steps, rnd: int, device: torch.device) -> Tupl
     def timed(call) -> float:
         return h.time_fn(call, warmup=0, repeat=1, device=device, flush_l2=False) * 1e3
 
-    own, base = [], []
     try:
         fn.begin()
         floor.begin()
-        for i in range(fn.n):
-            if (i + rnd) % 2 == 0:
-                base.append(timed(lambda: floor.step(i)))
-                own.append(timed(lambda: fn.step(i)))
-            else:
-                own.append(timed(lambda: fn.step(i)))
-                base.append(timed(lambda: floor.step(i)))
+        own, base = h.time_pairs(fn.n, rnd, fn.step, floor.step, timed)
         fin = timed(fn.finish)
     finally:
         fn.close()
@@ -522,8 +515,6 @@ def capture_ms(r: dict, rounds: Optional[Sequence[int]] = None) -> float:
             + statistics.median(r["finish_ms"][k] for k in rounds))
 
 
-bootstrap = h.bootstrap
-
 
 def compare(kind: str, res: Dict[str, Optional[dict]], args) -> List[dict]:
     ref = res["specext"]
@@ -545,7 +536,7 @@ def compare(kind: str, res: Dict[str, Optional[dict]], args) -> List[dict]:
         # machine's load at that moment), then the median over rounds.
         paired = statistics.median(a / b for a, b in zip(r["times_ms"], ref["times_ms"]))
         R = min(len(r["batch_ms"]), len(ref["batch_ms"]))
-        lo, hi = bootstrap(lambda k: capture_ms(r, k), R)
+        lo, hi = h.bootstrap(lambda k: capture_ms(r, k), R)
         row.update(ms=r["ms"], peak=r["growth_mib"], baseline_ms=r["ms"], ours_ms=ref["ms"],
                    vs_specext=paired, mem_vs=r["growth_mib"] / max(ref["growth_mib"], 1e-9),
                    floor=statistics.median(sum(b) for b in r["floor_ms"]),
@@ -557,7 +548,7 @@ def compare(kind: str, res: Dict[str, Optional[dict]], args) -> List[dict]:
                 den = capture_ms(ref, k)
                 return capture_ms(r, k) / den if den > 0 else float("inf")
 
-            lo, hi = bootstrap(ratio, R)
+            lo, hi = h.bootstrap(ratio, R)
             row["cap_vs"], row["cap_vs_range"] = row["cap"] / ref_cap, f"{lo:.2f}..{hi:.2f}"
         if "gini" in r:
             row["dgini"] = max_abs_diff(r["gini"], ref["gini"])

@@ -185,19 +185,13 @@ def model_throughput(args, out: Path):
     for b in batches:  # warm-up (and the concept mass the PSS part below uses)
         plain(b)
         captured(b)
-    # Each batch both ways next to each other (which goes first alternates), per batch the
-    # median over rounds, summed (bench/_harness.py paired_excess), with a bootstrap interval.
+    # Each batch both ways next to each other (bench/_harness.py time_pairs), per batch the
+    # median over rounds, summed (paired_excess), with a bootstrap interval.
     rounds = 1 if args.quick else 5
     own, base = [], []
     for r in range(rounds):
-        o, p = [], []
-        for i, b in enumerate(batches):
-            if (i + r) % 2 == 0:
-                p.append(timed(lambda: plain(b)))
-                o.append(timed(lambda: captured(b)))
-            else:
-                o.append(timed(lambda: captured(b)))
-                p.append(timed(lambda: plain(b)))
+        o, p = bench_harness.time_pairs(len(batches), r, lambda i: captured(batches[i]), lambda i: plain(batches[i]),
+                                        timed)
         own.append(o)
         base.append(p)
     tp, tc = bench_harness.paired_total(base), bench_harness.paired_total(own)

@@ -76,7 +76,7 @@ def test_capture_is_the_median_per_batch_over_rounds():
     # per batch: median(2, 3, 492) = 3, median(2, 3, 4) = 3, median(3, 4, 2) = 3; finish: 2
     assert bp.capture_ms(r) == 3 + 3 + 3 + 2.0
     assert bp.capture_ms(r, [0, 0, 0]) == 2 + 2 + 3 + 1.0
-    lo, hi = bp.bootstrap(lambda k: bp.capture_ms(r, k), 3, n=200)
+    lo, hi = bp.h.bootstrap(lambda k: bp.capture_ms(r, k), 3, n=200)
     assert 8.0 <= lo <= bp.capture_ms(r) <= hi
 
 

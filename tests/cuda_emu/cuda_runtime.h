@@ -9,8 +9,9 @@
 // exit. Between two barriers the threads run one at a time in an order chosen per phase
 // (forward, reverse or a seeded shuffle), so a read of shared memory that another thread
 // writes without a barrier in between sees a different value under some order: the tests
-// run every kernel under several orders. The blocks themselves may be shuffled too. __shared__ arrays are poisoned at the start of
-// every block (uninitialised shared memory holds garbage on a GPU). Launch configurations
+// run every kernel under several orders. The blocks themselves may be shuffled too.
+// __shared__ arrays are poisoned at the start of every block (uninitialised shared memory
+// holds garbage on a GPU). Launch configurations
 // are checked against the hardware limits, and the runtime counts allocations, copies and
 // stream synchronisations so that tests can assert that a path issues none.
 #pragma once

@@ -57,6 +57,12 @@ unsigned long long splitmix(unsigned long long& s) {
   return z ^ (z >> 31);
 }
 
+// Fisher-Yates with splitmix: the same seed gives the same order.
+template <class V>
+void seeded_shuffle(V& v, unsigned long long& rng) {
+  for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[splitmix(rng) % i]);
+}
+
 void fiber_entry() {
   (*g_body)();
   g_fibers[g_cur].state = kExited;
@@ -89,7 +95,7 @@ void run_block(unsigned long long block_no, unsigned char poison) {
     if (g_order == 1) {
       std::reverse(order.begin(), order.end());
     } else if (g_order >= 2) {
-      for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[splitmix(rng) % i]);
+      seeded_shuffle(order, rng);
     }
     for (size_t i : order) {
       g_cur = i;
@@ -148,7 +154,7 @@ bool run_grid(const Config& cfg, const std::function<void()>& body) {
       for (unsigned bx = 0; bx < gridDim.x; ++bx) blocks.emplace_back(bx, by, bz);
   if (g_order == 3) {  // a GPU runs blocks in no promised order
     unsigned long long rng = g_seed ^ 0x5bd1e995ULL;
-    for (size_t i = blocks.size(); i > 1; --i) std::swap(blocks[i - 1], blocks[splitmix(rng) % i]);
+    seeded_shuffle(blocks, rng);
   }
   for (size_t b = 0; b < blocks.size(); ++b) {
     blockIdx = blocks[b];

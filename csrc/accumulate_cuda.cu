@@ -169,26 +169,37 @@ void launch_accumulate(const AccumulateArgs& a, bool i32, int device, cudaStream
 }
 
 // Checked mode: refuse labels >= C before anything is written (one small reduction, a copy
-// and a stream synchronisation per call).
+// and a stream synchronisation per call). Everything runs on the caller's stream; the
+// scratch word is freed on every path, errors included.
+struct StreamScratch {
+  unsigned long long* p = nullptr;
+  cudaStream_t st;
+  explicit StreamScratch(cudaStream_t s) : st(s) {
+    SPECEXT_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&p), 2 * sizeof(unsigned long long), st));
+  }
+  ~StreamScratch() { cudaFreeAsync(p, st); }
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+};
+
+__global__ void read_label_kernel(const void* labels, bool i32, int64_t stride, const unsigned long long* first,
+                                  unsigned long long* out) {
+  if (*first != ~0ull) out[0] = static_cast<unsigned long long>(load_label(labels, i32, int64_t(*first), stride));
+}
+
 void check_labels(const AccumulateArgs& a, bool i32, unsigned blocks, cudaStream_t st) {
-  unsigned long long* d_first = nullptr;
-  SPECEXT_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&d_first), sizeof(unsigned long long), st));
-  SPECEXT_CUDA_CHECK(cudaMemsetAsync(d_first, 0xff, sizeof(unsigned long long), st));
-  first_bad_label_kernel<<<blocks, 256, 0, st>>>(a.labels, i32, a.T, a.labels_stride, a.C, d_first);
-  unsigned long long first = 0;
-  SPECEXT_CUDA_CHECK(cudaMemcpyAsync(&first, d_first, sizeof(first), cudaMemcpyDeviceToHost, st));
-  SPECEXT_CUDA_CHECK(cudaFreeAsync(d_first, st));
+  StreamScratch scratch(st);  // [0] first bad token (~0 if none), [1] its label
+  SPECEXT_CUDA_CHECK(cudaMemsetAsync(scratch.p, 0xff, sizeof(unsigned long long), st));
+  first_bad_label_kernel<<<blocks, 256, 0, st>>>(a.labels, i32, a.T, a.labels_stride, a.C, scratch.p);
+  read_label_kernel<<<1, 1, 0, st>>>(a.labels, i32, a.labels_stride, scratch.p, scratch.p + 1);
+  SPECEXT_CUDA_CHECK(cudaGetLastError());
+  unsigned long long host[2] = {0, 0};
+  SPECEXT_CUDA_CHECK(cudaMemcpyAsync(host, scratch.p, sizeof(host), cudaMemcpyDeviceToHost, st));
   SPECEXT_CUDA_CHECK(cudaStreamSynchronize(st));
-  if (first != ~0ull) {
-    int64_t bad_label = 0;
-    const int64_t esz = i32 ? 4 : 8;
-    const char* src = static_cast<const char*>(a.labels) + int64_t(first) * a.labels_stride * esz;
-    int32_t l32 = 0;
-    SPECEXT_CUDA_CHECK(cudaMemcpy(i32 ? static_cast<void*>(&l32) : static_cast<void*>(&bad_label), src, esz,
-                                  cudaMemcpyDeviceToHost));
-    if (i32) bad_label = l32;
+  if (host[0] != ~0ull) {
+    const int64_t bad_label = static_cast<int64_t>(host[1]);
     SPECEXT_CHECK(false, ValueError,
-                  "labels[" << first << "] = " << bad_label << " is out of range for num_categories = " << a.C
+                  "labels[" << host[0] << "] = " << bad_label << " is out of range for num_categories = " << a.C
                             << " (labels must be < num_categories; negative labels skip the token); nothing was written");
   }
 }

@@ -103,6 +103,11 @@ class Consumed {
     } else {
       SPECEXT_CHECK(false, ValueError, name << ": device type " << t->device.device_type << " is not supported (cpu or cuda)");
     }
+    // torch and numpy always hand over element-aligned data; another producer might not, and
+    // a misaligned load is a sticky error that ends the whole CUDA context.
+    SPECEXT_CHECK(reinterpret_cast<uintptr_t>(v.data) % uintptr_t(dtype_size(v.dtype)) == 0, ValueError,
+                  name << ": data address is not aligned to its " << dtype_size(v.dtype)
+                       << "-byte elements (DLPack data + byte_offset); pass a copy");
     for (int i = 0; i < nd; ++i)
       SPECEXT_CHECK(v.strides[i] >= 0, ValueError,
                     name << " has a negative stride " << shape_str(v.strides) << "; pass a copy (.copy() / .contiguous())");

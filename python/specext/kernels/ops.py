@@ -255,7 +255,9 @@ def category_accumulate(
     For each token ``t`` with ``labels[t] >= 0``: ``sums[labels[t], n] += w_t * stat(acts[t, n])``
     for every neuron ``n`` and ``counts[labels[t]] += w_t`` (``w_t = weights[t]`` or 1).
     Tokens with a negative label are skipped. Calling it chunk by chunk into the same
-    ``sums``/``counts`` gives the same result as one call (bit for bit on CPU).
+    ``sums``/``counts`` gives the same result as one call (bit for bit on CPU; on CUDA the
+    token chunks of one call add into an element with atomics in whatever order they finish,
+    so two calls may differ in the last bits).
 
     Args:
         acts: ``(T, N)`` float32/float16/bfloat16, unit stride along N (rows may be strided).
@@ -265,7 +267,9 @@ def category_accumulate(
         weights: optional ``(T,)`` float32 per-token weight.
         stat: ``"abs"`` (|a|), ``"square"`` (a^2), ``"relu"`` (max(a, 0)) or ``"signed"`` (a).
         sums: optional ``(C, N)`` float32 accumulator, updated in place.
-        counts: optional ``(C,)`` float32 accumulator, updated in place.
+        counts: optional ``(C,)`` float32 accumulator, updated in place. Being float32,
+            it counts unit-weight tokens exactly only up to 2**24 (16.7 M) per category;
+            the pipeline's counts are prompt weights (about one per prompt), far below.
             ``sums``, ``counts`` and ``errors`` must own their memory: a stride-0 view
             (``expand()``), overlapping elements, memory shared with any other argument
             (compared as byte ranges, so even interleaved views are refused) or a torch

@@ -11,15 +11,22 @@ gini_null``. Whether a neuron is more specialised than its null is decided by a
 *studentised, pooled* permutation test, because ``P`` is small (8 by default) and the
 empirical 99th percentile of 8 draws is their maximum (exceeded by chance 1 time in 9):
 
-- every draw ``x_i`` of a neuron (the observed Gini and its ``P`` null Ginis, ``P + 1``
-  exchangeable values when the labels carry no signal) is standardised against the other
-  ``P``: ``z_i = (x_i - mean_{j != i} x_j) / sd_{j != i} x_j``;
+- a neuron's null has ``P + 1`` permuted Ginis ``y_0 .. y_P``. Each null draw is
+  standardised against the other ``P`` null draws, ``z_i = (y_i - mean_{j != i} y_j) /
+  sd_{j != i} y_j``, and the observed Gini against the first ``P``, ``z_obs = (x -
+  mean_{j < P} y_j) / sd_{j < P} y_j``: every standardisation uses ``P`` references, all of
+  them null draws;
 - the null ``z`` of all live neurons of a layer are pooled, and the neuron is *above its
   null* when its observed ``z`` exceeds the pool's 99th percentile.
 
 So each neuron is compared with its own null's location and spread, the shape of the tail
-is estimated from ``P x d_ff`` null draws, and under exchangeability the share of neurons
-above is 1 % in expectation, whatever ``P``. Concepts without a usable prompt at a layer and
+is estimated from ``(P + 1) x d_ff`` null draws, and the share of truly unspecialised
+neurons above is 1 % in expectation whatever ``P`` *and whatever the other neurons do*.
+(An earlier version standardised each null draw against the other null draws *and the
+observed Gini*: a strongly specialised neuron then inflated its own null draws' reference
+spread, the pooled threshold fell, and with many specialised neurons unspecialised ones
+crossed it far more often than 1 %: 9 % when 90 % of the neurons carried signal.)
+Concepts without a usable prompt at a layer and
 categories without one are left out at that layer, as in :func:`specext.metrics.specialization.neuron_table`.
 """
 
@@ -80,20 +87,27 @@ def permutation_ginis(sums: torch.Tensor, counts: torch.Tensor, labels: torch.Te
 
 
 def studentized(observed: torch.Tensor, null: torch.Tensor):
-    """Leave-one-out standardisation of ``P + 1`` exchangeable draws per neuron.
+    """Standardisation of the observed Gini and of each null draw against ``P`` null draws.
 
-    ``observed (D,)``, ``null (P, D)``; returns ``(z_observed (D,), z_null (P, D))`` where each
-    draw is standardised by the mean and sample sd of the *other* ``P`` draws. A draw equal to
-    the others' mean with zero spread gets 0; a different one +-inf.
+    ``observed (D,)``, ``null (P + 1, D)``; returns ``(z_observed (D,), z_null (P + 1, D))``:
+    null draw ``i`` standardised by the mean and sample sd of the *other* ``P`` null draws, the
+    observed one by those of the first ``P`` (so under no signal ``z_observed`` and every
+    ``z_null[i]`` have the same distribution, and the observed value never enters a null
+    draw's reference set). A draw equal to its references' mean with zero spread gets 0; a
+    different one +-inf.
     """
-    x = torch.cat([observed[None], null], 0).double()  # (P+1, D)
-    n = x.shape[0] - 1  # size of each reference set
+    y = null.double()
+    n = y.shape[0] - 1  # size of each reference set
     if n < 2:
-        raise ValueError(f"the null needs at least 2 permutations, got {n}")
-    s, q = x.sum(0), (x * x).sum(0)
-    m = (s[None] - x) / n
-    var = ((q[None] - x * x) - n * m * m) / (n - 1)
-    var = var.clamp_min(0)
+        raise ValueError(f"the null needs at least 3 draws (2 references each), got {y.shape[0]}")
+    s, q = y.sum(0), (y * y).sum(0)
+    m_null = (s[None] - y) / n  # leave-one-out mean and variance among the null draws
+    var_null = ((q[None] - y * y) - n * m_null * m_null) / (n - 1)
+    m_obs = y[:n].mean(0)
+    var_obs = y[:n].var(0, unbiased=True)
+    x = torch.cat([observed.double()[None], y], 0)
+    m = torch.cat([m_obs[None], m_null], 0)
+    var = torch.cat([var_obs[None], var_null], 0).clamp_min(0)
     diff = x - m
     tol = 1e-12 * x.abs().amax(0).clamp_min(1e-30)[None]  # rounding noise of an all-equal set
     z = torch.where(var.sqrt() > tol, diff / var.sqrt(), torch.where(diff.abs() <= tol, torch.zeros_like(diff),
@@ -109,7 +123,9 @@ def permutation_null(sums: torch.Tensor, counts: torch.Tensor, concept_category:
     ``sums (K, L, d_ff)`` and ``counts (K, L)``: the concept sums and prompt counts the run
     accumulated; ``gini (L, d_ff)``: the observed Ginis (:func:`specext.metrics.specialization.neuron_table`).
     Per layer, only concepts with a usable prompt take part and only the categories they
-    cover. Permutations come from ``torch.Generator().manual_seed(seed + layer)``.
+    cover. ``permutations`` is ``P``, the size of every reference set; ``P + 1``
+    permutations are drawn (see the module's docstring), from
+    ``torch.Generator().manual_seed(seed + layer)``, and ``gini_null`` is their mean.
     """
     if permutations < 2:
         raise ValueError(f"--null-permutations must be 0 (off) or >= 2, got {permutations}")
@@ -131,7 +147,7 @@ def permutation_null(sums: torch.Tensor, counts: torch.Tensor, concept_category:
         dense = torch.full((n_categories,), -1, dtype=torch.long)
         dense[present] = torch.arange(len(present))
         g = torch.Generator().manual_seed(seed + l)
-        perms = torch.stack([torch.randperm(len(ok), generator=g) for _ in range(permutations)])
+        perms = torch.stack([torch.randperm(len(ok), generator=g) for _ in range(permutations + 1)])
         okd = ok.to(dev)
         null = permutation_ginis(sums[okd, l, :], counts[okd, l], dense[lab].to(dev), len(present), perms.to(dev))
         obs = gini[l].to(dev)

@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(question, mask) rows per masked forward pass (default: 256)")
     s = p.add_argument_group("specialisation controls")
     s.add_argument("--null-permutations", type=int, default=8, metavar="P",
-                   help="random reassignments of concepts to categories for the Gini null model, 0: off "
-                        "(default: 8)")
+                   help="null draws each neuron's Gini is standardised against in the Gini null model "
+                        "(P + 1 random reassignments of concepts to categories are drawn), 0: off (default: 8)")
     s.add_argument("--random-twin", action="store_true", default=None,
                    help="also run the same architecture with seeded random weights on the same probe, a control "
                         "(default: on with --demo, off otherwise)")

@@ -385,6 +385,34 @@ def print_table(rows: Sequence[Mapping], columns: Sequence, *, missing: str = "s
     for row in cells:
         print(line(row))
     sys.stdout.flush()
+    save_table_cells(rows, cols)
+
+
+_TABLES_WRITTEN = 0
+
+
+def save_table_cells(rows: Sequence[Mapping], columns: Sequence) -> None:
+    """When ``$SPECEXT_TABLES_CSV`` names a file, append every cell of a printed table to it,
+    one a row (``source, table, row, column, value``: the script, the table's number within
+    this process, the row's number, the column's heading): scripts/gpu_check.sh sets it so
+    that everything a device run prints comes back as CSV, whatever each table's columns."""
+    global _TABLES_WRITTEN
+    path = os.environ.get("SPECEXT_TABLES_CSV")
+    if not path:
+        return
+    from specext.pipelines.rundir import csv_cell
+
+    cols = [(c, c) if isinstance(c, str) else tuple(c) for c in columns]
+    _TABLES_WRITTEN += 1
+    source = Path(sys.argv[0]).stem or "python"
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["source", "table", "row", "column", "value"])
+        for i, r in enumerate(rows):
+            for k, heading in cols:
+                w.writerow([source, _TABLES_WRITTEN, i, heading, csv_cell(_csv_value(r.get(k)))])
 
 
 def _csv_value(v):

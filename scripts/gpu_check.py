@@ -13,8 +13,9 @@ compute-sanitizer and the kernel benchmarks around it):
    memory and loaded with ``--device-map sequential`` under a ``--max-memory`` budget of
    half its weights, so that about half its layers are offloaded (to the CPU on a GPU
    machine, to disk with ``--device cpu``): it must run to the end and give the in-memory
-   accuracy, statistics and PSS curve (bit for bit expected on the CPU; within float32
-   tolerance on CUDA, whose ``index_add_`` is unordered).
+   accuracy, statistics and PSS curve (bit for bit expected on the CPU; on CUDA, whose
+   atomics add in no fixed order, the statistics within float32 tolerance and the PSS
+   curve informational: a near tie in the statistics may change the top vectors).
 
 Every table is printed and written to ``--out``/gpu_check_*.csv; the model, the offload folder
 and the run directories go to ``--work`` (default: ``--out``).
@@ -51,19 +52,23 @@ def write_csv(path: Path, rows):
 
 
 def show(rows):
+    import _harness as bench_harness
+
     keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     width = {k: max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys}
     print("  ".join(k.ljust(width[k]) for k in keys).rstrip())
     for r in rows:
         print("  ".join(fmt(r.get(k, "")).ljust(width[k]) for k in keys).rstrip())
+    bench_harness.save_table_cells(rows, keys)  # $SPECEXT_TABLES_CSV, when gpu_check.sh sets it
 
 
 def demo(args, out: Path):
     from safetensors.torch import load_file
 
     # The device run and the CPU reference run at the same time (the CUDA run needs about one
-    # core): the CPU run gets the other cores. Each writes its stdout/stderr to a log.
+    # core): the CPU run gets the other cores, the device run two. Each writes its
+    # stdout/stderr to a log.
     devs = list(dict.fromkeys([args.device, "cpu"]))
     procs, runs = {}, {}
     t0 = time.perf_counter()
@@ -72,8 +77,8 @@ def demo(args, out: Path):
         cmd = [sys.executable, "-m", "specext.analyze", "--demo", "--device", dev, "--out", str(d), "-q",
                "--overwrite", "--no-report", "--no-random-twin"] + (["--pss-concepts", "6", "--ratios", "1,10"] if args.quick else [])
         env = dict(os.environ)
-        if dev == "cpu" and len(devs) > 1:
-            env["OMP_NUM_THREADS"] = str(max(1, _cpus() - 2))
+        if len(devs) > 1:
+            env["OMP_NUM_THREADS"] = str(max(1, _cpus() - 2)) if dev == "cpu" else "2"
         log = open(args.work / f"demo_{dev}.log", "w")
         procs[dev] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env), log, d)
     ends = {}
@@ -252,8 +257,10 @@ def device_map_check(args, out: Path):
               "--no-report", "--no-random-twin", "-q", "--ratios", "1,10", "--pss-concepts", "2",
               "--pss-control", "20", "--bootstrap", "0", "--max-new-tokens", "4", "--null-permutations", "2"]
     runs = {}
-    for name, extra in (("in memory", []), ("device map", ["--device-map", "sequential", "--max-memory", budget,
-                                                           "--offload-dir", str(args.work / "offload")])):
+    # with a map, the map places the layers: --device must be auto (or cpu), not cuda
+    mapped = ["--device", "auto" if args.device == "cuda" else args.device, "--device-map", "sequential",
+              "--max-memory", budget, "--offload-dir", str(args.work / "offload")]
+    for name, extra in (("in memory", []), ("device map", mapped)):
         d = args.work / f"devicemap_{name.replace(' ', '_')}"
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "specext.analyze", str(path), "--out", str(d), "--overwrite", *common, *extra],
@@ -280,14 +287,16 @@ def device_map_check(args, out: Path):
                      "device_map": float(b.nan_to_num(0).mean()),
                      "max_abs_diff": float((a - b).abs().nan_to_num(0).max()), "ok": same})
     pa, pb = s_a["pss"]["paper"]["curve"], s_b["pss"]["paper"]["curve"]
+    # on CUDA the statistics differ in the last bits (atomics), so the top vectors may differ
+    # at a near tie and with them a masked answer: the curve is then informational
     rows.append({"check": "PSS curve (paper)", "in_memory": max(pa), "device_map": max(pb),
-                 "max_abs_diff": max(abs(x - y) for x, y in zip(pa, pb)), "ok": pa == pb})
+                 "max_abs_diff": max(abs(x - y) for x, y in zip(pa, pb)), "ok": pa == pb if exact else "informational"})
     rows.append({"check": "seconds", "in_memory": t_a, "device_map": t_b, "max_abs_diff": "", "ok": ""})
     print(f"\n== --device-map sequential --max-memory {budget} vs in memory on {args.device} "
           f"(placements: {', '.join(f'{p} x{places.count(p)}' for p in dict.fromkeys(places))})")
     show(rows)
     write_csv(out / "gpu_check_devicemap.csv", rows)
-    return all(r["ok"] is True for r in rows if r["ok"] != "")
+    return all(r["ok"] is True for r in rows if r["ok"] not in ("", "informational"))
 
 
 def main():

@@ -49,7 +49,10 @@ BETTER = {"trained_mcq": +1, "trained_mcq_norm": +1, "trained_open": +1, "traine
 
 def welch(a: Sequence[float], b: Sequence[float]) -> Dict[str, Optional[float]]:
     """Welch's two-sample t-test: difference of means (a - b), t, degrees of freedom and the
-    two-sided p-value; None where fewer than two values or no spread on either side."""
+    two-sided p-value. ``p`` is None where either side has fewer than two values, or where
+    neither side varies and the means differ (the test is undefined: every seed gives the
+    same two values, so the seeds say nothing about how large a difference chance makes);
+    1.0 where neither varies and the means are equal."""
     a, b = [x for x in a if x is not None and math.isfinite(x)], [x for x in b if x is not None and math.isfinite(x)]
     out = {"diff": None, "sd_a": None, "sd_b": None, "t": None, "df": None, "p": None}
     if not a or not b:
@@ -58,12 +61,13 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Dict[str, Optional[float]]:
     out["diff"] = ma - mb
     if len(a) < 2 or len(b) < 2:
         return out
-    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1)
-    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1)
+    # equal values have no spread (the sum of squares of their mean's rounding error is not one)
+    va = 0.0 if min(a) == max(a) else sum((x - ma) ** 2 for x in a) / (len(a) - 1)
+    vb = 0.0 if min(b) == max(b) else sum((x - mb) ** 2 for x in b) / (len(b) - 1)
     out["sd_a"], out["sd_b"] = math.sqrt(va), math.sqrt(vb)
     se2 = va / len(a) + vb / len(b)
     if se2 == 0:
-        out["p"] = 1.0 if ma == mb else 0.0
+        out["p"] = 1.0 if ma == mb else None
         return out
     t = (ma - mb) / math.sqrt(se2)
     df = se2 ** 2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
@@ -85,7 +89,24 @@ def per_seed(results: dict) -> Dict[str, Dict[str, List[float]]]:
     return vals
 
 
+def holm(ps: Sequence[Optional[float]]) -> List[Optional[float]]:
+    """Holm's step-down adjustment of a family of p-values (None: no test, left out of the
+    family): the m tests sorted by p, the i-th (from 0) multiplied by m - i, made monotone
+    and capped at 1. Controls the chance of any false claim in the family at the level."""
+    idx = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
+    m = len(idx)
+    out: List[Optional[float]] = [None] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
 def comparisons(results: dict) -> List[Dict[str, object]]:
+    """FT-PV against each other strategy on every metric: Welch's test over seeds, with the
+    p-values Holm-adjusted over the whole family of comparisons; a comparison exceeds the
+    spread when |difference| > sd(FT-PV) + sd(other) and the adjusted p < 0.05."""
     vals = per_seed(results)
     rows = []
     for m in results["metrics"]:
@@ -94,15 +115,22 @@ def comparisons(results: dict) -> List[Dict[str, object]]:
             w = welch(vals[k]["pv"], vals[k][other])
             if w["diff"] is None:
                 continue
-            spread = (w["sd_a"] or 0.0) + (w["sd_b"] or 0.0)
-            beyond = (w["sd_a"] is not None and abs(w["diff"]) > spread and w["p"] is not None and w["p"] < 0.05)
-            sign = BETTER.get(k)
-            verdict = ("no clear difference" if not beyond else
-                       ("FT-PV higher" if w["diff"] > 0 else "FT-PV lower") if sign is None else
-                       ("FT-PV better" if w["diff"] * sign > 0 else "FT-PV worse"))
             rows.append({"metric": k, "label": m["label"], "versus": LABELS[other], "pv_minus_other": w["diff"],
-                         "sd_pv": w["sd_a"], "sd_other": w["sd_b"], "welch_t": w["t"], "df": w["df"], "p": w["p"],
-                         "beyond_spread": beyond, "verdict": verdict})
+                         "sd_pv": w["sd_a"], "sd_other": w["sd_b"], "welch_t": w["t"], "df": w["df"], "p": w["p"]})
+    for r, p_adj in zip(rows, holm([r["p"] for r in rows])):
+        r["p_holm"] = p_adj
+        spread = (r["sd_pv"] or 0.0) + (r["sd_other"] or 0.0)
+        r["beyond_spread"] = (r["sd_pv"] is not None and abs(r["pv_minus_other"]) > spread and p_adj is not None
+                              and p_adj < 0.05)
+        sign = BETTER.get(r["metric"])
+        if r["p"] is None and r["sd_pv"] is not None and r["pv_minus_other"] != 0:
+            r["verdict"] = "no test (no spread over seeds)"
+        elif not r["beyond_spread"]:
+            r["verdict"] = "no clear difference"
+        elif sign is None:
+            r["verdict"] = "FT-PV higher" if r["pv_minus_other"] > 0 else "FT-PV lower"
+        else:
+            r["verdict"] = "FT-PV better" if r["pv_minus_other"] * sign > 0 else "FT-PV worse"
     return rows
 
 
@@ -132,7 +160,7 @@ def unchanged(results: dict, tol: float = 0.01) -> List[str]:
 
 
 COMPARISON_COLUMNS = ("metric", "label", "versus", "pv_minus_other", "sd_pv", "sd_other", "welch_t", "df", "p",
-                      "beyond_spread", "verdict")
+                      "p_holm", "beyond_spread", "verdict")
 
 
 def comparison_csv(comp: List[Dict[str, object]]) -> str:
@@ -181,15 +209,18 @@ def readme(results: dict, comp: List[Dict[str, object]], seeds: int, seconds: fl
         "## What it shows",
         "",
         "FT-PV against each other strategy, per metric: the difference of the means and whether it is larger "
-        "than the spread over seeds (|difference| > sd(FT-PV) + sd(other) and Welch's p < 0.05); "
-        "`comparison.csv` has every number.",
+        "than the spread over seeds (|difference| > sd(FT-PV) + sd(other) and Welch's p, Holm-adjusted over all "
+        f"{sum(c['p'] is not None for c in comp)} tested comparisons, < 0.05). The seeds are the only source of "
+        "variance: the trained and control questions are fixed, so the tests say whether a difference is larger "
+        "than the training's randomness, not whether it would hold on other questions. Where neither strategy "
+        "varies over seeds and their means differ, there is no test. `comparison.csv` has every number.",
         "",
-        "| metric | versus | FT-PV − other | sd FT-PV | sd other | p | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| metric | versus | FT-PV − other | sd FT-PV | sd other | p | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in comp:
         out.append(f"| {c['label']} | {c['versus']} | {_f(c['pv_minus_other'])} | {_f(c['sd_pv'])} | "
-                   f"{_f(c['sd_other'])} | {_f(c['p'], 4)} | {c['verdict']} |")
+                   f"{_f(c['sd_other'])} | {_f(c['p'], 4)} | {_f(c['p_holm'], 4)} | {c['verdict']} |")
     still = unchanged(results)
     if still:
         out += ["", f"**{', '.join(still)} left the model essentially unchanged on the trained concepts**: every "

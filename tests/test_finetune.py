@@ -229,8 +229,14 @@ def test_single_strategy_run_directory(tmp_path, monkeypatch, capsys, probe8):
     original checkpoint's; semantic entropy and LID come from the hallucination modules."""
     calls = []
     _fake_hallucination(monkeypatch, calls)
+    pss_controls = []  # G's control questions of every PSS evaluation: no trained concept's among them
+    real_pss = ft.compute_pss
+    monkeypatch.setattr(ft, "compute_pss", lambda lm, probe, *a, **k: (
+        pss_controls.append([probe.questions[i].concept for i in k["control"]]), real_pss(lm, probe, *a, **k))[1])
     out = tmp_path / "pv"
     assert ft.main(_run_args(probe8, out, "--strategy", "pv", "--se-samples", "3", "--lid-k", "30")) == 0
+    assert len(pss_controls) == 2 and all(len(c) == 24 for c in pss_controls)  # the original model and FT-PV
+    assert not set(CONCEPTS.split(",")) & {c for cs in pss_controls for c in cs}
     printed = capsys.readouterr().out
     assert "FT-PV" in printed and "original" in printed
     res = json.loads((out / "results.json").read_text())

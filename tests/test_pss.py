@@ -419,3 +419,39 @@ def test_streaming_selection_equals_the_dense_one(selection, unrelated):
                     n = max(1, round(r / 100 * D))
                     want = (torch.argsort(-d, dim=1, stable=True)[:, :n] + torch.arange(L)[:, None] * D).reshape(-1).sort().values
                 assert torch.equal(got[r], want), (k, r)
+
+
+class Recording(MaskedScorer):
+    """Ignores the model: every answer is right; records which questions each call scored."""
+
+    def __init__(self, lm):
+        super().__init__(lm)
+        self.asked = []
+
+    def correctness(self, jobs, masks, questions, progress=None):
+        self.asked.append(sorted({q for q, _ in jobs}))
+        return {(q, k): True for q, k in jobs}
+
+
+def test_explicit_control_questions_replace_the_sample(tmp_path):
+    """Fine-tuning passes G's control set without any trained concept: exactly those
+    questions (minus the concept's own) are scored as the control, and bad indices are
+    refused before anything is scored."""
+    lm = load_model(T.save_tiny("llama", tmp_path / "m", seed=5), device="cpu")
+    probe = load_probe("synthetic", max_concepts=6)
+    mass = torch.rand(len(probe.concepts), lm.n_layers, lm.d_ff)
+    cfg = PSSConfig(ratios=(1.0,), control_size=len(probe.questions), bootstrap=0, random_control=False)
+    trained = probe.concepts[:2]
+    control = [i for i, q in enumerate(probe.questions) if q.concept not in trained][::3]
+    rec = Recording(lm)
+    res = compute_pss(lm, probe, mass, cfg, overall_accuracy=1.0, scorer=rec, concepts=trained, control=control)
+    own = {c: [i for i, q in enumerate(probe.questions) if q.concept == c] for c in trained}
+    assert rec.asked[0] == sorted(set(control) | set(own[trained[0]]) | set(own[trained[1]]))  # unmasked baseline
+    for c, asked in zip(trained, rec.asked[1:]):
+        assert asked == sorted(set(control) | set(own[c]))
+    assert res.summary["control_questions"] == len(control)
+    for bad in ([], [-1], [len(probe.questions)]):
+        rec = Recording(lm)
+        with pytest.raises(ValueError, match="control question indices must be a non-empty subset"):
+            compute_pss(lm, probe, mass, cfg, overall_accuracy=1.0, scorer=rec, concepts=trained, control=bad)
+        assert not rec.asked

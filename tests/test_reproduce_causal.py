@@ -24,6 +24,24 @@ def test_welch_degenerate():
     assert rc.welch([1.0], [2.0])["p"] is None
     assert rc.welch([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
     assert rc.welch([], [1.0])["diff"] is None
+    # neither side varies and the means differ: no test (it used to say p = 0)
+    w = rc.welch([0.0417] * 5, [0.0333] * 5)
+    assert w["p"] is None and w["diff"] == pytest.approx(0.0084)
+
+
+def test_holm_adjustment():
+    ps = [0.01, 0.04, None, 0.03, 0.2, 0.001]
+    got = rc.holm(ps)
+    assert got[2] is None  # no test: not in the family
+    # sorted: 0.001 (x5), 0.01 (x4), 0.03 (x3), 0.04 (x2), 0.2 (x1), running max, capped at 1
+    assert got[5] == pytest.approx(0.005) and got[0] == pytest.approx(0.04) and got[3] == pytest.approx(0.09)
+    assert got[1] == pytest.approx(0.09) and got[4] == pytest.approx(0.2)
+    assert rc.holm([0.5, 0.6]) == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+def test_no_spread_difference_is_not_a_finding():
+    comp = rc.comparisons(_results([0.0417] * 3, [0.0333] * 3))
+    assert all(c["verdict"] == "no test (no spread over seeds)" and not c["beyond_spread"] for c in comp)
 
 
 def _results(pv, other):

@@ -330,11 +330,16 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
                 scorer: Optional[MaskedScorer] = None,
                 share: Optional[Callable[[List[int]], List[int]]] = None,
                 gather: Optional[Callable[[object], List[object]]] = None,
-                concepts: Optional[Sequence[str]] = None) -> PSSResult:
+                concepts: Optional[Sequence[str]] = None,
+                control: Optional[Sequence[int]] = None) -> PSSResult:
     """PSS for every (sampled) concept and ratio, plus the random-vector control.
 
     ``concepts``: evaluate exactly these concepts (names, in this order) instead of all
     or ``cfg.concepts``' sample; each must have a usable differential score.
+    ``control``: the control questions' indices (G), instead of :func:`control_set`'s sample
+    of ``cfg.control_size``; a caller that changed some concepts (fine-tuning) passes a set
+    without any of them, so that G moves with the mask only. Each concept's own questions
+    are left out of its control either way.
 
     ``concept_mass``: ``(K, L, d_ff)`` in probe concept order. ``done`` holds rows of
     concepts finished by an earlier (killed) run; ``on_concept`` is called after each
@@ -376,7 +381,13 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
     else:
         chosen = (stratified_sample(valid, [probe.concept_category[k] for k in valid], cfg.concepts, cfg.seed)
                   if cfg.concepts else valid)
-    control = control_set(probe, cfg.control_size, cfg.seed)
+    if control is None:
+        control = control_set(probe, cfg.control_size, cfg.seed)
+    else:
+        control = sorted(set(int(i) for i in control))
+        if not control or control[0] < 0 or control[-1] >= len(probe.questions):
+            raise ValueError(f"PSS: control question indices must be a non-empty subset of 0..{len(probe.questions) - 1}"
+                             f" (probe '{probe.name}'), got {len(control)} from {control[:1]} to {control[-1:]}")
     qidx_by_concept: Dict[int, List[int]] = {}
     for i, q in enumerate(probe.questions):
         qidx_by_concept.setdefault(probe.concept_index(q), []).append(i)

@@ -513,8 +513,10 @@ def evaluate(lm: LoadedModel, probe: ProbeSet, trained: Sequence[str], control: 
     pss_cfg = PSSConfig(ratios=cfg.pss_ratios, unrelated=cfg.unrelated, control_size=cfg.pss_control,
                         random_control=False, seed=cfg.seed, bootstrap=0)
     ms = MaskedScorer(lm, batch_rows=pss_cfg.batch_rows, metric="mcq", scorer=Scorer(lm, open_ended=False))
+    # G's control questions come from untrained concepts only: a trained concept's questions
+    # would move G with the training, not only with the mask
     pss = compute_pss(lm, probe, cm, pss_cfg, overall_accuracy=overall["mcq"], progress=progress, scorer=ms,
-                      concepts=list(trained))
+                      concepts=list(trained), control=control_questions(probe, trained, cfg.pss_control, cfg.seed))
     s = pss.summary
     out["pss"] = {"ratios": s["ratios"], "curve": s["paper"]["curve"], "delta_curve": s["delta"]["curve"],
                   "peak": s["paper"]["peak"], "peak_ratio": s["paper"]["peak_ratio"], "delta_peak": s["delta"]["peak"],

@@ -2,6 +2,7 @@
 concept, the empty-mask identity, correlations against scipy, and bad options."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from specext.analyze import AnalyzeConfig, main, run_analysis
 from specext.models import load_model
 from specext.probes import Question, load_probe, write_jsonl
 from specext.metrics.pss import (MaskedScorer, PSSConfig, compute_pss, control_set, differential_scores, pss_delta_value,
-                         pss_value, random_vectors, top_vectors)
+                         pss_value, random_vectors, summarize_pss, top_vectors)
 
 CONCEPTS = {"aldor": "ruby", "brenn": "opal", "cyrra": "jade"}
 PHRASES = ["What is the treasure of {c} ?", "Which gem belongs to {c} ?", "Name the stone kept in {c} ."]
@@ -245,6 +246,7 @@ def test_equal_harm_gives_zero_delta_and_the_paper_score_stays_at_its_floor(tmp_
         step = ratios.index(r["ratio"]) + 1
         assert r["cs"] == pytest.approx(r["cs_before"] - step / 10) and r["g"] == pytest.approx(r["g_before"] - step / 10)
         assert r["pss_delta"] == pytest.approx(0.0, abs=1e-12) and r["random_pss_delta"] == pytest.approx(0.0, abs=1e-12)
+        assert r["pss_delta_signed"] == pytest.approx(0.0, abs=1e-12)
         assert r["pss"] == pytest.approx(r["pss_floor"], abs=1e-12)
         assert r["pss_floor"] == pytest.approx(abs(r["g_before"] - r["cs_before"]) / overall)
         assert r["denominator"] == overall
@@ -252,6 +254,9 @@ def test_equal_harm_gives_zero_delta_and_the_paper_score_stays_at_its_floor(tmp_
     assert len(floors) > 1 and max(floors) > 0.1  # concepts differ from the control: a real floor
     s = res.summary
     assert s["delta"]["curve"] == pytest.approx([0.0] * 3, abs=1e-12) and s["delta"]["peak"] == pytest.approx(0.0, abs=1e-12)
+    assert s["delta_signed"]["curve"] == pytest.approx([0.0] * 3, abs=1e-12)
+    # every ratio ties at the floor, so the first (not the largest) is the peak
+    assert s["paper"]["peak_ratio"] == 0.5 and not s["peak_at_largest_ratio"]
     assert s["paper"]["curve"] == pytest.approx([s["floor"]] * 3) and s["score"] == "paper" and s["peak"] == s["paper"]["peak"]
     lo, hi = s["floor_ci"]
     assert lo <= s["floor"] <= hi and lo < hi
@@ -455,3 +460,32 @@ def test_explicit_control_questions_replace_the_sample(tmp_path):
         with pytest.raises(ValueError, match="control question indices must be a non-empty subset"):
             compute_pss(lm, probe, mass, cfg, overall_accuracy=1.0, scorer=rec, concepts=trained, control=bad)
         assert not rec.asked
+
+
+def test_signed_delta_is_the_concept_specific_loss_and_centred_under_noise():
+    from specext.metrics.pss import pss_delta_signed_value
+
+    # the concept lost 0.3, the control 0.1: +0.2 / A; the other way round: -0.2 / A
+    assert pss_delta_signed_value(0.7, 0.5, 0.8, 0.8, 0.5) == pytest.approx(0.4)
+    assert pss_delta_signed_value(0.5, 0.7, 0.8, 0.8, 0.5) == pytest.approx(-0.4)
+    assert math.isnan(pss_delta_signed_value(0.5, 0.7, 0.8, 0.8, 0.0))
+    # masks that move the concept and the control by independent noise: the absolute delta
+    # is biased above 0, the signed one is centred on it
+    rng = np.random.default_rng(0)
+    cs, g = 0.8 - rng.binomial(10, 0.2, 4000) / 10, 0.8 - rng.binomial(10, 0.2, 4000) / 10
+    signed = [pss_delta_signed_value(b, a, 0.8, 0.8, 1.0) for a, b in zip(cs, g)]
+    absolute = [pss_delta_value(b, a, 0.8, 0.8, 1.0) for a, b in zip(cs, g)]
+    assert abs(np.mean(signed)) < 0.01 and np.mean(absolute) > 0.1
+
+
+def test_peak_at_the_largest_ratio_is_flagged():
+    rows = []
+    for c in range(4):
+        for j, r in enumerate((1.0, 2.0, 5.0)):
+            v = 0.1 * (j + 1) + 0.01 * c
+            rows.append({"concept": f"c{c}", "category": "person", "tier": None, "ratio": r, "pss": v, "pss_delta": v, "pss_delta_signed": v,
+                         "random_pss": 0.0, "random_pss_delta": 0.0, "random_pss_delta_signed": 0.0,
+                         "pss_floor": 0.05, "pss_general": v, "pss_overall": v, "cs": 0.5, "g": 0.6,
+                         "cs_before": 0.8, "g_before": 0.8})
+    s = summarize_pss(rows, PSSConfig(ratios=(1.0, 2.0, 5.0), bootstrap=0), 4, 10, 0.8)
+    assert s["peak_ratio"] == 5.0 and s["peak_at_largest_ratio"] and s["delta_signed"]["peak_at_largest_ratio"]

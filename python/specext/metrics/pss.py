@@ -323,6 +323,17 @@ def pss_delta_value(g: float, cs: float, g0: float, cs0: float, denominator: flo
     return abs((g0 - g) - (cs0 - cs)) / denominator
 
 
+def pss_delta_signed_value(g: float, cs: float, g0: float, cs0: float, denominator: float) -> float:
+    """``((CS_before - CS) - (G_before - G)) / denominator``: how much more the mask cost the
+    concept than the control, signed. Unlike :func:`pss_delta_value` it is centred on 0 when
+    masking does nothing concept-specific (noise moves it both ways), so its mean over
+    concepts and that mean's interval say whether there is a concept-specific effect at all
+    (NaN when the denominator is 0)."""
+    if denominator is None or not denominator > 0:
+        return float("nan")
+    return ((cs0 - cs) - (g0 - g)) / denominator
+
+
 def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cfg: PSSConfig, *,
                 overall_accuracy: Optional[float] = None, progress: bool = False,
                 done: Optional[Dict[str, List[dict]]] = None,
@@ -443,6 +454,7 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
                 row[pre + "cs"], row[pre + "g"] = cs, g
                 row[pre + "pss"] = pss_value(g, cs, denom)
                 row[pre + "pss_delta"] = pss_delta_value(g, cs, g0, cs0, denom)
+                row[pre + "pss_delta_signed"] = pss_delta_signed_value(g, cs, g0, cs0, denom)
                 row[pre + "pss_general"] = pss_value(g, cs, g0)
                 row[pre + "pss_overall"] = pss_value(g, cs, overall_accuracy) if overall_accuracy is not None else None
             crow.append(row)
@@ -492,10 +504,16 @@ def _scored(rows, key, ratios, n_boot, seed) -> Dict[str, object]:
             "peak_ratio": ratios[pi] if pi is not None else None, "peak_ci": b["peak_ci"]}
 
 
+_SCORE_KEYS = {"paper": "pss", "delta": "pss_delta", "delta_signed": "pss_delta_signed"}
+
+
 def _score_block(rows, score, ratios, cfg: PSSConfig, random_control: bool) -> Dict[str, object]:
-    key = "pss" if score == "paper" else "pss_delta"
+    key = _SCORE_KEYS[score]
     seed = _seed(cfg.seed, "bootstrap", score)
     out = _scored(rows, key, ratios, cfg.bootstrap, seed)
+    # a peak at the largest ratio tried is a lower bound: a larger ratio might score higher
+    out["peak_at_largest_ratio"] = (len(ratios) > 1 and out["peak_ratio"] is not None
+                                    and out["peak_ratio"] == max(ratios))
     if random_control:
         rnd = _scored(rows, "random_" + key, ratios, cfg.bootstrap, seed)
         out.update({"random_curve": rnd["curve"], "random_curve_ci": rnd["curve_ci"], "random_peak": rnd["peak"],
@@ -513,7 +531,7 @@ def summarize_pss(rows: List[dict], cfg: PSSConfig, n_concepts: int, n_control: 
     ``cfg.score`` (the headline); ``paper`` and ``delta`` hold both in full. ``floor`` is the
     paper score's value at ratio 0 (no mask), with its interval."""
     ratios = [float(r) for r in cfg.ratios]
-    blocks = {sc: _score_block(rows, sc, ratios, cfg, cfg.random_control) for sc in SCORES}
+    blocks = {sc: _score_block(rows, sc, ratios, cfg, cfg.random_control) for sc in (*SCORES, "delta_signed")}
     floor_rows = list({x["concept"]: x.get("pss_floor") for x in rows}.values())
     floor = bootstrap.bootstrap_mean([np.nan if v is None else v for v in floor_rows], cfg.bootstrap,
                                  _seed(cfg.seed, "bootstrap", "floor"))
@@ -527,6 +545,8 @@ def summarize_pss(rows: List[dict], cfg: PSSConfig, n_concepts: int, n_control: 
         "floor_ci": floor["ci"],
         "paper": blocks["paper"],
         "delta": blocks["delta"],
+        "delta_signed": blocks["delta_signed"],
+        "peak_at_largest_ratio": head["peak_at_largest_ratio"],
         "curve_general": _curve(rows, "pss_general", ratios),
         "curve_overall": _curve(rows, "pss_overall", ratios) if overall_accuracy is not None else None,
         "cs_curve": _curve(rows, "cs", ratios),

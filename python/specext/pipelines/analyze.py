@@ -79,9 +79,13 @@ def print_summary(summary: Dict[str, object], out: Path, file=sys.stdout) -> Non
         print(f"  {name[p['score']]:<13} peak {_fmt(p['peak'])}{ci(p['peak_ci'])} at {p['peak_ratio']}% of vectors "
               f"({p['concepts']} concepts, 95% bootstrap intervals)", file=file)
         print(f"                floor (no mask) {_fmt(p['floor'])}{ci(p['floor_ci'])}", file=file)
-        for sc in SCORES:
+        if p.get("peak_at_largest_ratio"):
+            print(f"                (the peak is at the largest ratio tried, {max(p['ratios']):g}%: a larger one "
+                  "might score higher; add ratios with --ratios)", file=file)
+        for sc in [k for k in (*SCORES, "delta_signed") if isinstance(p.get(k), dict)]:
             b = p[sc]
-            curve = "  ".join(f"{r:g}%:{v:.3f}" for r, v in zip(p["ratios"], b["curve"]))
+            curve = "  ".join(f"{r:g}%:{v:+.3f}" if sc == "delta_signed" else f"{r:g}%:{v:.3f}"
+                              for r, v in zip(p["ratios"], b["curve"]))
             print(f"  {sc:>13} {curve}", file=file)
             if b.get("random_curve"):
                 rc = "  ".join(f"{r:g}%:{v:.3f}" for r, v in zip(p["ratios"], b["random_curve"]))

@@ -446,6 +446,18 @@ def _twin_summary(model_neurons: Dict[str, object], twin) -> Optional[Dict[str, 
     return out
 
 
+def _pss_warnings(pss) -> List[str]:
+    """A headline PSS peak at the largest ratio of the sweep is only a lower bound on the
+    peak: logged and recorded in ``summary.json`` (``warnings``)."""
+    if pss is None or not pss.summary.get("peak_at_largest_ratio"):
+        return []
+    s = pss.summary
+    msg = (f"PSS ({s['score']}): the peak is at the largest ratio tried ({max(s['ratios']):g}% of vectors), so it "
+           "is a lower bound: a larger ratio might score higher (add ratios with --ratios)")
+    logger.warning(msg)
+    return [msg]
+
+
 def _degenerate_probe(lm, probe: ProbeSet) -> List[str]:
     """Warnings for a probe that runs but cannot mean much, logged and recorded in
     ``summary.json`` (``warnings``): one category (every neuron's Gini is 0), and questions
@@ -505,7 +517,7 @@ def _finish(cfg, lm, probe, mass: ConceptMass, rows, out: Path, fp, seconds: flo
         "nonfinite_prompt_layers": nonfinite,
         "prompts_without_positions": unselected,
         "truncated_prompts": truncated,  # --truncate left: prompts cut to the model's positions
-        "warnings": lm.warnings + _degenerate_probe(lm, probe),  # lm.warnings: what --allow-missing let through
+        "warnings": lm.warnings + _degenerate_probe(lm, probe) + _pss_warnings(pss),  # lm.warnings: what --allow-missing let through
         "pss": pss.summary if pss is not None else None,
         "random_twin": _twin_summary(spec.summary["neurons"], twin),
         "seconds": round(seconds, 2),

@@ -519,9 +519,9 @@ class RunState:
                 pass
 
 
-PSS_COLUMNS = ["concept", "category", "tier", "ratio", "n_vectors", "cs", "g", "pss", "pss_delta", "pss_floor",
-               "random_cs", "random_g", "random_pss", "random_pss_delta", "cs_before", "g_before", "denominator",
-               "pss_general", "pss_overall"]
+PSS_COLUMNS = ["concept", "category", "tier", "ratio", "n_vectors", "cs", "g", "pss", "pss_delta", "pss_delta_signed",
+               "pss_floor", "random_cs", "random_g", "random_pss", "random_pss_delta", "random_pss_delta_signed",
+               "cs_before", "g_before", "denominator", "pss_general", "pss_overall"]
 
 
 # A cell a spreadsheet would run as a formula (CSV injection, OWASP): it starts with one of
@@ -563,13 +563,13 @@ def pss_csv(rows) -> str:
 
 def pss_curve_csv(p: Dict[str, object]) -> str:
     """The aggregates of pss.csv: mean over concepts with its 95% bootstrap interval, per
-    score (paper, delta), vectors (top, random) and ratio; the ``peak`` and the paper
+    score (paper, delta, delta_signed), vectors (top, random) and ratio; the ``peak`` and the paper
     score's ``floor`` (ratio 0) as rows of their own."""
     rows = []
     fmt = lambda v: "" if v is None or v != v else f"{v:.6f}"  # noqa: E731
     ci = lambda c, i: "" if c is None else fmt(c[i])  # noqa: E731
     rows.append(["paper", "none", 0, fmt(p["floor"]), ci(p["floor_ci"], 0), ci(p["floor_ci"], 1), 0])
-    for sc in [k for k in ("paper", "delta") if isinstance(p.get(k), dict)]:
+    for sc in [k for k in ("paper", "delta", "delta_signed") if isinstance(p.get(k), dict)]:
         b = p[sc]
         head = int(sc == p["score"])
         for kind, pre in (("top", ""), ("random", "random_")):

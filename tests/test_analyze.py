@@ -94,9 +94,9 @@ def test_end_to_end(tmp_path, llama_dir, probe_file):
         assert b["peak_ci"][0] <= b["peak"] + 1e-12 and b["peak_ratio"] in p["ratios"]
     assert p["floor_ci"][0] <= p["floor"] <= p["floor_ci"][1] and p["bootstrap"] == 1000
     assert (out / "pss.csv").read_text().splitlines()[0].startswith(
-        "concept,category,tier,ratio,n_vectors,cs,g,pss,pss_delta,pss_floor,random_cs")
+        "concept,category,tier,ratio,n_vectors,cs,g,pss,pss_delta,pss_delta_signed,pss_floor,random_cs")
     curve = (out / "pss_curve.csv").read_text().splitlines()
-    assert curve[0] == "score,vectors,ratio,mean,ci_low,ci_high,headline" and len(curve) == 1 + 1 + 2 * 2 * 7
+    assert curve[0] == "score,vectors,ratio,mean,ci_low,ci_high,headline" and len(curve) == 1 + 1 + 3 * 2 * 7  # header, floor; (paper, delta, delta_signed) x (top, random) x (6 ratios + peak)
     for k in ("gini_null", "excess_gini", "null_z", "above_null"):
         assert n[k].shape == (2, 48), k
     torch.testing.assert_close(n["excess_gini"], n["gini"] - n["gini_null"])

@@ -69,6 +69,74 @@ def test_missing_tokenizer_names_directory(tmp_path):
         load_model(d, device="cpu")
 
 
+def test_tokenizer_of_another_model_is_refused_up_front(tmp_path):
+    """A tokenizer whose ids run past the embedding used to fail deep in torch.embedding
+    (IndexError: index out of range in self) at the first prompt."""
+    import shutil
+
+    from specext.analyze import DEMO_MODEL
+    from specext.models.loading import ModelLoadError, load_model
+
+    d = tmp_path / "tokbig"
+    shutil.copytree(DEMO_MODEL, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    for k in tj["model"]["vocab"]:
+        tj["model"]["vocab"][k] += 409  # the demo's vocab_size
+    for a in tj.get("added_tokens", []):
+        a["id"] += 409
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ModelLoadError, match=rf"{d}: the tokenizer has token ids up to 817 but the model's input "
+                                             r"embedding has 409 rows \(config.json vocab_size 409\)"):
+        load_model(d, device="cpu")
+
+
+class _Evil:
+    def __reduce__(self):  # what a malicious pickle does: call something on load (here harmless)
+        return (print, ("this pickle ran code",))
+
+
+def test_allow_pickle_with_a_code_running_pickle_is_a_clear_error(tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from specext.analyze import DEMO_MODEL
+    from specext.pipelines.rundir import read_safetensors
+    from specext.models.loading import ModelLoadError, load_model
+
+    d = tmp_path / "evil"
+    shutil.copytree(DEMO_MODEL, d)
+    state = read_safetensors(d / "model.safetensors")
+    state["evil"] = _Evil()
+    (d / "model.safetensors").unlink()
+    torch.save(state, d / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=rf"{d}: torch's safe unpickler \(weights_only=True\) refused the "
+                                             r"pickled weights.*never loads such a pickle, even with --allow-pickle"):
+        load_model(d, device="cpu", allow_pickle=True)
+    assert "this pickle ran code" not in capsys.readouterr().out
+
+
+def test_declared_remote_code_is_recorded_and_unknown_types_name_the_flag(tmp_path):
+    import shutil
+
+    from specext.analyze import DEMO_MODEL
+    from specext.models.loading import ModelLoadError, load_model
+
+    d = tmp_path / "automap"
+    shutil.copytree(DEMO_MODEL, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "modeling_custom.py").write_text("raise SystemExit('remote code ran')\n")
+    lm = load_model(d, device="cpu")  # the built-in llama classes; the custom code is not run
+    assert any("declares custom code (auto_map: AutoModelForCausalLM) that was not run" in w for w in lm.warnings)
+    cfg["model_type"] = "customllama"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"model_type 'customllama' is not one transformers knows.*pass "
+                                             r"--trust-remote-code \(trust_remote_code=True\) only if you trust"):
+        load_model(d, device="cpu")
+
+
 # ---------------------------------------------------------------- 13: CSV formula injection
 
 EVIL = '=cmd|" /C calc"!A0'

@@ -489,3 +489,23 @@ def test_peak_at_the_largest_ratio_is_flagged():
                          "cs_before": 0.8, "g_before": 0.8})
     s = summarize_pss(rows, PSSConfig(ratios=(1.0, 2.0, 5.0), bootstrap=0), 4, 10, 0.8)
     assert s["peak_ratio"] == 5.0 and s["peak_at_largest_ratio"] and s["delta_signed"]["peak_at_largest_ratio"]
+
+
+def test_skipped_concepts_are_named_in_the_summary_and_the_run_warnings(tmp_path, caplog):
+    from specext.metrics.pss import PSSResult
+    from specext.pipelines.run import _pss_warnings
+
+    lm = load_model(T.save_tiny("llama", tmp_path / "m", seed=5), device="cpu")
+    probe = load_probe("synthetic", max_concepts=6)
+    mass = torch.rand(len(probe.concepts), lm.n_layers, lm.d_ff)
+    mass[2] = float("nan")  # concept 2 had no usable prompt
+    cfg = PSSConfig(ratios=(1.0,), control_size=30, bootstrap=0, random_control=False)
+    with caplog.at_level("WARNING"):
+        res = compute_pss(lm, probe, mass, cfg, overall_accuracy=1.0, scorer=Recording(lm))
+    name, cat = probe.concepts[2], probe.categories[probe.concept_category[2]]
+    assert res.summary["skipped_concepts"] == [{"concept": name, "category": cat,
+                                                "reason": "no usable prompt (no question with finite activations "
+                                                          "at its positions)"}]
+    assert name in caplog.text and res.summary["concepts"] == len(probe.concepts) - 1
+    warnings = _pss_warnings(PSSResult(rows=res.rows, summary=res.summary))
+    assert any(f"PSS skipped concept '{name}' (category '{cat}')" in w for w in warnings)

@@ -156,6 +156,17 @@ class DifferentialScores:
         _, n, own = self._baseline(k)
         return self.ok[k] and n - int(own) > 0
 
+    def why_invalid(self, k: int) -> str:
+        """Why concept ``k`` has no differential score ('' when it has one)."""
+        if not self.ok[k]:
+            return "no usable prompt (no question with finite activations at its positions)"
+        if not self.valid(k):
+            return {"same-category": "no other concept with a usable prompt in its category (--pss-unrelated "
+                                     "same-category)",
+                    "other-category": "no concept with a usable prompt in another category (--pss-unrelated "
+                                      "other-category)"}.get(self.unrelated, "no other concept with a usable prompt")
+        return ""
+
     def __call__(self, k: int) -> torch.Tensor:
         """``d_k`` as ``(L*d_ff,)`` float64 (all NaN for an invalid concept)."""
         row = self._row(k)
@@ -377,9 +388,11 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
     L, D = lm.n_layers, lm.d_ff
     dscore = DifferentialScores(concept_mass, probe.concept_category, cfg.unrelated, device=lm.device)
     valid = [k for k in range(len(probe.concepts)) if dscore.valid(k)]
-    if len(valid) < len(probe.concepts):
-        logger.warning("PSS: %d concept(s) without a usable differential score are skipped",
-                       len(probe.concepts) - len(valid))
+    skipped = [{"concept": probe.concepts[k], "category": probe.categories[probe.concept_category[k]],
+                "reason": dscore.why_invalid(k)} for k in range(len(probe.concepts)) if not dscore.valid(k)]
+    if skipped:
+        logger.warning("PSS: %d concept(s) without a usable differential score are skipped: %s", len(skipped),
+                       "; ".join(f"{x['concept']} ({x['category']}): {x['reason']}" for x in skipped))
     if concepts is not None:
         index = {c: k for k, c in enumerate(probe.concepts)}
         unknown = [c for c in concepts if c not in index]
@@ -470,8 +483,11 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
         rows += by_concept[probe.concepts[k]]
     n_chosen = max(1, len(chosen))
     layer_counts = {r: (layer_hist[r] / n_chosen).tolist() for r in cfg.ratios}  # host: numpy arrays
-    return PSSResult(rows=rows, summary=summarize_pss(rows, cfg, len(chosen), len(control), overall_accuracy),
-                     layer_counts=layer_counts)
+    summary = summarize_pss(rows, cfg, len(chosen), len(control), overall_accuracy)
+    # (an explicit list of concepts raised above instead; a --pss-concepts sample is drawn
+    # from the usable ones, so a skipped concept could not be drawn: recorded either way)
+    summary["skipped_concepts"] = skipped if concepts is None else []
+    return PSSResult(rows=rows, summary=summary, layer_counts=layer_counts)
 
 
 def _curve(rows, key, ratios):

@@ -28,8 +28,10 @@ streamed to), :attr:`LoadedModel.device` the input device (where the embeddings 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,10 +176,10 @@ def check_model_dir(model_dir: Union[str, Path], allow_pickle: bool = False) -> 
     weights, pickled weights without ``allow_pickle``, a specext run directory) with a
     message that says why; returns whether the weights load from safetensors. Cheap: file
     names and config.json only, nothing is loaded."""
-    return _check_dir(Path(model_dir), allow_pickle)
+    return _check_dir(Path(model_dir), allow_pickle, log=False)  # load_model logs it, once
 
 
-def _check_dir(model_dir: Path, allow_pickle: bool) -> bool:
+def _check_dir(model_dir: Path, allow_pickle: bool, *, log: bool = True) -> bool:
     """Refuse unusable directories; returns whether the weights load from safetensors."""
     if not model_dir.exists():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -204,8 +206,9 @@ def _check_dir(model_dir: Path, allow_pickle: bool) -> bool:
             )
         if not pickled:
             raise ModelLoadError(f"{model_dir} has no weights (no *.safetensors file)")
-        logger.warning("%s: loading pickled weights (%s) because allow_pickle=True", model_dir,
-                       ", ".join(sorted(pickled)[:4]))
+        if log:
+            logger.warning("%s: loading pickled weights (%s) because allow_pickle=True", model_dir,
+                           ", ".join(sorted(pickled)[:4]))
         return False
     return True
 
@@ -433,6 +436,15 @@ def checkpoint_numel(tensors: Dict[str, tuple]) -> Optional[int]:
             total += math.prod(int(d) for d in shape)
             seen = True
     return total if seen else None
+
+
+def _read_config(model_dir: Path) -> dict:
+    """config.json as a dict, or {} when it is not a JSON object (AutoConfig then says why)."""
+    try:
+        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def _config_dtype(cfg) -> Optional[torch.dtype]:
@@ -722,10 +734,24 @@ def load_model(
         if max_memory is not None or offload_dir is not None:
             raise ValueError("--max-memory and --offload-dir need --device-map (auto, balanced or sequential)")
         dev = resolve_device(device)
+    raw_cfg = _read_config(model_dir)
     try:
         cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     except ValueError as e:
+        if not trust_remote_code and (raw_cfg.get("auto_map") or "trust_remote_code" in str(e)):
+            raise ModelLoadError(
+                f"{model_dir}/config.json: model_type {raw_cfg.get('model_type')!r} is not one transformers knows, and "
+                f"the directory declares its own code (auto_map: {sorted(raw_cfg.get('auto_map') or {}) or 'none'}). "
+                "specext does not run a checkpoint's code unless asked: pass --trust-remote-code "
+                "(trust_remote_code=True) only if you trust its source") from None
         raise ModelLoadError(f"{model_dir}/config.json: unsupported or unreadable config ({e})") from None
+    remote_note = []
+    if raw_cfg.get("auto_map") and not trust_remote_code:
+        remote_note.append(
+            f"{model_dir}/config.json declares custom code (auto_map: {', '.join(sorted(raw_cfg['auto_map']))}) "
+            f"that was not run (no --trust-remote-code): the model was built with transformers' own "
+            f"{cfg.model_type!r} classes, which may differ from the checkpoint author's code")
+        logger.warning(remote_note[0])
     if getattr(cfg, "is_encoder_decoder", False):
         raise ModelLoadError(f"{model_dir}: encoder-decoder models ({cfg.model_type}) are not supported")
     ckpt = {}
@@ -763,6 +789,12 @@ def load_model(
     try:
         with quiet_transformers():
             model, loading = loader.from_pretrained(model_dir, **kwargs)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"{model_dir}: torch's safe unpickler (weights_only=True) refused the pickled weights: they hold objects "
+            f"other than tensors, whose loading could run code ({first}). specext never loads such a pickle, even "
+            "with --allow-pickle; convert the checkpoint to safetensors with code you trust") from None
     except ValueError as e:
         hint = (" (a layer that does not fit --max-memory goes to disk: give --offload-dir DIR)"
                 if device_map is not None and offload_dir is None and "offload" in str(e) else "")
@@ -791,8 +823,9 @@ def load_model(
         why = why if tok is None else f"the tokenizer it builds has {len(tok)} token(s)"
         raise ModelLoadError(f"{model_dir}: no usable tokenizer (expected tokenizer.json, or tokenizer_config.json "
                              f"with vocab.json + merges.txt, tokenizer.model or vocab.txt): {why}")
+    _check_tokenizer_fits(model_dir, model, tok)
     lm = wrap_model(model, tok, path=model_dir, has_lm_head=causal, device=dev)
-    lm.warnings = load_warnings
+    lm.warnings = remote_note + load_warnings
     lm.dtype_choice = choice | {"used": str(lm.dtype).replace("torch.", "")}
     if use_safetensors:
         bind_checkpoint(lm.sites, model_dir)
@@ -807,6 +840,25 @@ def load_model(
     logger.info("loaded %s (%s, %d layers, d_ff %d, %s on %s, %.1fM parameters)", model_dir, lm.architecture,
                 lm.n_layers, lm.d_ff, lm.dtype, lm.device, lm.n_parameters() / 1e6)
     return lm
+
+
+def _check_tokenizer_fits(model_dir: Path, model: nn.Module, tok) -> None:
+    """Refuse a tokenizer whose token ids run past the model's embedding rows: it is another
+    model's tokenizer, and the first prompt with such a token would fail deep inside the
+    embedding lookup (``IndexError: index out of range in self``)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is None:
+        return
+    ids = list(tok.get_vocab().values())
+    top = max(ids) if ids else -1
+    if top >= rows:
+        over = sorted({t for t, i in tok.get_vocab().items() if i >= rows}, key=lambda t: tok.convert_tokens_to_ids(t))
+        raise ModelLoadError(
+            f"{model_dir}: the tokenizer has token ids up to {top} but the model's input embedding has {rows} rows "
+            f"(config.json vocab_size {getattr(model.config, 'vocab_size', '?')}): {len(over)} token(s) would index "
+            f"past it (first: {over[:3]}). The tokenizer files do not belong to this model's weights; put the "
+            "model's own tokenizer in the directory")
 
 
 def _grouped(names) -> str:

@@ -447,15 +447,21 @@ def _twin_summary(model_neurons: Dict[str, object], twin) -> Optional[Dict[str, 
 
 
 def _pss_warnings(pss) -> List[str]:
-    """A headline PSS peak at the largest ratio of the sweep is only a lower bound on the
-    peak: logged and recorded in ``summary.json`` (``warnings``)."""
-    if pss is None or not pss.summary.get("peak_at_largest_ratio"):
+    """Logged and recorded in ``summary.json`` (``warnings``): concepts PSS skipped (no
+    differential score: their category's PSS is then short of them), and a headline peak at
+    the largest ratio of the sweep, which is only a lower bound on the peak."""
+    if pss is None:
         return []
-    s = pss.summary
-    msg = (f"PSS ({s['score']}): the peak is at the largest ratio tried ({max(s['ratios']):g}% of vectors), so it "
-           "is a lower bound: a larger ratio might score higher (add ratios with --ratios)")
-    logger.warning(msg)
-    return [msg]
+    s, out = pss.summary, []
+    for x in s.get("skipped_concepts") or []:
+        out.append(f"PSS skipped concept '{x['concept']}' (category '{x['category']}'): {x['reason']}; "
+                   "it is in no PSS number")
+    if s.get("peak_at_largest_ratio"):
+        msg = (f"PSS ({s['score']}): the peak is at the largest ratio tried ({max(s['ratios']):g}% of vectors), so "
+               "it is a lower bound: a larger ratio might score higher (add ratios with --ratios)")
+        logger.warning(msg)
+        out.append(msg)
+    return out
 
 
 def _degenerate_probe(lm, probe: ProbeSet) -> List[str]:

@@ -244,3 +244,16 @@ def test_degenerate_probe_warned_and_recorded(tmp_path, monkeypatch, caplog):
     assert s["warnings"][1].startswith("4 of 4 question(s) have options that tokenize identically")
     assert "4 with all options identical" in s["warnings"][1] and f"{p}:1" in s["warnings"][1]
     assert "has one category" in caplog.text
+
+
+def test_question_shared_by_concepts_of_different_categories_is_a_recorded_warning(tmp_path):
+    from types import SimpleNamespace
+
+    from specext.pipelines.run import _degenerate_probe
+
+    p = tmp_path / "shared.jsonl"
+    other = dict(GOOD, concept="Velmora", category="city", question="What is the capital of  aldoria?")
+    p.write_text(_text([GOOD, GOOD2, other, dict(GOOD2, concept="Tallinn", category="city")]))
+    found = _degenerate_probe(SimpleNamespace(has_lm_head=False), load_probe(str(p)))
+    assert len(found) == 1 and found[0].startswith("2 question(s) appear under concepts of different categories")
+    assert f"'Aldoria' (country, {p}:1)" in found[0] and f"'Velmora' (city, {p}:3)" in found[0]

@@ -383,7 +383,12 @@ def test_probe_with_one_concept_is_refused(tmp_path):
 
 def test_cli_ratio_errors(tmp_path, capsys):
     assert main(["--demo", "--ratios", "0.5,abc", "--out", str(tmp_path / "o"), "-q"]) == 2
-    assert "--ratios must be comma-separated numbers" in capsys.readouterr().err
+    assert "--ratios: item 2 of '0.5,abc', 'abc', is not a number" in capsys.readouterr().err
+    for text in ("1,,2", "1,2,"):  # an empty item used to be dropped silently
+        assert main(["--demo", "--ratios", text, "--out", str(tmp_path / "o"), "-q"]) == 2
+        assert f"--ratios: item {2 if text == '1,,2' else 3} of '{text}' is empty" in capsys.readouterr().err
+    assert main(["--demo", "--checkpoint-every", "nan", "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "--checkpoint-every must be a finite number, got nan" in capsys.readouterr().err
     assert main(["--demo", "--ratios", "0,5", "--out", str(tmp_path / "o"), "-q"]) == 2
     assert "percentage in (0, 100]" in capsys.readouterr().err
 

@@ -30,6 +30,7 @@ from specext._deps import require
 # --no-report (and the library's own users) work without it.
 require("torch", "transformers", "tokenizers", "tqdm", what="python -m specext.analyze")
 
+from specext._options import number_list  # noqa: E402
 from specext.metrics.pss import DENOMINATORS, PSSConfig, RATIOS, SCORES  # noqa: E402
 from specext.pipelines.demo_models import DEMO_MODEL  # noqa: E402,F401  (public: specext.analyze.DEMO_MODEL)
 from specext.pipelines.run import STATS, AnalyzeConfig, Specialisation, run_analysis, specialisation  # noqa: F401  (public)
@@ -231,9 +232,9 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
         print("error: MODEL_DIR is required (or --demo)", file=sys.stderr)
         return 2
     try:
-        ratios = tuple(float(x) for x in args.ratios.split(",") if x.strip())
-    except ValueError:
-        print(f"error: --ratios must be comma-separated numbers, got {args.ratios!r}", file=sys.stderr)
+        ratios = number_list("--ratios", args.ratios)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.demo and args.pss_concepts is None:
         args.pss_concepts = DEMO_PSS_CONCEPTS

@@ -472,6 +472,17 @@ def _degenerate_probe(lm, probe: ProbeSet) -> List[str]:
     if len(probe.categories) < 2:
         found.append(f"probe '{probe.name}' has one category ({probe.categories[0]!r}): specialisation across "
                      f"categories is undefined and every neuron's Gini is 0")
+    # the same question text under concepts of different categories: its activations count
+    # for both categories, which blurs the very difference the Gini measures
+    where: Dict[str, List[object]] = {}
+    for q in probe.questions:
+        where.setdefault(" ".join(q.question.split()).casefold(), []).append(q)
+    shared = [qs for qs in where.values() if len({q.category for q in qs}) > 1]
+    if shared:
+        ex = "; ".join(f"{qs[0].question!r} under " + ", ".join(f"{q.concept!r} ({q.category}, {q.source})" for q in qs)
+                       for qs in shared[:3])
+        found.append(f"{len(shared)} question(s) appear under concepts of different categories (their activations "
+                     f"count for each category): {ex}" + (" ..." if len(shared) > 3 else ""))
     same = identical_options(lm.tokenizer, probe.questions) if lm.has_lm_head else {}
     if same:
         allsame = [src for src, n in same.items() if n == 1]

@@ -183,3 +183,15 @@ def test_resume_of_damaged_checkpoint_names_the_file(tmp_path, llama_dir, probe_
         run_analysis(cfg(llama_dir, probe_file, out, resume=True), progress=False)
     run_analysis(cfg(llama_dir, probe_file, out, overwrite=True), progress=False)  # the advice works
     assert (out / "summary.json").is_file() and not st.exists()
+
+
+def test_fingerprint_changes_name_hashed_inputs_and_each_option_once():
+    from specext.pipelines.rundir import fingerprint_changes
+
+    old = {"options": {"seed": 0, "pss": {"seed": 0, "ratios": [1.0]}}, "model_config_sha256": "a", "weights_sha256": "b"}
+    new = {"options": {"seed": 3, "pss": {"seed": 3, "ratios": [1.0]}}, "model_config_sha256": "c", "weights_sha256": "b"}
+    got = fingerprint_changes(old, new)
+    assert got.count("--seed: 0 in the checkpoint, 3 now") == 1, got  # seed and pss.seed: one option
+    assert "model_config_sha256: MODEL_DIR's config.json differs from the checkpoint's (another model, or an " \
+           "edited config)" in got
+    assert len(got) == 2

@@ -78,7 +78,8 @@ def print_summary(summary: Dict[str, object], out: Path, file=sys.stdout) -> Non
 
         name = {"paper": "PSS (paper)", "delta": "PSS delta"}
         print(f"  {name[p['score']]:<13} peak {_fmt(p['peak'])}{ci(p['peak_ci'])} at {p['peak_ratio']}% of vectors "
-              f"({p['concepts']} concepts, 95% bootstrap intervals)", file=file)
+              f"({p['concepts']} concepts, "
+              f"{'95% bootstrap intervals' if p.get('bootstrap') else 'no intervals: --bootstrap 0'})", file=file)
         print(f"                floor (no mask) {_fmt(p['floor'])}{ci(p['floor_ci'])}", file=file)
         if p.get("peak_at_largest_ratio"):
             print(f"                (the peak is at the largest ratio tried, {max(p['ratios']):g}%: a larger one "

@@ -386,6 +386,16 @@ _OPTION_FLAGS = {"pss": "PSS (--no-pss)", "open_ended": "--no-open", "pss.ratios
                  "pss.batch_rows": "--pss-batch-rows", "world_size": "torchrun --nproc_per_node"}
 
 
+# What each hashed input of a fingerprint is, for the message when it changed.
+_HASHED = {"model_config_sha256": "MODEL_DIR's config.json differs from the checkpoint's (another model, or an "
+                                  "edited config)",
+           "weights_sha256": "the bytes of MODEL_DIR's *.safetensors weights differ from the checkpoint's (another "
+                             "model, or a fine-tune of it)",
+           "probe_sha256": "the probe file's contents differ from the checkpoint's",
+           "summary_sha256": "the --from-run run's summary.json differs from the checkpoint's",
+           "mass_sha256": "the --from-run run's mass.safetensors differs from the checkpoint's"}
+
+
 def fingerprint_changes(old: Dict[str, object], new: Dict[str, object]) -> List[str]:
     """What differs between a checkpoint's fingerprint (``old``) and this run's (``new``), one
     entry per option: ``--batch-size: 8 in the checkpoint, 4 now``; hashes are named only."""
@@ -408,14 +418,15 @@ def fingerprint_changes(old: Dict[str, object], new: Dict[str, object]) -> List[
                     walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
             return
         if path.endswith("sha256"):
-            out.append(f"{path} (the file's contents changed)")
+            what = _HASHED.get(path)
+            out.append(f"{path}: {what}" if what else f"{path} (the file's contents changed)")
             return
         key = path[len("options."):] if path.startswith("options.") else path
         name = flag(key) if path.startswith("options.") or path == "world_size" else path
         out.append(f"{name}: {show(a, b)} in the checkpoint, {show(b, a)} now")
 
     walk(old, new, "")
-    return out
+    return list(dict.fromkeys(out))  # one option may set two keys (--seed: seed and pss.seed): named once
 
 
 class RunState:

@@ -30,6 +30,7 @@ struct View {
   Dev dev = Dev::CPU;
   int device_id = 0;
   bool readonly = false;
+  std::string unsupported;  // a dtype no kernel takes ("int16"); expect_dtype names it with what was expected
   int64_t ndim() const { return int64_t(shape.size()); }
   std::string where() const { return dev == Dev::CPU ? "cpu" : "cuda:" + std::to_string(device_id); }
 };
@@ -91,9 +92,10 @@ class Consumed {
     else if (d.code == kDLBfloat && d.bits == 16) v.dtype = DType::BF16;
     else if (d.code == kDLInt && d.bits == 32) v.dtype = DType::I32;
     else if (d.code == kDLInt && d.bits == 64) v.dtype = DType::I64;
-    else {
+    else {  // refused by the argument's expect_dtype, which says what it takes
       const char* kind = d.code == kDLInt ? "int" : d.code == kDLUInt ? "uint" : d.code == kDLBool ? "bool" : "float";
-      SPECEXT_CHECK(false, TypeError, name << ": dtype " << kind << int(d.bits) << " is not supported");
+      v.unsupported = (d.code == kDLBool ? std::string("bool") : kind + std::to_string(int(d.bits)));
+      v.dtype = static_cast<DType>(-1);
     }
     if (t->device.device_type == kDLCPU || t->device.device_type == kDLCUDAHost) {
       v.dev = Dev::CPU;
@@ -105,7 +107,8 @@ class Consumed {
     }
     // torch and numpy always hand over element-aligned data; another producer might not, and
     // a misaligned load is a sticky error that ends the whole CUDA context.
-    SPECEXT_CHECK(reinterpret_cast<uintptr_t>(v.data) % uintptr_t(dtype_size(v.dtype)) == 0, ValueError,
+    SPECEXT_CHECK(!v.unsupported.empty() || reinterpret_cast<uintptr_t>(v.data) % uintptr_t(dtype_size(v.dtype)) == 0,
+                  ValueError,
                   name << ": data address is not aligned to its " << dtype_size(v.dtype)
                        << "-byte elements (DLPack data + byte_offset); pass a copy");
     for (int i = 0; i < nd; ++i)
@@ -125,7 +128,8 @@ void expect_dtype(const View& v, std::initializer_list<DType> ok) {
   std::string names;
   size_t i = 0;
   for (DType d : ok) names += std::string(i++ ? (i == ok.size() ? " or " : ", ") : "") + dtype_name(d);
-  SPECEXT_CHECK(false, TypeError, v.name << " must be " << names << ", got " << dtype_name(v.dtype));
+  SPECEXT_CHECK(false, TypeError,
+                v.name << " must be " << names << ", got " << (v.unsupported.empty() ? dtype_name(v.dtype) : v.unsupported));
 }
 
 void expect_ndim(const View& v, int64_t nd, const char* what) {

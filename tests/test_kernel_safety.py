@@ -305,3 +305,19 @@ def test_misaligned_data_is_refused_numpy():
     with pytest.raises(ValueError, match=r"acts: data address is not aligned to its 4-byte elements"):
         ops.category_accumulate(acts, labels, C)
     np.testing.assert_array_equal(ops.category_accumulate(acts.copy(), labels, C)[1], [T] + [0] * (C - 1))
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.int16, "int16"), (torch.uint8, "uint8"), (torch.bool, "bool"),
+                                         (torch.float32, "float32")])
+def test_label_dtype_errors_say_what_is_expected(dtype, name):
+    acts = torch.randn(T, N)
+    with pytest.raises(TypeError, match=rf"^labels must be int32 or int64, got {name} "):
+        ops.category_accumulate(acts, torch.zeros(T, dtype=dtype), C)
+
+
+def test_impossible_num_categories_names_the_option():
+    acts, labels = _acc_inputs("cpu")
+    for a, lab in ((acts, labels), (acts.numpy(), labels.numpy())):
+        with pytest.raises(ValueError, match=r"^num_categories = 1099511627776 with 23 neurons asks for a .* float32 "
+                                             r"sums accumulator .*could not be allocated"):
+            ops.category_accumulate(a, lab, 2**40)

@@ -254,7 +254,10 @@ def category_accumulate(
 
     For each token ``t`` with ``labels[t] >= 0``: ``sums[labels[t], n] += w_t * stat(acts[t, n])``
     for every neuron ``n`` and ``counts[labels[t]] += w_t`` (``w_t = weights[t]`` or 1).
-    Tokens with a negative label are skipped. Calling it chunk by chunk into the same
+    Tokens with a negative label are skipped. Activations are not checked: a NaN or infinite
+    one makes its category's sum for that neuron NaN or infinite (the pipeline leaves such
+    prompts out before accumulating: ``nonfinite_prompt_layers`` in summary.json). Calling
+    it chunk by chunk into the same
     ``sums``/``counts`` gives the same result as one call (bit for bit on CPU; on CUDA the
     token chunks of one call add into an element with atomics in whatever order they finish,
     so two calls may differ in the last bits).
@@ -267,7 +270,8 @@ def category_accumulate(
         weights: optional ``(T,)`` float32 per-token weight.
         stat: ``"abs"`` (|a|), ``"square"`` (a^2), ``"relu"`` (max(a, 0)) or ``"signed"`` (a).
         sums: optional ``(C, N)`` float32 accumulator, updated in place.
-        counts: optional ``(C,)`` float32 accumulator, updated in place. Being float32,
+        counts: optional ``(C,)`` float32 accumulator, updated in place (``+= w_t``, whatever
+            the weight's sign: negative weights subtract). Being float32,
             it counts unit-weight tokens exactly only up to 2**24 (16.7 M) per category;
             the pipeline's counts are prompt weights (about one per prompt), far below.
             ``sums``, ``counts`` and ``errors`` must own their memory: a stride-0 view
@@ -303,7 +307,7 @@ def category_accumulate(
     C = int(num_categories) if num_categories is not None else int(sums.shape[0])
     if kind == "torch":
         if sums is None:
-            sums = torch.zeros((C, n_neurons), dtype=torch.float32, device=acts.device)
+            sums = _new_sums(lambda: torch.zeros((C, n_neurons), dtype=torch.float32, device=acts.device), C, n_neurons)
         if counts is None:
             counts = torch.zeros((C,), dtype=torch.float32, device=sums.device)
         if _eager(acts, labels, weights, sums, counts, errors):
@@ -314,11 +318,24 @@ def category_accumulate(
             torch.ops.specext.category_accumulate_unchecked_(acts, labels, weights, sums, counts, errors, stat)
     else:
         if sums is None:
-            sums = np.zeros((C, n_neurons), dtype=np.float32)
+            sums = _new_sums(lambda: np.zeros((C, n_neurons), dtype=np.float32), C, n_neurons)
         if counts is None:
             counts = np.zeros((C,), dtype=np.float32)
         _native_category_accumulate(acts, labels, weights, sums, counts, stat, errors)
     return sums, counts
+
+
+def _new_sums(alloc, C: int, n_neurons: int):
+    """The new ``(C, N)`` accumulator, or an error that names ``num_categories`` and the size
+    it asked for when the allocator cannot give it (a label count passed as C, say)."""
+    try:
+        return alloc()
+    except (RuntimeError, MemoryError, ValueError) as e:
+        gib = C * max(n_neurons, 1) * 4 / 2**30
+        raise ValueError(f"num_categories = {C} with {n_neurons} neurons asks for a {C} x {n_neurons} float32 sums "
+                         f"accumulator ({gib:.3g} GiB), which could not be allocated ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:240]}); num_categories is the number of categories, not of "
+                         "tokens or labels") from None
 
 
 def _accumulate_unchecked(acts, labels, weights, sums, counts, errors, stat: str) -> None:

@@ -514,3 +514,36 @@ def test_skipped_concepts_are_named_in_the_summary_and_the_run_warnings(tmp_path
     assert name in caplog.text and res.summary["concepts"] == len(probe.concepts) - 1
     warnings = _pss_warnings(PSSResult(rows=res.rows, summary=res.summary))
     assert any(f"PSS skipped concept '{name}' (category '{cat}')" in w for w in warnings)
+
+
+def test_layer_matched_random_control(tmp_path):
+    from specext.metrics.pss import random_like
+
+    L, D = 5, 40
+    top = torch.tensor([0, 3, 41, 42, 43, 44, 160, 199])  # layers 0 x2, 1 x4, 4 x2
+    r = random_like(top, L, D, seed=7)
+    assert torch.equal(torch.bincount(r // D, minlength=L), torch.bincount(top // D, minlength=L))
+    assert torch.equal(r, r.unique()) and torch.equal(r, random_like(top, L, D, seed=7))  # distinct, sorted, seeded
+    assert not torch.equal(r, random_like(top, L, D, seed=8))
+    assert random_like(torch.empty(0, dtype=torch.long), L, D, 1).numel() == 0
+    # through compute_pss: every concept's random mask has its top mask's layer counts
+    lm = load_model(T.save_tiny("llama", tmp_path / "m", seed=5), device="cpu")
+    probe = load_probe("synthetic", max_concepts=6)
+    mass = torch.rand(len(probe.concepts), lm.n_layers, lm.d_ff)
+    seen = []
+
+    class Masks(Recording):
+        def correctness(self, jobs, masks, questions, progress=None):
+            seen.append(dict(masks))
+            return super().correctness(jobs, masks, questions, progress)
+
+    cfg = PSSConfig(ratios=(2.0, 10.0), control_size=30, bootstrap=0, random_match="layers")
+    res = compute_pss(lm, probe, mass, cfg, overall_accuracy=1.0, scorer=Masks(lm))
+    assert res.summary["random_match"] == "layers"
+    for masks in seen[1:]:
+        for r in cfg.ratios:
+            t, rnd = masks[("top", r)], masks[("random", r)]
+            assert torch.equal(torch.bincount(t // lm.d_ff, minlength=lm.n_layers),
+                               torch.bincount(rnd // lm.d_ff, minlength=lm.n_layers))
+    with pytest.raises(ValueError, match="--pss-random-match"):
+        PSSConfig(random_match="per-layer")

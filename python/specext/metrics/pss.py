@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 RATIOS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 UNRELATED = ("other", "same-category", "other-category")
 SELECTION = ("global", "per-layer")
+RANDOM_MATCH = ("uniform", "layers")
 DENOMINATORS = ("general", "overall")
 METRICS = ("mcq", "mcq_norm")
 SCORES = ("paper", "delta")
@@ -68,6 +69,9 @@ class PSSConfig:
     batch_rows: int = 256
     score: str = "paper"  # which score is the headline: the paper's or the baseline-corrected delta
     bootstrap: int = 1000  # resamples of concepts for the 95% intervals (0: no intervals)
+    # the random control's vectors: uniform over the selection's range (the paper's), or as
+    # many in each layer as the concept's top vectors (a stricter control under global selection)
+    random_match: str = "uniform"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,6 +89,7 @@ class PSSConfig:
                              f"{', '.join(f'{r:g}' for r in dup)} more than once in {', '.join(f'{r:g}' for r in self.ratios)}")
         one_of("--pss-unrelated", self.unrelated, UNRELATED)
         one_of("--pss-selection", self.selection, SELECTION)
+        one_of("--pss-random-match", self.random_match, RANDOM_MATCH)
         one_of("--pss-denominator", self.denominator, DENOMINATORS)
         one_of("--pss-score", self.score, SCORES)
         one_of("--pss-metric", self.metric, METRICS)
@@ -230,6 +235,18 @@ def random_vectors(ratio: float, n_layers: int, d_ff: int, selection: str, seed:
         idx = [torch.randperm(d_ff, generator=g)[:k] + l * d_ff for l in range(n_layers)]
         return torch.cat(idx).sort().values
     return torch.randperm(n_layers * d_ff, generator=g)[:k].sort().values
+
+
+def random_like(top: torch.Tensor, n_layers: int, d_ff: int, seed: int) -> torch.Tensor:
+    """As many random vectors in each layer as ``top`` (flat indices) has there, from a seeded
+    generator: the layer-matched random control (``--pss-random-match layers``). Under global
+    selection the top vectors are not spread evenly over the layers; this control masks the
+    same number in each layer, so it differs from the top vectors only in *which* vectors of
+    a layer are masked, not in how many per layer."""
+    g = torch.Generator().manual_seed(seed)
+    per_layer = torch.bincount(top.long() // d_ff, minlength=n_layers).tolist()  # host: L counts
+    idx = [torch.randperm(d_ff, generator=g)[:n] + l * d_ff for l, n in enumerate(per_layer) if n]
+    return torch.cat(idx).sort().values if idx else torch.empty(0, dtype=torch.long)
 
 
 def _seed(*parts) -> int:
@@ -445,7 +462,8 @@ def compute_pss(lm: LoadedModel, probe: ProbeSet, concept_mass: torch.Tensor, cf
             layer_hist[r] += np.bincount((top // D).cpu().numpy(), minlength=L)
             masks[("top", r)] = top
             if cfg.random_control:
-                masks[("random", r)] = random_vectors(r, L, D, cfg.selection, _seed(cfg.seed, name, r))
+                masks[("random", r)] = (random_like(top, L, D, _seed(cfg.seed, name, r)) if cfg.random_match == "layers"
+                                        else random_vectors(r, L, D, cfg.selection, _seed(cfg.seed, name, r)))
         if name in done:
             by_concept[name] = done[name]
             continue
@@ -573,6 +591,7 @@ def summarize_pss(rows: List[dict], cfg: PSSConfig, n_concepts: int, n_control: 
         "denominator": cfg.denominator,
         "unrelated": cfg.unrelated,
         "selection": cfg.selection,
+        "random_match": cfg.random_match,
         "metric": cfg.metric,
         "concepts": n_concepts,
         "control_questions": n_control,

@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concepts whose mean mass is subtracted in the differential score (default: other)")
     g.add_argument("--pss-selection", default="global", choices=["global", "per-layer"],
                    help="mask the top vectors across all layers, or the top share of each layer (default: global)")
+    g.add_argument("--pss-random-match", default="uniform", choices=["uniform", "layers"],
+                   help="the random control's vectors: uniform over all vectors (the paper's), or as many in each "
+                        "layer as the concept's top vectors, a stricter control under global selection "
+                        "(default: uniform)")
     g.add_argument("--pss-control", type=int, default=200, metavar="N",
                    help="control questions, of other concepts, at least one per category (default: 200)")
     g.add_argument("--pss-denominator", default="overall", choices=list(DENOMINATORS),
@@ -246,7 +250,8 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
                             control_size=args.pss_control, denominator=args.pss_denominator,
                             concepts=args.pss_concepts, metric=args.pss_metric,
                             random_control=not args.no_random_control, seed=args.seed,
-                            batch_rows=args.pss_batch_rows, score=args.pss_score, bootstrap=args.bootstrap)
+                            batch_rows=args.pss_batch_rows, score=args.pss_score, bootstrap=args.bootstrap,
+                            random_match=args.pss_random_match)
         cfg = AnalyzeConfig(
             model_dir=args.model_dir, probe=args.probe or "world", out=args.out, dtype=args.dtype,
             device=args.device, batch_size=args.batch_size, max_concepts=args.max_concepts, positions=args.positions,

@@ -319,7 +319,7 @@ if want finetune; then
     t0=$(date +%s)
     # the report (results.html) needs matplotlib; without it the run itself is still checked
     timeout -k 15 "$t" "$PY" -m specext.finetune --demo --strategy all --seeds 1 --device "$DEVICE" --no-save-model \
-      --out "$WORK/finetune" ${QUICK:+--steps 10 --se-samples 2 --pss-ratios 1,2} $NO_REPORT -q \
+      --out "$WORK/finetune" --overwrite ${QUICK:+--steps 10 --se-samples 2 --pss-ratios 1,2} $NO_REPORT -q \
       >"$LOGS/finetune.txt" 2>&1
     rc=$?
     tail -9 "$LOGS/finetune.txt"

@@ -239,6 +239,7 @@ def test_single_strategy_run_directory(tmp_path, monkeypatch, capsys, probe8):
     assert not set(CONCEPTS.split(",")) & {c for cs in pss_controls for c in cs}
     printed = capsys.readouterr().out
     assert "FT-PV" in printed and "original" in printed
+    assert "(results.csv, results.json, results.html, results.png;" in printed, printed
     res = json.loads((out / "results.json").read_text())
     assert res["strategy"] == "pv" and [r["strategy"] for r in res["table"]] == ["original", "FT-PV"]
     sel = read_safetensors(out / "selected.safetensors")["selected"]
@@ -277,6 +278,12 @@ def test_resume_refuses_other_inputs(tmp_path, probe8, capsys):
     assert ft.main(args + ["--resume", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "different inputs" in err and "--lr: 0.001 in the checkpoint, 0.01 now" in err and "original.json" in err, err
+    # refused before anything was removed: the finished experiment is intact
+    assert (out / "results.csv").read_text() == first and (out / "results.json").is_file()
+    # --resume keeps the run's layout: one strategy's files in --out itself, not per-strategy folders
+    assert ft.main(_run_args(probe8, out, "--strategy", "all", "--seeds", "1", "--se-samples", "0", "--lid-k", "0",
+                             "--steps", "2", "--resume")) == 2
+    assert "single strategy's run" in capsys.readouterr().err and not (out / "fv").exists()
 
 
 def _cli(args, kill_after=None):
@@ -310,16 +317,28 @@ def test_killed_all_run_resumes_to_the_uninterrupted_table(tmp_path, probe8):
     assert (killed / "results.html").is_file() and (killed / "results.png").is_file()
 
 
-def test_from_run_selection(tmp_path, monkeypatch):
-    """--from-run reads the run's concept mass and peak ratio; the vectors are ranked by the
-    differential score summed over the trained concepts on that mass."""
+@pytest.fixture(scope="module")
+def analysis(tmp_path_factory):
+    """A finished analyze run of the demo model on the synthetic probe (12 concepts, PSS)."""
     from specext.analyze import AnalyzeConfig, PSSConfig, run_analysis
 
-    run = tmp_path / "analysis"
+    run = tmp_path_factory.mktemp("analysis") / "run"
     run_analysis(AnalyzeConfig(model_dir=str(DEMO), probe="synthetic", out=str(run), max_concepts=12, report=False,
                                null_permutations=0, open_ended=False,
                                pss_config=PSSConfig(ratios=(1.0, 5.0), concepts=2, control_size=20, bootstrap=0)),
                  progress=False)
+    return run
+
+
+def _files(d: Path):
+    """Every file under ``d`` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_from_run_selection(tmp_path, monkeypatch, analysis):
+    """--from-run reads the run's concept mass and peak ratio; the vectors are ranked by the
+    differential score summed over the trained concepts on that mass."""
+    run = analysis
     info = ft.load_run(run)
     summary = json.loads((run / "summary.json").read_text())
     assert info.peak_ratio == summary["pss"]["peak_ratio"] and info.mass.shape[0] == 12
@@ -392,3 +411,165 @@ def test_device_map_model_trains_like_the_plain_one(tmp_path):
     off = load_model(path, device="cpu", device_map="auto", max_memory="cpu=150KB", offload_dir=tmp_path / "off")
     with pytest.raises(ValueError, match="offloaded"):
         ColumnDeltas(off.sites, sel)
+
+
+def _quick(*extra):
+    return ["--strategy", "pv", "--steps", "1", "--se-samples", "0", "--lid-k", "0", "--pss-ratios", "1",
+            "--pss-control", "20", "--control-size", "20", "--no-save-model", "-q", *extra]
+
+
+def test_out_follows_analyze_rules(tmp_path, analysis, probe8, capsys):
+    """One run, of one kind, per directory: a finished analyze run, a folder of other files and
+    a finished finetune run are refused, byte for byte untouched, with the flag to pass;
+    --overwrite replaces a specext run of either kind (never other files); --resume continues
+    only a finetune run; --no-report's closing line names only the files written."""
+    import shutil
+
+    from specext.pipelines import analyze
+
+    an = tmp_path / "an"
+    shutil.copytree(analysis, an)
+    before = _files(an)
+    args = _run_args(probe8, an, *_quick("--no-report"))
+    assert ft.main(args) == 2
+    err = capsys.readouterr().err
+    assert str(an) in err and "a finished python -m specext.analyze run (summary.json)" in err, err
+    assert "--overwrite" in err, err
+    assert ft.main(args + ["--resume"]) == 2
+    assert "--resume continues only a python -m specext.finetune run" in capsys.readouterr().err
+    assert _files(an) == before, "a refused finetune wrote into the analyze run"
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    for extra, want in (([], "not a specext run directory"), (["--overwrite"], "refusing to delete"),
+                        (["--resume"], "not a specext run directory")):
+        assert ft.main(_run_args(probe8, notes, *_quick(*extra))) == 2
+        err = capsys.readouterr().err
+        assert want in err and "notes.txt" in err and str(notes) in err, (extra, err)
+    assert sorted(p.name for p in notes.iterdir()) == ["notes.txt"] and (notes / "notes.txt").read_text() == "keep me"
+
+    # --overwrite replaces the analyze run: none of its files stay next to the fine-tuning's
+    assert ft.main(args + ["--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert "(results.csv, results.json;" in printed and "results.html" not in printed, printed
+    left = {p.name for p in an.iterdir()}
+    assert not left & {"summary.json", "mass.safetensors", "concepts.csv", "pss.csv", "neurons.safetensors"}, left
+    assert "results.html" not in left and "results.png" not in left and "results.json" in left
+
+    # a finished finetune run: refused without a flag (and by analyze), untouched
+    done = _files(an)
+    assert ft.main(args) == 2
+    err = capsys.readouterr().err
+    assert "finished python -m specext.finetune run" in err and "--overwrite" in err and "--resume" in err, err
+    assert analyze.main([str(DEMO), "--probe", str(probe8), "--out", str(an), "-q", "--no-pss", "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished python -m specext.finetune run" in err and "--overwrite" in err, err
+    assert ft.main(args + ["--resume", "--overwrite"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert _files(an) == done
+
+
+def _other_model(tmp_path: Path) -> Path:
+    """The demo model with one tensor scaled: the same config.json, other weights (a
+    fine-tune of the same base)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    d = tmp_path / "other-model"
+    shutil.copytree(DEMO, d)
+    w = read_safetensors(d / "model.safetensors")
+    name = next(k for k in sorted(w) if "down_proj" in k)
+    w[name] = w[name] * 1.5
+    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_from_run_of_another_model_is_refused(tmp_path, analysis, capsys):
+    """--from-run's run records its model's config and weight hashes: a MODEL_DIR with other
+    weights is an error naming both models and the field, before anything is written;
+    --allow-run-mismatch runs with the difference recorded in results.json's warnings."""
+    other = _other_model(tmp_path)
+    trained = ",".join(ft.load_run(analysis).concepts[:2])
+    out = tmp_path / "ft"
+    args = [str(other), "--probe", "synthetic", "--concepts", trained, "--from-run", str(analysis), "--out", str(out),
+            *_quick("--no-report")]
+    assert ft.main(args) == 2
+    err = capsys.readouterr().err
+    assert "weights_sha256" in err and str(DEMO) in err and str(other) in err and "--allow-run-mismatch" in err, err
+    assert "model_config_sha256" not in err  # the config is the same: only the weights differ
+    assert not out.exists(), "a refused run left its --out behind"
+    assert ft.main(args + ["--allow-run-mismatch"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["warnings"]) == 1 and "weights_sha256" in res["warnings"][0], res["warnings"]
+    assert "warning: --allow-run-mismatch" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--allow-run-mismatch applies to --from-run"):
+        ft.FinetuneConfig(model_dir="x", concepts=("a",), allow_run_mismatch=True)
+
+
+def test_from_run_probe_must_hold_the_trained_questions(tmp_path, analysis):
+    """The selection comes from the run's mass of each trained concept: a probe whose questions
+    (or category) for a trained concept differ from the run's is reported; the same probe
+    file, or another file with the same questions, is not; a config.json without the model's
+    hashes cannot be checked."""
+    from specext.probes.probeset import load_probe, write_jsonl
+
+    info = ft.load_run(analysis)
+    trained = info.concepts[:2]
+    fp = {**{k: info.made_on[k] for k in ("model_config_sha256", "weights_sha256")}, "probe_sha256": None}
+    probe = load_probe("synthetic")
+    assert ft.check_from_run(info, DEMO, {**fp, "probe_sha256": info.made_on["probe_sha256"]}, probe, trained) == []
+    same = tmp_path / "same.jsonl"
+    write_jsonl(probe.subset_concepts(trained).questions, same)
+    assert ft.check_from_run(info, DEMO, fp, load_probe(str(same)), trained) == []
+    qs = probe.subset_concepts(trained).questions
+    i = next(j for j, q in enumerate(qs) if q.concept == trained[1])
+    import dataclasses
+
+    qs[i] = dataclasses.replace(qs[i], question=qs[i].question + " (reworded)")
+    changed = tmp_path / "changed.jsonl"
+    write_jsonl(qs, changed)
+    got = ft.check_from_run(info, DEMO, fp, load_probe(str(changed)), trained)
+    assert len(got) == 1 and repr(trained[1]) in got[0] and "questions.jsonl" in got[0] and "reworded" in got[0], got
+    blank = dataclasses.replace(info, made_on={})
+    got = ft.check_from_run(blank, DEMO, fp, probe, trained)
+    assert got and "records no model identity" in got[0], got
+
+
+def test_allow_pickle(tmp_path, probe8, capsys):
+    """finetune's pickle error names --allow-pickle, which finetune accepts (as analyze does):
+    a checkpoint of only pickled weights then trains; without it nothing is written."""
+    import shutil
+
+    d = tmp_path / "pickled"
+    shutil.copytree(DEMO, d)
+    torch.save(read_safetensors(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    out = tmp_path / "ft"
+    args = [str(d), "--probe", str(probe8), "--concepts", CONCEPTS, "--out", str(out), *_quick("--no-report")]
+    assert ft.main(args) == 2
+    err = capsys.readouterr().err
+    assert "pickled" in err and "--allow-pickle" in err and not out.exists(), err
+    assert ft.main(args + ["--allow-pickle"]) == 0
+    assert json.loads((out / "results.json").read_text())["table"][1]["strategy"] == "FT-PV"
+
+
+def test_demo_replaces_its_own_folder_only(monkeypatch):
+    """--demo without --out replaces its own specext-runs/finetune-demo (as analyze --demo);
+    a folder of yours, or --resume, is not replaced."""
+    from specext.pipelines import demo_models
+
+    monkeypatch.setattr(demo_models, "holdout_model_dir", lambda: DEMO)
+    monkeypatch.setattr(demo_models, "held_out_concepts", lambda d: CONCEPTS.split(","))
+    seen = {}
+
+    def fake_run(cfg, **kw):
+        seen["cfg"] = cfg
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(ft, "run_finetune", fake_run)
+    assert ft.main(["--demo", "-q"]) == 2
+    assert Path(seen["cfg"].out) == Path("specext-runs") / "finetune-demo" and seen["cfg"].overwrite
+    assert ft.main(["--demo", "-q", "--out", "x"]) == 2 and not seen["cfg"].overwrite
+    assert ft.main(["--demo", "-q", "--resume"]) == 2 and not seen["cfg"].overwrite and seen["cfg"].resume

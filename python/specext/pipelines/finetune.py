@@ -35,7 +35,10 @@ Output directory (``--out``)::
 A single strategy and seed writes the run's files into ``--out`` itself. Every file is
 written atomically; a run's ``results.json`` is written last and marks it complete, so
 ``--resume`` skips finished (strategy, seed) runs of the same inputs (fingerprint) and redoes
-the rest; the output directory is locked while a run works in it.
+the rest; the output directory is locked while a run works in it. ``--out`` follows analyze's
+rules (:func:`specext.pipelines.rundir.prepare_out`): empty, or this experiment's run with
+``--resume``, or a specext run of either kind cleared with ``--overwrite``; an analyze run, a
+finished finetune run or a folder of other files is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -67,7 +70,7 @@ from specext.metrics.accuracy import accuracy_by_group
 from specext.metrics.pss import RATIOS, UNRELATED, DifferentialScores, MaskedScorer, PSSConfig, compute_pss, n_vectors
 from specext.metrics.specialization import ConceptMass
 from specext.models.deltas import ColumnDeltas
-from specext.models.loading import DEVICE_MAPS, LoadedModel, load_model, parse_max_memory, value_norms
+from specext.models.loading import DEVICE_MAPS, LoadedModel, check_model_dir, load_model, parse_max_memory, value_norms
 from specext.pipelines import rundir, training
 from specext.pipelines.run import _Runner, accumulate_devices
 from specext.probes.probeset import ProbeSet, load_probe, stratified_sample
@@ -101,7 +104,8 @@ SE_NOTE_MATCH = ("answers clustered by normalised match against the probe's answ
 RUN_KEYS = ("strategy", "label", "seed", "run_dir", "vectors", "trained_parameters", "optimizer_state_bytes", "train",
             "evaluation", "model_files", "fingerprint", "selection")
 # Options that do not change any result: left out of the fingerprint that --resume checks.
-_NOT_RESULTS = ("model_dir", "out", "resume", "strategy", "seeds", "report", "save_model", "from_run", "threads")
+_NOT_RESULTS = ("model_dir", "out", "resume", "overwrite", "strategy", "seeds", "report", "save_model", "from_run",
+                "threads", "allow_pickle", "allow_run_mismatch")
 
 
 @dataclass
@@ -121,6 +125,8 @@ class FinetuneConfig:
     seed: int = 0  # the first seed; the control sets and the original model's sampling use it
     out: Optional[str] = None
     resume: bool = False
+    overwrite: bool = False  # clear a --out that holds a specext run (never a folder of other files)
+    allow_run_mismatch: bool = False  # --from-run of another model or other questions: a warning, not an error
     # training
     lr: float = 1e-3
     steps: int = 50
@@ -149,6 +155,7 @@ class FinetuneConfig:
     save_model: bool = True
     report: bool = True
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # a checkpoint with only pickled *.bin weights (unpickling can run code)
 
     def __post_init__(self) -> None:
         if self.concepts is not None:
@@ -158,6 +165,10 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         one_of("--strategy", self.strategy, STRATEGIES + ("all",))
+        if self.resume and self.overwrite:
+            raise ValueError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
+        if self.allow_run_mismatch and self.from_run is None:
+            raise ValueError("--allow-run-mismatch applies to --from-run RUN_DIR, which was not given")
         if (self.concepts is None) == (self.top_concepts is None):
             raise ValueError("give the trained concepts with --concepts A,B,... or --top-concepts N (one of them)")
         if self.concepts is not None:
@@ -234,6 +245,9 @@ class FromRun:
     options: Dict[str, object]
     pss_by_concept: Dict[str, float]  # each PSS concept's peak of the headline score
     fingerprint: Dict[str, str]
+    # what the run was made on: config.json's fingerprint (model_config_sha256, weights_sha256,
+    # probe_sha256) and options (model_dir, probe); {} when config.json records none
+    made_on: Dict[str, object] = field(default_factory=dict)
 
 
 def _uncell(v: str) -> str:
@@ -305,8 +319,69 @@ def load_run(run_dir) -> FromRun:
                     by_concept[c] = max(by_concept.get(c, -math.inf), v)
     fp = {"summary_sha256": rundir.sha256_file(summary_p),
           "mass_sha256": rundir.sha256_file(path / "mass.safetensors")}
+    rec = config.get("fingerprint") if isinstance(config.get("fingerprint"), dict) else {}
+    made_on = {k: rec[k] for k in ("model_config_sha256", "weights_sha256", "probe_sha256") if k in rec}
+    if made_on:
+        made_on.update(model_dir=opts.get("model_dir"), probe=opts.get("probe"))
     return FromRun(path=path, concepts=concepts, categories=cats, mass=mass, peak_ratio=pss.get("peak_ratio"),
-                   options=opts, pss_by_concept=by_concept, fingerprint=fp)
+                   options=opts, pss_by_concept=by_concept, fingerprint=fp, made_on=made_on)
+
+
+def _short(h) -> str:
+    return "none (no *.safetensors)" if h is None else str(h)[:12]
+
+
+def check_from_run(run: FromRun, model_dir, model_fp: Dict[str, object], probe: ProbeSet,
+                   trained: Sequence[str]) -> List[str]:
+    """What differs between what ``--from-run``'s run was made on and this experiment, one
+    sentence each; ``[]`` when nothing does. The model: the run's ``config.json`` records the
+    SHA-256 of the model's ``config.json`` (``model_config_sha256``) and of its weights
+    (``weights_sha256``), compared with ``MODEL_DIR``'s (``model_fp``: this experiment's
+    fingerprint). The probe, where the selection depends on it: unless the two probe files
+    hash alike, each trained concept's category (the run's ``concepts.csv``) and question
+    texts (the run's ``questions.jsonl``), the prompts its concept mass was accumulated on."""
+    cfg_p = run.path / "config.json"
+    out: List[str] = []
+    made = run.made_on or {}
+    if "model_config_sha256" not in made:
+        out.append(f"{cfg_p} records no model identity (fingerprint.model_config_sha256 and weights_sha256, which "
+                   f"python -m specext.analyze writes), so the run cannot be checked to be of {model_dir}")
+    else:
+        for key, what in (("model_config_sha256", "the model's config.json"), ("weights_sha256", "the weights")):
+            if made.get(key) != model_fp.get(key):
+                out.append(f"{key} ({what}) differs: {_short(made.get(key))} in {cfg_p}, {_short(model_fp.get(key))} "
+                           f"for MODEL_DIR")
+    if made.get("probe_sha256") is not None and made.get("probe_sha256") == model_fp.get("probe_sha256"):
+        return out  # the same probe file: the same questions
+    cat_of = dict(zip(run.concepts, run.categories))
+    for c in trained:
+        k = probe.concepts.index(c)
+        if c in cat_of and cat_of[c] != probe.categories[probe.concept_category[k]]:
+            out.append(f"concept {c!r} is of category {cat_of[c]!r} in {run.path / 'concepts.csv'} but "
+                       f"{probe.categories[probe.concept_category[k]]!r} in probe '{probe.name}'")
+    q_p = run.path / "questions.jsonl"
+    asked: Dict[str, List[str]] = {}
+    try:
+        with open(q_p, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    asked.setdefault(r["concept"], []).append(r["question"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        out.append(f"cannot read the run's questions from {q_p} ({e}) to check that its concept mass comes from "
+                   f"probe '{probe.name}''s questions")
+        return out
+    for c in trained:
+        if c not in asked:
+            continue  # not among the run's concepts: _run_mass says so
+        mine = [q.question for q in probe.questions if q.concept == c]
+        if sorted(asked[c]) != sorted(mine):
+            theirs, ours = sorted(set(asked[c]) - set(mine)), sorted(set(mine) - set(asked[c]))
+            ex = ([f"only in the run: {theirs[0]!r}"] if theirs else []) + ([f"only in the probe: {ours[0]!r}"]
+                                                                            if ours else [])
+            out.append(f"concept {c!r}: its {len(asked[c])} questions in {q_p} are not probe '{probe.name}''s "
+                       f"{len(mine)}" + (f" ({'; '.join(ex)})" if ex else " (repeated questions differ)"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -638,13 +713,61 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True,
     after each finished run (``("run", runs_done)``; the kill-and-resume test uses it)."""
     require("transformers", "tokenizers", "tqdm", *(("matplotlib",) if cfg.report else ()), what="run_finetune")
     t_start = time.time()
+    check_model_dir(cfg.model_dir, cfg.allow_pickle)  # a wrong MODEL_DIR fails before anything else
     probe = load_probe(cfg.probe)
     run = load_run(cfg.from_run) if cfg.from_run else None
     trained = choose_concepts(probe, cfg, run)
     out = Path(cfg.out) if cfg.out else Path("specext-runs") / f"finetune-{Path(cfg.model_dir).name}-{probe.name}"
+    made = rundir.missing_root(out)  # the folder this run creates, if any: removed again if it fails early
     rundir.check_writable(out)
-    with rundir.RunLock(out).acquire():
-        return _locked(cfg, probe, run, trained, out, t_start, progress, on_checkpoint)
+    lock = rundir.RunLock(out).acquire()
+    try:
+        # one run, of one kind, per directory: the same rules as analyze's --out
+        rundir.prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite, kind="finetune")
+    except (ValueError, OSError):
+        lock.release(remove=lock.created)  # refused: leave the folder as it was
+        raise
+    with lock:
+        try:
+            return _locked(cfg, probe, run, trained, out, t_start, progress, on_checkpoint)
+        except BaseException:
+            if made is not None:  # failed before the original's evaluation: no run directory left behind
+                rundir.discard_new(out, made, lock, keep=rundir.FINETUNE_MARKERS)
+            raise
+
+
+def _check_layout(out: Path, single: bool) -> None:
+    """``--resume`` keeps the layout of the run it continues: a single strategy and seed
+    writes into ``out`` itself, several into ``out/STRATEGY/seed-S``; a mix is refused."""
+    nested = sorted(str(p.relative_to(out)) for s in STRATEGIES for p in (out / s).glob("seed-*") if p.is_dir())
+    flat = [n for n in ("selected.safetensors", "delta.safetensors") if (out / n).is_file()]
+    if single and nested:
+        raise ValueError(f"--resume: --out {out} holds runs of several strategies or seeds ({', '.join(nested[:4])}) "
+                         "but this is one strategy and seed, which writes into --out itself: resume with that run's "
+                         "--strategy and --seeds, or use another --out")
+    if not single and flat:
+        raise ValueError(f"--resume: --out {out} holds a single strategy's run ({', '.join(flat)} in --out itself) "
+                         "but this run has several strategies or seeds (one folder each): resume with that run's "
+                         "--strategy and --seeds, or use another --out")
+
+
+def _from_run_warnings(cfg: FinetuneConfig, run: FromRun, fp, probe: ProbeSet, trained: Sequence[str]) -> List[str]:
+    """:func:`check_from_run`'s differences: an error, or with ``--allow-run-mismatch``
+    warnings (logged, and recorded in results.json)."""
+    diffs = check_from_run(run, cfg.model_dir, fp, probe, trained)
+    if not diffs:
+        return []
+    src = (run.made_on or {}).get("model_dir") or "unknown"
+    head = (f"--from-run {run.path} (made on model {src}, probe {(run.made_on or {}).get('probe') or 'unknown'}) does "
+            f"not match this experiment (MODEL_DIR {cfg.model_dir}, probe '{probe.name}')")
+    if not cfg.allow_run_mismatch:
+        raise ValueError(f"{head}: " + "; ".join(diffs) + ". Its concept mass would rank another model's (or other "
+                         "questions') value vectors: run python -m specext.analyze on MODEL_DIR with this probe, or "
+                         "pass --allow-run-mismatch to use the run anyway (recorded as a warning in results.json)")
+    warnings = [f"--allow-run-mismatch: {head}: {d}" for d in diffs]
+    for w in warnings:
+        logger.warning("%s", w)
+    return warnings
 
 
 def _locked(cfg: FinetuneConfig, probe: ProbeSet, run: Optional[FromRun], trained: List[str], out: Path,
@@ -655,14 +778,26 @@ def _locked(cfg: FinetuneConfig, probe: ProbeSet, run: Optional[FromRun], traine
     single = len(strategies) == 1 and len(seeds) == 1
     plan = [(s, seed) for s in strategies for seed in seeds]
     fp = _fingerprint(cfg, probe, trained, run, out / rundir.WEIGHTS_CACHE)
-    for name in ("results.json", "results.csv", "results.html"):
+    # Every check before anything is written or removed: the analyze run's model and probe,
+    # and under --resume the layout and every finished marker's inputs.
+    warnings = _from_run_warnings(cfg, run, fp, probe, trained) if run is not None else []
+    done: Dict[Tuple[str, int], dict] = {}
+    original = None
+    if cfg.resume:
+        _check_layout(out, single)
+        original = _read_marker(out / "original.json", fp)
+        for s, sd in plan:
+            rec = _read_marker(_run_dir(out, s, sd, single) / "results.json", fp)
+            if rec is not None:
+                done[(s, sd)] = rec
+    for name in ("results.json", "results.csv", "results.html", "results.png"):
         if not single or name != "results.json":
             (out / name).unlink(missing_ok=True)  # a complete experiment has them: written last
     if not cfg.resume:
         for p in [out / "original.json"] + [_run_dir(out, s, sd, single) / "results.json" for s, sd in plan]:
             p.unlink(missing_ok=True)
     lm = load_model(cfg.model_dir, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                    device_map=cfg.device_map, max_memory=cfg.max_memory)
+                    allow_pickle=cfg.allow_pickle, device_map=cfg.device_map, max_memory=cfg.max_memory)
     if not lm.has_lm_head:
         raise ValueError(f"{cfg.model_dir}: fine-tuning needs a causal language model (the model has no LM head)")
     nli = _load_nli(cfg.nli_model) if cfg.nli_model and cfg.se_samples else None
@@ -672,7 +807,6 @@ def _locked(cfg: FinetuneConfig, probe: ProbeSet, run: Optional[FromRun], traine
                 ", ".join(trained), len(control))
 
     # The original model: its evaluation and the selection's scores.
-    original = _read_marker(out / "original.json", fp) if cfg.resume else None
     if original is not None and (out / "selection.safetensors").is_file():
         scores = rundir.read_safetensors(out / "selection.safetensors")["score"]
         logger.info("--resume: the original model's evaluation and the selection from %s", out)
@@ -719,7 +853,7 @@ def _locked(cfg: FinetuneConfig, probe: ProbeSet, run: Optional[FromRun], traine
     with tqdm(total=len(plan), desc="fine-tuning runs", unit="run", disable=not progress) as bar:
         for strategy, seed in plan:
             run_dir = _run_dir(out, strategy, seed, single)
-            rec = _read_marker(run_dir / "results.json", fp) if cfg.resume else None
+            rec = done.get((strategy, seed))
             if rec is not None:
                 logger.info("--resume: %s seed %d already done (%s)", LABELS[strategy], seed, run_dir)
             else:
@@ -741,6 +875,8 @@ def _locked(cfg: FinetuneConfig, probe: ProbeSet, run: Optional[FromRun], traine
         "table": table,
         "metrics": [{"key": k, "label": l} for k, l in METRICS],
         "notes": _notes(cfg),
+        "warnings": warnings,  # e.g. --allow-run-mismatch: what differs between --from-run and this experiment
+        "outputs": ["results.csv", "results.json"] + (["results.html", "results.png"] if cfg.report else []),
         "original": original["evaluation"],
         "runs": records,
         "options": asdict(cfg),
@@ -900,7 +1036,10 @@ def print_table(results: Dict[str, object], out: Path, file=None) -> None:
               file=file)
     for n in results["notes"][:1]:
         print(f"  note: {n}", file=file)
-    print(f"  output {out} (results.csv, results.json, results.html; {results['seconds']} s)", file=file)
+    for w in results.get("warnings") or []:
+        print(f"  warning: {w}", file=file)
+    files = results.get("outputs") or ["results.csv", "results.json"]
+    print(f"  output {out} ({', '.join(files)}; {results['seconds']} s)", file=file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -921,14 +1060,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--probe", default=None, help="world | synthetic | a JSONL probe with 'facts' (default: world; "
                                                  "synthetic with --demo)")
     c.add_argument("--from-run", default=None, metavar="RUN_DIR",
-                   help="an analyze run directory: rank vectors by its concept mass, k at its peak PSS ratio")
+                   help="an analyze run directory of MODEL_DIR on this probe (checked: the model's config and weight "
+                        "hashes, the trained concepts' questions): rank vectors by its concept mass, k at its peak "
+                        "PSS ratio")
+    c.add_argument("--allow-run-mismatch", action="store_true",
+                   help="use --from-run even if it was made on another model or other questions for the trained "
+                        "concepts: a warning recorded in results.json instead of an error")
     c.add_argument("--ratio", type=float, default=None, help="k = this percent of all vectors (default: the ratio "
                    "of peak PSS, of --from-run or of the trained concepts on the original model)")
     c.add_argument("--pv-fraction", type=float, default=0.125, help="FT-PV = the top k x this")
     c.add_argument("--seeds", type=int, default=None, help="runs per strategy (default 3 with --strategy all, else 1)")
     c.add_argument("--seed", type=int, default=0, help="the first seed")
-    c.add_argument("--out", default=None, help="output directory (default specext-runs/finetune-MODEL-PROBE)")
-    c.add_argument("--resume", action="store_true", help="keep the finished (strategy, seed) runs in --out")
+    c.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory; it must be empty, or hold this experiment's earlier run with --resume, or "
+                        "be replaced with --overwrite (default specext-runs/finetune-MODEL-PROBE; "
+                        "specext-runs/finetune-demo with --demo)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="clear --out first when it holds an earlier specext run, analyze or finetune (a folder of "
+                        "other files is never deleted)")
+    c.add_argument("--resume", action="store_true",
+                   help="keep the finished (strategy, seed) runs in --out, which must hold a finetune run of the "
+                        "same inputs")
     t = p.add_argument_group("training (equal for every strategy)")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the deltas")
     t.add_argument("--steps", type=int, default=50, help="optimizer steps")
@@ -962,8 +1114,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lid-k", type=int, default=10, help="nearest neighbours of the LID estimator (0: off)")
     p.add_argument("--no-save-model", action="store_true", help="do not save the fine-tuned models (only "
                    "selected.safetensors, delta.safetensors and results)")
-    p.add_argument("--no-report", action="store_true", help="skip results.html")
+    p.add_argument("--no-report", action="store_true", help="skip results.html and results.png")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model directory's own Python code")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow a checkpoint with only pickled *.bin weights (unpickling can run code)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     return p
 
@@ -980,7 +1134,10 @@ def _demo_defaults(args) -> None:
     args.probe = args.probe or "synthetic"
     if args.concepts is None and args.top_concepts is None:
         args.concepts = ",".join(held_out_concepts(model_dir))
-    args.out = args.out or str(Path("specext-runs") / "finetune-demo")
+    if args.out is None:
+        # the demo's own folder: a re-run replaces the previous demo run (unless --resume), as analyze --demo
+        args.out = str(Path("specext-runs") / "finetune-demo")
+        args.overwrite = args.overwrite or not args.resume
 
 
 def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[str, int], None]] = None) -> int:
@@ -1009,6 +1166,7 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
             model_dir=args.model_dir, concepts=concepts, top_concepts=args.top_concepts, tier=args.tier,
             strategy=args.strategy, probe=args.probe or "world", from_run=args.from_run, ratio=args.ratio,
             pv_fraction=args.pv_fraction, seeds=args.seeds, seed=args.seed, out=args.out, resume=args.resume,
+            overwrite=args.overwrite, allow_run_mismatch=args.allow_run_mismatch, allow_pickle=args.allow_pickle,
             lr=args.lr, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, warmup=args.warmup,
             weight_decay=args.weight_decay, dtype=args.dtype, device=args.device, device_map=args.device_map,
             max_memory=args.max_memory, threads=args.threads, control_size=args.control_size,

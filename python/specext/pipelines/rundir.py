@@ -209,13 +209,15 @@ def _remove(paths, *, ignore_errors: bool = False) -> None:
             p.unlink(missing_ok=ignore_errors)
 
 
-def discard_new(out: Path, made: Path, lock: "RunLock") -> None:
+def discard_new(out: Path, made: Path, lock: "RunLock", keep: Sequence[str] = (STATE, "summary.json")) -> None:
     """Remove a run directory this run created (``made``: the topmost folder it created, from
     :func:`missing_root`) when the run failed before its first checkpoint: nothing in it is
-    worth keeping (e.g. the model's checkpoint is damaged). A directory with a checkpoint
-    (``OUT/.state``, kept for ``--resume``) or a finished run (``summary.json``) is kept. Called holding ``lock``, which it releases."""
+    worth keeping (e.g. the model's checkpoint is damaged). A directory holding any of
+    ``keep`` is kept: analyze's checkpoint (``OUT/.state``, kept for ``--resume``) or finished
+    run (``summary.json``); finetune passes its own (``original.json``, ``results.json``).
+    Called holding ``lock``, which it releases."""
     out = Path(out).absolute()
-    if (out / STATE).exists() or (out / "summary.json").exists():  # a checkpoint, or a finished run
+    if any((out / name).exists() for name in keep):  # a checkpoint, or a finished run
         return
     _remove((p for p in out.iterdir() if p.name != LOCK), ignore_errors=True)
     lock.release()
@@ -251,25 +253,105 @@ def looks_like_run(out: Path) -> bool:
     return isinstance(doc, dict) and isinstance(doc.get("options"), dict) and "fingerprint" in doc
 
 
+def _json_dict(path: Path) -> Optional[dict]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+# The files of python -m specext.finetune's run directory that mark it as one: the original
+# model's evaluation (written once it is done) and the experiment's table (written last).
+FINETUNE_MARKERS = ("original.json", "results.json")
+
+
+def looks_like_finetune(out: Path) -> bool:
+    """Whether ``out`` is a ``specext.finetune`` run directory: its ``original.json`` or
+    ``results.json`` is finetune's (a ``fingerprint`` and the vector ``selection``)."""
+    for name in FINETUNE_MARKERS:
+        doc = _json_dict(out / name)
+        if doc is not None and isinstance(doc.get("fingerprint"), dict) and isinstance(doc.get("selection"), dict):
+            return True
+    return False
+
+
+def finetune_finished(out: Path) -> bool:
+    """Whether ``out`` holds a complete finetune experiment: its ``results.json`` (written
+    last) with the strategy x metric ``table``."""
+    doc = _json_dict(out / "results.json")
+    return doc is not None and isinstance(doc.get("fingerprint"), dict) and isinstance(doc.get("table"), list)
+
+
+KINDS = {"analyze": "python -m specext.analyze", "finetune": "python -m specext.finetune"}
+
+
+def run_kind(out: Path) -> Optional[str]:
+    """The kind of specext run ``out`` holds: ``analyze`` (:func:`looks_like_run`),
+    ``finetune`` (:func:`looks_like_finetune`), or None (not a specext run directory)."""
+    if looks_like_run(out):
+        return "analyze"
+    if looks_like_finetune(out):
+        return "finetune"
+    return None
+
+
+def _describe(out: Path, kind: str) -> str:
+    """``a finished python -m specext.KIND run (its marker)`` or ``an unfinished ...``."""
+    if kind == "analyze":
+        done, marker = (out / "summary.json").is_file(), "summary.json"
+    else:
+        done, marker = finetune_finished(out), "results.json"
+    return (f"a finished {KINDS[kind]} run ({marker})" if done
+            else f"an unfinished {KINDS[kind]} run (no complete {marker})")
+
+
 def _checkpoint(out: Path) -> bool:
     st = out / STATE
     return (st / "progress.json").is_file() or any(st.glob("rank-*/progress.json"))
 
 
-def prepare_out(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
-    """A run directory never mixes two runs. ``out`` may be used when it is empty (besides
-    specext's lock and weights-hash cache), or with ``resume`` when it holds a checkpoint
-    (whose fingerprint the resume then checks: the same configuration) or nothing yet.
+def prepare_out(out: Path, *, resume: bool = False, overwrite: bool = False, kind: str = "analyze") -> None:
+    """A run directory never mixes two runs, nor two kinds of run (``kind``: ``analyze`` or
+    ``finetune``, the command about to write it). ``out`` may be used when it is empty
+    (besides specext's lock and weights-hash cache), or with ``resume`` when it holds a run
+    of the same kind to continue (analyze: a checkpoint; finetune: an experiment, finished or
+    not), whose fingerprint the resume then checks (the same configuration), or nothing yet.
     Otherwise ``overwrite`` clears it first, but only when it looks like a specext run
-    directory (:func:`looks_like_run`): a folder of other files is never deleted. Anything
-    else raises ``ValueError`` saying what ``out`` holds and what to do."""
+    directory of either kind (:func:`run_kind`): a folder of other files is never deleted.
+    Anything else raises ``ValueError`` saying what ``out`` holds and what to do."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if not out.is_dir():
         return
     entries = _own_entries(out)
     if not entries:
         return
     names = ", ".join(p.name for p in entries[:8]) + (" ..." if len(entries) > 8 else "")
-    is_run = looks_like_run(out)
+    found = run_kind(out)
+    is_run = found is not None
+    if found is not None and found != kind:
+        if overwrite:
+            pass  # cleared below: a specext run, whichever kind
+        elif resume:
+            raise ValueError(f"--resume: --out {out} holds {_describe(out, found)}, not a {KINDS[kind]} run: "
+                             f"--resume continues only a {KINDS[kind]} run of the same inputs; use another --out, or "
+                             f"--overwrite to replace it")
+        else:
+            raise ValueError(f"--out {out} holds {_describe(out, found)}: {names}; a run directory holds one run only: "
+                             f"pass --overwrite to replace it, or use another --out")
+    elif kind == "finetune" and not overwrite:
+        if not is_run:
+            raise ValueError(f"--out {out} is not empty and not a specext run directory (it holds {names}); a run "
+                             f"directory holds one run only: use another --out")
+        if resume:
+            return  # the experiment's markers are checked against this run's fingerprint next
+        if finetune_finished(out):
+            raise ValueError(f"--out {out} holds {_describe(out, kind)}: {names}; a run "
+                             f"directory holds one run only: pass --overwrite to replace it, --resume to keep its "
+                             f"finished runs (same inputs only), or use another --out")
+        raise ValueError(f"--out {out} holds {_describe(out, kind)}: {names}; continue it with --resume, start it "
+                         f"over with --overwrite, or use another --out")
     if resume:
         if _checkpoint(out) or all(p.name == STATE for p in entries):
             return  # a checkpoint to continue, or a run killed before its first one (starts over)
@@ -284,7 +366,7 @@ def prepare_out(out: Path, *, resume: bool = False, overwrite: bool = False) -> 
                              f"to delete it: use another --out, or empty it yourself")
         import logging
 
-        logging.getLogger("specext.analyze").info("--overwrite: clearing %s (%d entries)", out, len(entries))
+        logging.getLogger(f"specext.{kind}").info("--overwrite: clearing %s (%d entries)", out, len(entries))
         _remove(entries)
         return
     if not is_run:

@@ -65,7 +65,7 @@ import torch
 
 from specext import __version__
 from specext._deps import require
-from specext._options import DefaultsFormatter, at_least, one_of
+from specext._options import DefaultsFormatter, at_least, number_list, one_of
 from specext.metrics.accuracy import accuracy_by_group
 from specext.metrics.pss import RATIOS, UNRELATED, DifferentialScores, MaskedScorer, PSSConfig, compute_pss, n_vectors
 from specext.metrics.specialization import ConceptMass
@@ -1157,10 +1157,7 @@ def main(argv: Optional[List[str]] = None, *, on_checkpoint: Optional[Callable[[
             _demo_defaults(args)
         if not args.model_dir:
             raise ValueError("MODEL_DIR is required (or --demo)")
-        try:
-            ratios = tuple(float(x) for x in args.pss_ratios.split(",") if x.strip())
-        except ValueError:
-            raise ValueError(f"--pss-ratios must be comma-separated numbers, got {args.pss_ratios!r}") from None
+        ratios = number_list("--pss-ratios", args.pss_ratios)
         concepts = None if args.concepts is None else tuple(c.strip() for c in args.concepts.split(",") if c.strip())
         cfg = FinetuneConfig(
             model_dir=args.model_dir, concepts=concepts, top_concepts=args.top_concepts, tier=args.tier,

@@ -1,17 +1,28 @@
 """python -m specext.compare: strict JSON with reasons, run labels, differing settings, the
-formatting of its tables, and compare.html in a real browser (issue 12)."""
+formatting of its tables, compare.html in a real browser (issue 12); one model counted once
+(the same directory or the same weights is an error unless --allow-duplicate-models) and
+exact permutation p-values for few runs, against brute force and scipy."""
 
+import hashlib
+import itertools
 import json
 import logging
+import math
+import os
+import shutil
 
+import numpy as np
 import pytest
 
 import browser
 from specext.compare import compare, fmt_count, fmt_num, main, run_labels
+from specext.metrics import correlation
 
 
 def write_run(d, acc=0.6, pss=0.1, gini=0.2, questions=100, pss_concepts=24, ratios=(0.1, 1.0, 10.0), model="m",
-              probe="world", config=True):
+              probe="world", config=True, weights=None, stat="abs"):
+    """A finished run directory; its config.json's fingerprint has a weights hash of its own
+    (from its path) unless ``weights`` names another run's path (the same weights as that run)."""
     d.mkdir(parents=True, exist_ok=True)
     (d / "summary.json").write_text(json.dumps({
         "model": f"/models/{model}", "architecture": "LlamaForCausalLM", "parameters": 1_102_080,
@@ -25,7 +36,10 @@ def write_run(d, acc=0.6, pss=0.1, gini=0.2, questions=100, pss_concepts=24, rat
                     "mean_excess_gini": gini - 0.05, "share_above_null": 0.5},
         "probe": {"name": probe, "questions": questions, "concepts": 10}, "positions": "question"}))
     if config:
-        (d / "config.json").write_text(json.dumps({"options": {"stat": "abs"}}))
+        w = hashlib.sha256(f"weights of {weights or d}".encode()).hexdigest()
+        (d / "config.json").write_text(json.dumps({"options": {"stat": stat}, "fingerprint": {
+            "options": {"probe": probe, "stat": stat, "seed": 0}, "model_config_sha256": "c" * 64,
+            "weights_sha256": w, "probe_sha256": hashlib.sha256(probe.encode()).hexdigest(), "questions": questions}}))
     return str(d)
 
 
@@ -142,3 +156,182 @@ def test_compare_html_in_a_browser(tmp_path):
         assert seen["scroll_width"] <= seen["window_width"] == width, seen
     png = browser.screenshot(out / "compare.html", tmp_path / "compare.png", 1700, 1400)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+# ---------------------------------------------------------------------------- one model, one point
+
+
+def _three(tmp_path):
+    return [write_run(tmp_path / n, acc=0.5 + 0.1 * i, pss=0.1 * (i + 1), gini=0.1 + 0.05 * i)
+            for i, n in enumerate("ABC")]
+
+
+def test_the_same_run_directory_twice_is_an_error(tmp_path, capsys, caplog):
+    a, b, c = _three(tmp_path)
+    with pytest.raises(ValueError, match=r"same model would count more than once.*"
+                                         rf"{c} is given 3 times.*--allow-duplicate-models"):
+        compare([a, b, c, c, c], tmp_path / "cmp", bootstrap=0)
+    assert not (tmp_path / "cmp").exists()  # nothing written
+    # through a link, or spelled differently: the same resolved path
+    os.symlink(c, tmp_path / "link")
+    assert main([a, b, c, str(tmp_path / "link"), "--out", str(tmp_path / "cmp"), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{c} is given 2 times (as {c}, {tmp_path / 'link'}, all {c})" in err and "Traceback" not in err
+    # on request: counted, with a warning in compare.json, compare.html and the log
+    with caplog.at_level(logging.WARNING, logger="specext.compare"):
+        assert main([a, b, c, c, c, "--out", str(tmp_path / "cmp"), "--bootstrap", "0",
+                     "--allow-duplicate-models"]) == 0
+    res = strict_load(tmp_path / "cmp" / "compare.json")
+    assert res["correlations"]["peak_pss_vs_mcq"]["n"] == 5 and len(res["warnings"]) == 1
+    w = res["warnings"][0]
+    assert w.startswith(f"{c} is given 3 times: counted as separate models (--allow-duplicate-models)")
+    assert w in caplog.text
+    assert "is given 3 times: counted as separate models" in (tmp_path / "cmp" / "compare.html").read_text()
+
+
+def test_a_copied_run_or_the_same_weights_is_an_error(tmp_path, capsys):
+    a, b, c = _three(tmp_path)
+    d = str(tmp_path / "copy-of-C")
+    shutil.copytree(c, d)  # cp -a: another path, the same config.json
+    assert main([a, b, c, d, "--out", str(tmp_path / "cmp"), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    w = json.loads((tmp_path / "C" / "config.json").read_text())["fingerprint"]["weights_sha256"]
+    assert (f"{c}, {d} analysed the same model weights (weights_sha256 {w[:16]}..., model /models/m) with the same "
+            "probe and options too (copies of one run)") in err
+    # the same weights with another probe and --stat, under another model path: still one model
+    e = write_run(tmp_path / "E", acc=0.9, pss=0.5, model="m-elsewhere", probe="specwiki", weights=a, stat="square")
+    with pytest.raises(ValueError, match=rf"{a}, {e} analysed the same model weights \(weights_sha256 [0-9a-f]{{16}}"
+                                         r"\.\.\., model /models/m / /models/m-elsewhere\) \(they differ only in "
+                                         r"options.probe, options.stat, probe_sha256: still one model\)"):
+        compare([a, b, c, e], tmp_path / "cmp", bootstrap=0)
+    # both groups named in one error
+    with pytest.raises(ValueError, match=rf"{c}, {d} analysed.*; {a}, {e} analysed|{a}, {e} analysed.*; {c}, {d}"):
+        compare([a, b, c, d, e], tmp_path / "cmp", bootstrap=0)
+    res = compare([a, b, c, d, e], tmp_path / "cmp", bootstrap=0, allow_duplicate_models=True)
+    assert res["correlations"]["peak_pss_vs_mcq"]["n"] == 5 and len(res["warnings"]) == 2 + 2  # + probe, stat differ
+    assert sum("counted as separate models" in w for w in res["warnings"]) == 2
+    # the same model path with other weights (a fine-tune written in place) is another model
+    f = write_run(tmp_path / "F", acc=0.3, pss=0.3)
+    res = compare([a, b, c, f], tmp_path / "cmp", bootstrap=0)
+    assert res["warnings"] == [] and res["correlations"]["peak_pss_vs_mcq"]["n"] == 4
+    assert res["runs"][0]["weights_sha256"] != res["runs"][3]["weights_sha256"]
+
+
+def test_runs_without_a_weights_hash_are_checked_by_path_with_a_warning(tmp_path):
+    a, b, c = _three(tmp_path)
+    (tmp_path / "B" / "config.json").write_text(json.dumps({"options": {"stat": "abs"}}))  # an older specext's
+    res = compare([a, b, c], tmp_path / "cmp", bootstrap=0)
+    assert res["warnings"] == [f"{b}: no fingerprint.weights_sha256 in config.json (not written by specext.analyze, "
+                               "or by an older version): whether another run analysed the same model weights was not "
+                               "checked (only the directories' paths were)"]
+    assert res["runs"][1]["weights_sha256"] is None
+    with pytest.raises(ValueError, match=rf"{b} is given 2 times"):
+        compare([a, b, c, b], tmp_path / "cmp", bootstrap=0)
+    assert compare([a], tmp_path / "cmp1", bootstrap=0)["warnings"] == []  # one run: nothing to tell apart
+
+
+# ---------------------------------------------------------------------------- p-values for few runs
+
+
+def _brute_p(x, y):
+    """Two-sided permutation p by definition: the share of the n! orderings of y with |r| >= observed."""
+    def r(a, b):
+        a, b = np.asarray(a, float) - np.mean(a), np.asarray(b, float) - np.mean(b)
+        return float(a @ b / math.sqrt((a @ a) * (b @ b)))
+    obs = abs(r(x, y))
+    hits = sum(abs(r(x, [y[i] for i in p])) >= obs - 1e-12 for p in itertools.permutations(range(len(x))))
+    return hits / math.factorial(len(x))
+
+
+def test_three_runs_with_rho_one_have_p_one_third(tmp_path, capsys):
+    """The audit's case: rho = 1 over 3 runs printed p = 0; 2 of the 3! orderings reach |rho| = 1."""
+    a, b, c = _three(tmp_path)
+    assert main([a, b, c, "--out", str(tmp_path / "cmp"), "--bootstrap", "0"]) == 0
+    res = strict_load(tmp_path / "cmp" / "compare.json")
+    for v in res["correlations"].values():
+        assert v["n"] == 3 and v["spearman"] == pytest.approx(1.0) and v["pearson"] == pytest.approx(1.0)
+        assert v["spearman_p"] == pytest.approx(1 / 3) and v["pearson_p"] == pytest.approx(1 / 3)
+        assert v["spearman_p_method"] == v["pearson_p_method"] == "exact permutation"
+    assert "spearman 1.0000 (p=0.333, exact permutation)" in capsys.readouterr().out
+    assert "0.333 (exact)" in (tmp_path / "cmp" / "compare.html").read_text()
+    # undefined: no method either
+    res = compare([a, b], tmp_path / "cmp2", bootstrap=0)
+    assert res["correlations"]["peak_pss_vs_mcq"]["spearman_p_method"] is None
+
+
+def test_many_runs_use_the_t_approximation(tmp_path):
+    rng = np.random.default_rng(5)
+    n = correlation.EXACT_MAX_N + 3
+    dirs = [write_run(tmp_path / f"r{i}", acc=float(rng.uniform(0.3, 0.9)), pss=float(rng.uniform(0.01, 0.2)),
+                      gini=0.1 + 0.01 * i) for i in range(n)]
+    res = compare(dirs, tmp_path / "cmp", bootstrap=0)
+    c = res["correlations"]["peak_pss_vs_mcq"]
+    assert c["n"] == n and c["pearson_p_method"] == c["spearman_p_method"] == "t approximation"
+    x, y = [r["peak_pss"] for r in res["runs"]], [r["mcq"] for r in res["runs"]]
+    assert c["spearman_p"] == pytest.approx(correlation.spearman(x, y)[1], rel=1e-12)
+    assert 0 < c["spearman_p"] < 1 and 0 < c["pearson_p"] < 1
+
+
+def test_exact_pvalues_match_brute_force_with_and_without_ties():
+    rng = np.random.default_rng(11)
+    for n in range(3, correlation.EXACT_MAX_N + 1):
+        for ties in (False, True):
+            x = rng.normal(size=n)
+            y = 0.6 * x + rng.normal(size=n)
+            if ties:
+                x[1] = x[0]
+                y[2] = y[0]
+            x, y = list(x), list(y)
+            pr, pp, pm = correlation.pearson_test(x, y)
+            sr, sp, sm = correlation.spearman_test(x, y)
+            assert pm == sm == "exact permutation"
+            if n <= 7:  # 8! and 9! orderings by Python loops: too slow for a test
+                assert pp == pytest.approx(_brute_p(x, y), abs=1e-12), (n, ties)
+                rx, ry = correlation.rankdata(x), correlation.rankdata(y)
+                assert sp == pytest.approx(_brute_p(rx, ry), abs=1e-12), (n, ties)
+            assert 0 < sp <= 1 and 0 < pp <= 1 and pr == pytest.approx(correlation.pearson(x, y)[0])
+    # the smallest p reachable: 2 of n! orderings at |rho| = 1 without ties, at any n
+    for n in (3, 5, correlation.EXACT_MAX_N, correlation.EXACT_MAX_N + 1, 12):
+        r = correlation.spearman_test(list(range(n)), [v ** 3 for v in range(n)])
+        assert r.statistic == 1.0 and r.pvalue == pytest.approx(2 / math.factorial(n), rel=1e-12)
+        assert r.method == "exact permutation"
+        assert correlation.spearman_test(list(range(n)), [-v for v in range(n)]).pvalue == pytest.approx(
+            2 / math.factorial(n), rel=1e-12)
+    # rho = 1 with ties (12 points, a tied pair at each end in both): 2 * 2 * 2 orderings of 12!
+    x = [1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10]
+    y = [5, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -4]
+    r = correlation.spearman_test(x, y)
+    assert r.statistic == -1.0 and r.pvalue == pytest.approx(8 / math.factorial(12), rel=1e-12)
+    # ties in one variable only: |rho| < 1, so the t approximation at 12 points
+    assert correlation.spearman_test([1, 1] + list(range(2, 12)), list(range(12))).method == "t approximation"
+    # a perfect linear fit with 3 points: no division by zero, no NaN
+    assert correlation.pearson_test([1.0, 2.0, 3.0], [0.5, 1.0, 1.5]) == (1.0, pytest.approx(1 / 3),
+                                                                          "exact permutation")
+    assert all(math.isnan(v) for v in correlation.spearman_test([1, 1, 1], [1, 2, 3])[:2])
+    assert correlation.spearman_test([1, 1, 1], [1, 2, 3]).method is None
+    with pytest.raises(ValueError, match="an exact permutation test needs 2 to 9 points, got 10"):
+        correlation.permutation_pvalue(list(range(10)), list(range(10)))
+
+
+def test_exact_pvalues_match_scipy():
+    stats = pytest.importorskip("scipy.stats")  # the [test] extra; not needed to collect
+    rng = np.random.default_rng(12)
+    for n in (3, 4, 6, 8):  # 9 takes the same path, and scipy 3 s a test there
+        x = rng.normal(size=n)
+        y = 0.5 * x + rng.normal(size=n)
+        y[1] = y[0]  # a tie
+        for test, prep in ((correlation.pearson_test, lambda v: v), (correlation.spearman_test, stats.rankdata)):
+            xs, ys = prep(x), prep(y)
+            ref = stats.permutation_test((ys,), lambda v, axis: np.abs(stats.pearsonr(xs, v, axis=axis).statistic),
+                                         permutation_type="pairings", n_resamples=np.inf, alternative="greater",
+                                         vectorized=True, batch=5040)
+            got = test(list(x), list(y))
+            assert got.method == "exact permutation" and got.pvalue == pytest.approx(ref.pvalue, abs=1e-12), (n, test)
+    # without ties the null distribution of rho is symmetric: scipy's own spearmanr permutation test agrees
+    x, y = rng.normal(size=6), rng.normal(size=6)
+    try:
+        ref = stats.spearmanr(x, y, method=stats.PermutationMethod(n_resamples=np.inf)).pvalue
+    except TypeError:  # scipy without spearmanr(method=)
+        ref = stats.permutation_test((y,), lambda v: stats.spearmanr(x, v).statistic, permutation_type="pairings",
+                                     n_resamples=np.inf).pvalue
+    assert correlation.spearman_test(list(x), list(y)).pvalue == pytest.approx(ref, abs=1e-12)

@@ -329,7 +329,12 @@ def test_compare_runs(tmp_path):
     y = [r["mcq"] for r in res["runs"]]
     c = res["correlations"]["peak_pss_vs_mcq"]
     assert c["n"] == 5 and c["pearson"] == pytest.approx(scipy_stats.pearsonr(x, y).statistic)
-    assert c["spearman_p"] == pytest.approx(scipy_stats.spearmanr(x, y).pvalue)
+    # 5 runs: the exact permutation test over all 5! orderings (scipy's, on |rho|), not the t approximation
+    rx = scipy_stats.rankdata(x)
+    exact = scipy_stats.permutation_test((scipy_stats.rankdata(y),),
+                                         lambda v: abs(scipy_stats.pearsonr(rx, v).statistic),
+                                         permutation_type="pairings", n_resamples=np.inf, alternative="greater")
+    assert c["spearman_p"] == pytest.approx(exact.pvalue) and c["spearman_p_method"] == "exact permutation"
     assert c["pearson_ci"][0] <= c["pearson"] <= c["pearson_ci"][1] and c["bootstrap_resamples"] > 900
     assert set(res["correlations"]) == {"peak_pss_vs_mcq", "mean_gini_vs_mcq", "mean_excess_gini_vs_mcq"}
     r0 = res["runs"][0]

@@ -13,6 +13,21 @@ same). ``compare.json`` is strict JSON: an undefined correlation (fewer than 3 r
 constant accuracy or metric) is ``null`` with a ``reason``. Runs that differ in probe,
 question or concept counts, positions, mass statistic or PSS settings are compared with a
 warning, and the differing settings are listed (``differing_settings``, ``warnings``).
+
+Each model must count once: a correlation across models over n runs assumes n independent
+models, and a model counted twice inflates n and the significance. Two runs are the same
+model when they are the same directory (given twice, or through a link) or when they
+analysed the same weights (``config.json``'s ``fingerprint.weights_sha256``, the hash of the
+safetensors files' names and bytes, so a copied run directory or the same checkpoint stored
+under two paths is caught, and a fine-tune of it is not). Same weights with a different probe
+or different options is still the same model: two points of one model would still weigh it
+twice. Such runs are an error naming them and what they share, unless
+``--allow-duplicate-models`` is given (then a warning in ``warnings``). Runs without a weights
+hash (no ``config.json``, or an older specext's) are checked by path only, with a warning.
+
+p-values are exact permutation tests (all n! orderings) for n <= 9 and for Spearman's
+|rho| = 1, else the t approximation; ``pearson_p_method`` / ``spearman_p_method`` say which
+(:mod:`specext.metrics.correlation`).
 """
 
 from __future__ import annotations
@@ -31,7 +46,7 @@ from specext.pipelines import rundir
 from specext._deps import require
 from specext._options import DefaultsFormatter, at_least, one_of
 from specext.metrics.bootstrap import bootstrap_correlation
-from specext.metrics.correlation import pearson, spearman
+from specext.metrics.correlation import EXACT_MAX_N, pearson_test, spearman_test
 
 logger = logging.getLogger("specext.compare")
 
@@ -87,6 +102,7 @@ def load_run(run_dir: Path, score: Optional[str] = None) -> Dict[str, object]:
         "probe": (s.get("probe") or {}).get("name"), "questions": (s.get("probe") or {}).get("questions"),
         "positions": s.get("positions"),
         "settings": _settings(Path(run_dir), s),
+        "weights_sha256": (run_fingerprint(Path(run_dir)) or {}).get("weights_sha256"),
     }
 
 
@@ -135,6 +151,63 @@ def _check_summary(p: Path, s) -> None:
         if ci is not None and (len(ci) != 2 or not all(x is None or isinstance(x, _NUM) for x in ci)):
             raise ValueError(f"{p}: malformed summary: 'pss.{sc}.peak_ci' is {json.dumps(ci)[:60]}, expected "
                              "[low, high]")
+
+
+def run_fingerprint(run_dir: Path) -> Optional[Dict[str, object]]:
+    """``config.json``'s ``fingerprint`` (what ``analyze --resume`` checks: ``options``,
+    ``weights_sha256``, ``model_config_sha256``, ``probe_sha256``, ``questions``); None where
+    the run directory has no readable config.json or no fingerprint in it."""
+    try:
+        fp = json.loads((Path(run_dir) / "config.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fp if isinstance(fp, dict) else None
+
+
+def _flat(d, path: str = "") -> Dict[str, object]:
+    """A nested dict as ``{"options.pss.ratios": value, ...}``."""
+    if not isinstance(d, dict):
+        return {path: d}
+    out: Dict[str, object] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{path}.{k}" if path else str(k)))
+    return out
+
+
+def duplicate_models(rows: List[Dict[str, object]], fingerprints: List[Optional[Dict[str, object]]]) -> List[str]:
+    """One message per group of runs that are the same model and must not count as separate
+    models: a run directory given more than once (the same resolved path) and distinct run
+    directories whose ``fingerprints`` (:func:`run_fingerprint`) have the same
+    ``weights_sha256``, whatever their probe or options. Each message names the run
+    directories (as given) and what they share; empty where every run is a model of its own."""
+    msgs: List[str] = []
+    by_path: Dict[Path, List[int]] = {}
+    for i, r in enumerate(rows):
+        by_path.setdefault(Path(r["run"]).resolve(), []).append(i)
+    for path, idx in by_path.items():
+        if len(idx) > 1:
+            spelled = sorted({rows[i]["run"] for i in idx})
+            msgs.append(f"{rows[idx[0]]['run']} is given {len(idx)} times"
+                        + (f" (as {', '.join(spelled)}, all {path})" if len(spelled) > 1 else ""))
+    by_weights: Dict[str, List[int]] = {}
+    for idx in by_path.values():  # one run per directory
+        w = (fingerprints[idx[0]] or {}).get("weights_sha256")
+        if isinstance(w, str) and w:
+            by_weights.setdefault(w, []).append(idx[0])
+    for w, idx in by_weights.items():
+        if len(idx) < 2:
+            continue
+        models = sorted({str(rows[i].get("model")) for i in idx})
+        flat = [{k: v for k, v in _flat(fingerprints[i]).items() if k != "weights_sha256"} for i in idx]
+        keys = sorted({k for f in flat for k in f})
+        differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+        what = (" with the same probe and options too (copies of one run)" if not differ else
+                f" (they differ only in {', '.join(differ)}: still one model)")
+        msgs.append(f"{', '.join(rows[i]['run'] for i in idx)} analysed the same model weights (weights_sha256 "
+                    f"{w[:16]}..., model {' / '.join(models)}){what}")
+    return msgs
+
+
 def _settings(run_dir: Path, s: Dict[str, object]) -> Dict[str, object]:
     """The options that make two runs' numbers comparable or not: the probe, its size, the token
     positions, the mass statistic and the PSS settings (``config.json``'s where summary.json
@@ -212,26 +285,29 @@ def _undefined(x: List[float], y: List[float], metric: str, accuracy: str) -> Op
 def correlations(rows: List[Dict[str, object]], accuracy: str = "mcq", bootstrap: int = 1000,
                  seed: int = 0) -> Dict[str, object]:
     """Pearson and Spearman correlation of each metric with accuracy over runs, with two-sided
-    p-values and 95% bootstrap intervals (runs resampled with replacement). Where a correlation
-    is undefined (fewer than 3 runs, a constant accuracy or metric) its numbers are ``None``
+    p-values and 95% bootstrap intervals (runs resampled with replacement). Each p-value's
+    method is next to it (``pearson_p_method``, ``spearman_p_method``): ``exact permutation``
+    (all n! orderings, for n <= ``EXACT_MAX_N``, and Spearman's |rho| = 1 at any n) or
+    ``t approximation`` (:mod:`specext.metrics.correlation`). Where a correlation is undefined
+    (fewer than 3 runs, a constant accuracy or metric) its numbers and methods are ``None``
     and ``reason`` says why; otherwise ``reason`` is ``None``."""
     out = {}
     for metric in METRICS:
         pairs = [(r[metric], r[accuracy]) for r in rows if _finite(r.get(metric)) and _finite(r.get(accuracy))]
         x, y = [p[0] for p in pairs], [p[1] for p in pairs]
         reason = _undefined(x, y, metric, accuracy)
-        pr = pp = sr = sp = None
+        pr = pp = pm = sr = sp = sm = None
         b = {"pearson_ci": None, "spearman_ci": None, "resamples_used": 0}
         if reason is None:
-            pr, pp = pearson(x, y)
-            sr, sp = spearman(x, y)
+            pr, pp, pm = pearson_test(x, y)
+            sr, sp, sm = spearman_test(x, y)
             if not all(map(_finite, (pr, pp, sr, sp))):
                 reason = "undefined (a non-finite correlation)"
             b = bootstrap_correlation(x, y, bootstrap, seed)
         out[f"{metric}_vs_{accuracy}"] = _strict(
-            {"n": len(pairs), "pearson": pr, "pearson_p": pp, "pearson_ci": b["pearson_ci"], "spearman": sr,
-             "spearman_p": sp, "spearman_ci": b["spearman_ci"], "bootstrap_resamples": b["resamples_used"],
-             "reason": reason})
+            {"n": len(pairs), "pearson": pr, "pearson_p": pp, "pearson_p_method": pm, "pearson_ci": b["pearson_ci"],
+             "spearman": sr, "spearman_p": sp, "spearman_p_method": sm, "spearman_ci": b["spearman_ci"],
+             "bootstrap_resamples": b["resamples_used"], "reason": reason})
     return out
 
 
@@ -313,10 +389,12 @@ def _cells(r) -> List[tuple]:
 def _html(rows, corr, result, accuracy: str, bootstrap: int) -> str:
     e = lambda v: html.escape(str(v))  # noqa: E731
     ci = lambda c: "n/a" if not c else f"[{c[0]:.4f}, {c[1]:.4f}]"  # noqa: E731
-    p = lambda v: "n/a" if not _finite(v) else f"{v:.3g}"  # noqa: E731
+    short = {"exact permutation": "exact", "t approximation": "t"}
+    p = lambda v, m: "n/a" if not _finite(v) else f"{v:.3g} ({e(short.get(m, m))})"  # noqa: E731
     crs = "".join(f"<tr><td>{e(k)}</td><td>{v['n']}</td>" + (
-        f"<td>{fmt_num(v['pearson'])}</td><td>{ci(v['pearson_ci'])}</td><td>{p(v['pearson_p'])}</td>"
-        f"<td>{fmt_num(v['spearman'])}</td><td>{ci(v['spearman_ci'])}</td><td>{p(v['spearman_p'])}</td><td></td>"
+        f"<td>{fmt_num(v['pearson'])}</td><td>{ci(v['pearson_ci'])}</td><td>{p(v['pearson_p'], v['pearson_p_method'])}"
+        f"</td><td>{fmt_num(v['spearman'])}</td><td>{ci(v['spearman_ci'])}</td>"
+        f"<td>{p(v['spearman_p'], v['spearman_p_method'])}</td><td></td>"
         if v["reason"] is None else f"<td colspan=6 class=c>n/a</td><td class=l>{e(v['reason'])}</td>") + "</tr>"
         for k, v in corr.items())
     head = "".join(f"<th>{e(h)}</th>" for h, _ in _cells(rows[0]))
@@ -331,6 +409,10 @@ def _html(rows, corr, result, accuracy: str, bootstrap: int) -> str:
                                                                  for k in diff) + "</tr>" for r in rows)
         warn = (f'<div class="warn"><b>The runs differ in {e(", ".join(diff))}</b>: their numbers are not directly '
                 f'comparable.<div class="scroll"><table><tr><th>run</th>{dh}</tr>{dr}</table></div></div>')
+    others = [w for w in result["warnings"] if not w.startswith("the runs differ in ")]  # duplicates, unchecked
+    if others:
+        warn = ('<div class="warn"><b>Warnings</b><ul>' + "".join(f"<li>{e(w)}</li>" for w in others)
+                + "</ul></div>" + warn)
     same = [(k, v) for k, v in rows[0]["settings"].items() if k not in diff]
     common = ("<p>Settings common to every run: " + "; ".join(f"{e(k)} <b>{e(_setting(v))}</b>" for k, v in same)
               + ".</p>") if same else ""
@@ -342,7 +424,9 @@ th{{background:#f3f3f3}}td.l{{text-align:left}}td.c{{text-align:center}}.scroll{
 .warn{{background:#fff4e0;border:1px solid #e0a040;padding:.5em 1em;margin:1em 0}}
 img{{max-width:100%}}</style></head><body><h1>specext: {len(rows)} runs compared</h1>{warn}
 <h2>Correlation with accuracy ({e(accuracy)})</h2><p>PSS score: {e(result['pss_score'])}.
-Intervals: 95% bootstrap over runs ({bootstrap} resamples); p: two-sided.</p><div class="scroll"><table><tr><th>pair</th>
+Intervals: 95% bootstrap over runs ({bootstrap} resamples); p: two-sided, <i>exact</i>: an exact
+permutation test over all n! orderings (n &le; {EXACT_MAX_N}, and Spearman's |rho| = 1), <i>t</i>: the t
+approximation.</p><div class="scroll"><table><tr><th>pair</th>
 <th>n</th><th>Pearson r</th><th>95% interval</th><th>p</th><th>Spearman rho</th><th>95% interval</th><th>p</th><th>note</th>
 </tr>{crs}</table></div><img src="compare.png" alt="compare.png">
 <h2>Runs</h2><p>Labelled by run directory (hover a row for its path); every column, unrounded, is in
@@ -359,7 +443,15 @@ def _setting(v) -> str:
 
 
 def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Optional[str] = None,
-            bootstrap: int = 1000, seed: int = 0) -> Dict[str, object]:
+            bootstrap: int = 1000, seed: int = 0, allow_duplicate_models: bool = False) -> Dict[str, object]:
+    """Compare finished ``analyze`` run directories and write ``compare.csv``, ``compare.json``,
+    ``compare.png`` and ``compare.html`` into ``out``; returns compare.json's content.
+
+    Raises ValueError, naming the runs and what they share, where two runs are the same model
+    (the same directory, or the same weights by ``config.json``'s ``fingerprint.weights_sha256``,
+    even with a different probe or options: see :func:`duplicate_models`) unless
+    ``allow_duplicate_models`` (``--allow-duplicate-models``), which counts them all and
+    records a warning."""
     require("matplotlib", what="specext.compare")
     if not run_dirs:
         raise ValueError("give at least one run directory")
@@ -371,17 +463,28 @@ def compare(run_dirs: List[str], out: Path, accuracy: str = "mcq", score: Option
         raise ValueError(f"--out {out} is an existing file, not a directory: give a directory (created if missing) "
                          "for compare.csv, compare.json and compare.html")
     rows = [load_run(Path(d), score) for d in run_dirs]
-    seen = set()
     for r, lab in zip(rows, run_labels(run_dirs)):
         r["label"] = lab
-        if Path(r["run"]).resolve() in seen:
-            logger.warning("%s is given more than once (labelled %s)", r["run"], lab)
-        seen.add(Path(r["run"]).resolve())
+    warnings = []
+    dups = duplicate_models(rows, [run_fingerprint(Path(d)) for d in run_dirs])
+    if dups and not allow_duplicate_models:
+        raise ValueError("the same model would count more than once in the correlations across models, inflating "
+                         f"n and their significance: {'; '.join(dups)}. Give each model once, or pass "
+                         "--allow-duplicate-models to count every run (recorded as a warning)")
+    for d in dups:
+        warnings.append(f"{d}: counted as separate models (--allow-duplicate-models), so n overstates the number of "
+                        "models and the p-values and intervals overstate the evidence")
+        logger.warning("%s", warnings[-1])
+    unchecked = [r["run"] for r in rows if not r["weights_sha256"]]
+    if unchecked and len(rows) > 1:
+        warnings.append(f"{', '.join(unchecked)}: no fingerprint.weights_sha256 in config.json (not written by "
+                        "specext.analyze, or by an older version): whether another run analysed the same model "
+                        "weights was not checked (only the directories' paths were)")
+        logger.warning("%s", warnings[-1])
     used = sorted({r["pss_score"] for r in rows if r["pss_score"]})
     if len(used) > 1:
         raise ValueError(f"the runs' headline PSS scores differ ({', '.join(used)}); choose one with --pss-score")
     diff = differing_settings(rows)
-    warnings = []
     for k, vals in diff.items():
         warnings.append(f"the runs differ in {k} ({'; '.join(f'{lab}: {_setting(v)}' for lab, v in vals.items())}): "
                         f"their numbers are not directly comparable")
@@ -414,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PSS score to compare (default: the runs' headline score, which must agree)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of runs for correlation intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    p.add_argument("--allow-duplicate-models", action="store_true",
+                   help="count runs of the same model (the same run directory, or the same weights_sha256 in "
+                        "config.json, whatever the probe or options) as separate points, with a warning; by default "
+                        "that is an error, as it inflates n and the significance")
     return p
 
 
@@ -421,7 +528,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        res = compare(args.runs, Path(args.out), args.accuracy, args.pss_score, args.bootstrap, args.seed)
+        res = compare(args.runs, Path(args.out), args.accuracy, args.pss_score, args.bootstrap, args.seed,
+                      allow_duplicate_models=args.allow_duplicate_models)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -430,8 +538,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if v["reason"] is not None:
             print(f"{k:28s} n={v['n']:<3d} no correlation: {v['reason']}")
             continue
-        print(f"{k:28s} n={v['n']:<3d} pearson {v['pearson']:.4f}{ci(v['pearson_ci'])} (p={v['pearson_p']:.3g})  "
-              f"spearman {v['spearman']:.4f}{ci(v['spearman_ci'])} (p={v['spearman_p']:.3g})")
+        print(f"{k:28s} n={v['n']:<3d} pearson {v['pearson']:.4f}{ci(v['pearson_ci'])} "
+              f"(p={v['pearson_p']:.3g}, {v['pearson_p_method']})  spearman {v['spearman']:.4f}"
+              f"{ci(v['spearman_ci'])} (p={v['spearman_p']:.3g}, {v['spearman_p_method']})")
     print(f"wrote {args.out}/compare.csv, compare.json, compare.html")
     return 0
 

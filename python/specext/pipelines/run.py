@@ -286,6 +286,14 @@ def accumulate_devices(option: str, lm: LoadedModel):
     return list(lm.layer_devices) if lm.device_map else lm.device
 
 
+def _where(acc_device) -> str:
+    """``cpu``, or for per-layer accumulators each device with its layer count (``cuda:0 x40, cpu x40``)."""
+    if not isinstance(acc_device, (list, tuple)):
+        return str(acc_device)
+    names = [str(d) for d in acc_device]
+    return "each layer's device (" + ", ".join(f"{d} x{names.count(d)}" for d in dict.fromkeys(names)) + ")"
+
+
 def memory_plan(cfg: AnalyzeConfig, probe: ProbeSet, lm: LoadedModel, acc_device: torch.device,
                 out: Path) -> Dict[str, object]:
     """What the run will hold, printed before it starts: the concept accumulators (on
@@ -305,7 +313,7 @@ def memory_plan(cfg: AnalyzeConfig, probe: ProbeSet, lm: LoadedModel, acc_device
             "pss_selection_bytes": selection, "checkpoint_bytes": accum, "model_device": str(lm.device)}
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     logger.info("memory plan: accumulators %s on %s (%d concepts x %d layers x %d), batch statistics %s and PSS "
-                "selection %s on %s, checkpoints %s each on disk", gib(accum), acc_device, K, L, D, gib(batch),
+                "selection %s on %s, checkpoints %s each on disk", gib(accum), _where(acc_device), K, L, D, gib(batch),
                 gib(selection), lm.device, gib(accum))
     need: Dict[torch.device, int] = {}
     for dev, n in ([(d, accum // L) for d in acc_device] if per_layer else [(acc_device, accum)]):

@@ -189,6 +189,20 @@ def test_sharded_with_index(tmp_path):
     assert len(files) == 2  # the down-projections really are spread over both shards
 
 
+def test_index_and_a_stray_single_file_are_two_checkpoints(tmp_path):
+    """transformers loads model.safetensors before any index: with both in one folder the
+    norms (read through the index) would be another checkpoint's than the weights that ran."""
+    from specext.kernels.weights import checkpoint_tensors
+
+    tensors, names, _, config = FAMILIES["llama"]
+    d, weight_map = _write_sharded(tmp_path / "m", tensors, 2, index=True, config=config)
+    save_file({n: t * 2 for n, t in tensors.items()}, str(d / "model.safetensors"))
+    for call in (lambda: list(iter_down_proj(d)), lambda: checkpoint_tensors(d)):
+        with pytest.raises(ValueError, match=rf"{d} holds two checkpoints: model.safetensors and "
+                                             r"model.safetensors.index.json, which names other files"):
+            call()
+
+
 def test_sharded_without_index(tmp_path):
     tensors, names, transposed, config = FAMILIES["gpt2"]
     d, weight_map = _write_sharded(tmp_path / "m", tensors, 2, index=False, config=config)

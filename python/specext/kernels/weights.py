@@ -50,6 +50,19 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"  # what transformers loads, before any index, when it exists
+
+
+def _refuse_two_checkpoints(directory: Path, index: Path, files) -> None:
+    """A folder with an index *and* a ``model.safetensors`` the index does not name holds two
+    checkpoints: transformers loads ``model.safetensors`` (it wins over the index) while the
+    index names other shards, so the weights specext reads (value-vector norms, validation)
+    would not be the weights that ran."""
+    single = directory / SINGLE_NAME
+    if single.is_file() and single.resolve() not in {Path(f).resolve() for f in files}:
+        raise ValueError(f"{directory} holds two checkpoints: {SINGLE_NAME} and {index.name}, which names other "
+                         f"files ({', '.join(sorted({Path(f).name for f in files})[:3])}...). transformers would "
+                         f"load {SINGLE_NAME} and ignore the index; remove the one that is not this model's")
 CONFIG_NAME = "config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Quantised or packed dtypes cannot be turned into real-valued vectors without
@@ -418,7 +431,9 @@ def _name_to_file(model_dir: PathLike) -> Tuple[Path, Dict[str, Path], Optional[
                 raise ValueError(f"cannot parse {index}: {exc}") from exc
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index} has no 'weight_map' object")
-            return directory, {n: _resolve_inside(directory, f, index) for n, f in weight_map.items()}, None
+            mapping = {n: _resolve_inside(directory, f, index) for n, f in weight_map.items()}
+            _refuse_two_checkpoints(directory, index, mapping.values())
+            return directory, mapping, None
         files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
         if not files:
             pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -540,6 +555,7 @@ def checkpoint_tensors(model_dir: PathLike) -> Dict[str, Tuple[Path, str, Tuple[
             raise ValueError(f"{index} has no 'weight_map' object")
         wanted = {n: _resolve_inside(directory, f, index) for n, f in weight_map.items()}
         files = sorted(set(wanted.values()))
+        _refuse_two_checkpoints(directory, index, files)
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"{index} maps tensors to {f.name}, which does not exist in {directory}")

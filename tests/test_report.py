@@ -96,6 +96,34 @@ def test_accuracy_bars_legend_clear_and_tiers_ordered(monkeypatch, tmp_path):
     assert plots.ordered(["b", "a"]) == ["b", "a"]
 
 
+def test_dollar_signs_in_probe_labels_do_not_crash_the_plots(tmp_path):
+    """A category like 'cost $\\frac{a$' used to start matplotlib's math mode and end the run at
+    report time (ParseSyntaxException), after the whole analysis."""
+    bad = r"cost $\frac{a$"
+    acc = {"mcq": 1.0, "mcq_norm": 0.9, "open": 0.8}
+    plots.plot_accuracy({"accuracy_by_category": {bad: acc, "city": acc}}, tmp_path / "a.png")
+    plots.plot_layer_category(torch.rand(2, 3, 4), [bad, "city"], tmp_path / "m.png")
+    curve = {"curve": [0.1, 0.2], "concepts": 2}
+    plots.plot_pss_groups({"ratios": [1.0, 2.0], "by_category": {bad: curve}}, tmp_path / "g.png")
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("a.png", "m.png", "g.png"))
+
+
+def test_recorded_warnings_and_the_signed_delta_are_in_the_report(run_dir):
+    import json
+
+    from specext.report.html import _warnings_html
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    page = (run_dir / "report.html").read_text()
+    assert "signed delta" in page  # the signed score's column and its definition
+    box = _warnings_html(dict(s, warnings=["PSS skipped concept 'X <y>' (category 'c'): no usable prompt"],
+                              prompts_without_positions=3, positions="subject"))
+    assert "Warnings (2)" in box and "X &lt;y&gt;" in box and "3 prompt(s) have no token" in box
+    assert _warnings_html(dict(s, warnings=[], prompts_without_positions=0)) == ""
+    if s["warnings"]:  # whatever this run recorded is on the page
+        assert all(__import__("html").escape(w) in page for w in s["warnings"])
+
+
 def test_top_neurons_match_the_run_files(run_dir):
     n = load_file(str(run_dir / "neurons.safetensors"))
     m = load_file(str(run_dir / "mass.safetensors"))

@@ -38,14 +38,17 @@ def _pss_html(pss) -> str:
     n = len(pss["ratios"])
     none = [None] * n
     pa, de = pss["paper"], pss["delta"]
-    rows = [["0 (no mask)", _ci(pss["floor"], pss.get("floor_ci")), "", "0", "", _f(pss.get("cs_before")),
-             _f(pss.get("g_before"))]]
+    sg = pss.get("delta_signed")  # runs of older versions have no signed score
+    rows = [["0 (no mask)", _ci(pss["floor"], pss.get("floor_ci")), "", "0", ""] + (["0", ""] if sg else [])
+            + [_f(pss.get("cs_before")), _f(pss.get("g_before"))]]
     for i, r in enumerate(pss["ratios"]):
+        signed = ([_ci(sg["curve"][i], sg["curve_ci"][i]),
+                   _ci((sg["random_curve"] or none)[i], (sg["random_curve_ci"] or none)[i])] if sg else [])
         rows.append([f"{r:g}%", _ci(pa["curve"][i], pa["curve_ci"][i]),
                      _ci((pa["random_curve"] or none)[i], (pa["random_curve_ci"] or none)[i]),
                      _ci(de["curve"][i], de["curve_ci"][i]),
-                     _ci((de["random_curve"] or none)[i], (de["random_curve_ci"] or none)[i]),
-                     _f(pss["cs_curve"][i]), _f(pss["g_curve"][i])])
+                     _ci((de["random_curve"] or none)[i], (de["random_curve_ci"] or none)[i])] + signed
+                    + [_f(pss["cs_curve"][i]), _f(pss["g_curve"][i])])
     head = {"paper": "the paper's PSS", "delta": "the baseline-corrected PSS delta"}[pss["score"]]
     return (f"<h2>Parameter Specialization Score</h2><p>Headline ({html.escape(head)}): peak "
             f"<b>{_ci(pss['peak'], pss.get('peak_ci'))}</b> at {pss['peak_ratio']}% of value vectors masked "
@@ -54,9 +57,31 @@ def _pss_html(pss) -> str:
             f"harder than the control set); the delta score subtracts it. {pss['concepts']} concepts, "
             f"{pss['control_questions']} control questions, unrelated set '{html.escape(pss['unrelated'])}', "
             f"{html.escape(pss['selection'])} selection, denominator '{html.escape(pss['denominator'])}', metric "
-            f"{html.escape(pss['metric'])}; brackets: 95% bootstrap intervals over concepts "
-            f"({pss.get('bootstrap')} resamples).</p>"
-            + _table(rows, ["ratio", "PSS (paper)", "random", "PSS delta", "random", "mean CS", "mean G"]))
+            f"{html.escape(pss['metric'])}, random control '{html.escape(str(pss.get('random_match', 'uniform')))}'; "
+            + (f"brackets: 95% bootstrap intervals over concepts ({pss.get('bootstrap')} resamples)."
+               if pss.get("bootstrap") else "no intervals (--bootstrap 0).")
+            + (" <b>signed delta</b> = ((CS before - CS) - (G before - G)) / A: how much more the mask cost the "
+               "concept than the control, centred on 0 when masking does nothing concept-specific (the absolute "
+               "delta is above 0 even then)." if sg else "")
+            + (f" <b>The peak is at the largest ratio tried ({max(pss['ratios']):g}%)</b>: a lower bound, a larger "
+               "ratio might score higher." if pss.get("peak_at_largest_ratio") else "") + "</p>"
+            + _table(rows, ["ratio", "PSS (paper)", "random", "PSS delta", "random"]
+                     + (["signed delta", "random"] if sg else []) + ["mean CS", "mean G"]))
+
+
+def _warnings_html(summary) -> str:
+    """Every warning the run recorded (summary.json ``warnings``) and the prompts left out
+    for want of positions, in a box at the top: a caveat only in summary.json is one a
+    reader of the report never sees."""
+    items = list(summary.get("warnings") or [])
+    missing = summary.get("prompts_without_positions")
+    if missing:
+        items.append(f"{missing} prompt(s) have no token at the --positions '{summary.get('positions')}' positions "
+                     "(e.g. the concept's name is not in the question) and are left out of the mass")
+    if not items:
+        return ""
+    return ('<div style="background:#fff4e0;border:1px solid #e0a040;padding:.5em 1em;margin:1em 0"><b>Warnings '
+            f"({len(items)})</b><ul>" + "".join(f"<li>{html.escape(str(w))}</li>" for w in items) + "</ul></div>")
 
 
 def _controls_html(summary) -> str:
@@ -72,10 +97,10 @@ def _controls_html(summary) -> str:
         r = tw["model_over_twin"]
         rows.append(["model / twin", _f(r["mean_gini"]), "", _f(r["mean_excess_gini"]), ""])
     return ("<h2>Specialisation against its controls</h2><p>The <b>null</b> reassigns concepts to categories at "
-            f"random ({n.get('null_permutations')} permutations, category sizes kept): the Gini that finite samples "
-            "give with no category structure. <b>Excess Gini</b> = Gini - null. A neuron is <b>above its null</b> when "
-            "its Gini, standardised against its own permutation draws, exceeds the 99th percentile of the layer's "
-            "pooled null draws (1% expected by chance)."
+            f"random (P = {n.get('null_permutations')}: P + 1 permutations, category sizes kept): the Gini that finite "
+            "samples give with no category structure. <b>Excess Gini</b> = Gini - null. A neuron is <b>above its "
+            "null</b> when its Gini, standardised against P of its own permutation draws, exceeds the 99th percentile "
+            "of the layer's pooled null draws, each standardised against its P other draws (1% expected by chance)."
             + (" The <b>random-init twin</b> is the same architecture with seeded random weights on the same probe "
                "and positions: what template words alone give." if tw else "") + "</p>"
             + _table(rows, ["", "mean Gini", "mean null Gini", "mean excess Gini", "share above null"]))
@@ -251,6 +276,7 @@ th{{background:#f3f3f3}}figure{{margin:1em 0}}img{{max-width:100%}}code{{backgro
 {summary['parameters']:,} parameters) on probe <b>{html.escape(probe['name'])}</b>: {probe['questions']} questions,
 {probe['concepts']} concepts, {len(probe['categories'])} categories ({html.escape(', '.join(probe['categories']))}).
 Run time {summary['seconds']} s.</p>
+{_warnings_html(summary)}
 <h2>Accuracy</h2>{_table(acc_rows, ['metric', 'value']) if a.get('applicable') else '<p>Not applicable: the model has no language-model head (specialisation only).</p>'}
 {_pss_html(pss)}
 {_controls_html(summary)}

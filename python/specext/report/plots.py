@@ -32,6 +32,12 @@ def _save(fig, path: Path) -> None:
     _plt().close(fig)
 
 
+def _label(text) -> str:
+    """A probe's own text (a category, a tier) as a plot label: a ``$`` would start
+    matplotlib's math mode (``cost $\\frac{a$`` crashed the report), so it is escaped."""
+    return str(text).replace("$", r"\$")
+
+
 def upper_outliers(v: np.ndarray) -> int:
     """How many values lie above the upper whisker (Q3 + 1.5 IQR), as the box plot draws them."""
     q1, q3 = np.percentile(v, [25, 75])
@@ -88,8 +94,9 @@ def plot_layer_category(cat_mass: torch.Tensor, categories: List[str], path: Pat
     fig, ax = plt.subplots(figsize=(max(5, 0.75 * C + 2.5), max(3, 0.26 * L + 1.5)))
     im = ax.imshow(share, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax.set_xticks(range(C))
-    ax.set_xticklabels(categories, rotation=45, ha="right")
+    ax.set_xticklabels([_label(c) for c in categories], rotation=45, ha="right")
     ax.set_yticks(range(0, L, max(1, L // 16)))
+    ax.set_xlabel("category")
     ax.set_ylabel("layer")
     ax.set_title(f"Share of each layer's MLP mass by category (uniform 1/{C} = {uniform:.3f})", fontsize=10)
     if L * C <= 160:  # small enough to print the numbers
@@ -128,8 +135,9 @@ def plot_accuracy(summary: Dict, path: Path) -> None:
             vals = [np.nan if v is None else v for v in vals]
             ax.bar(x + (j - 1) * 0.27, vals, width=0.27, label=key)
         ax.set_xticks(x)
-        ax.set_xticklabels(labels, rotation=30, ha="right")
+        ax.set_xticklabels([_label(l) for l in labels], rotation=30, ha="right")
         ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
         ax.set_title(f"accuracy by {name}")
     # one legend, right of the last panel: clear of the bars (which reach 1.0)
     axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.02, 1.0),
@@ -171,6 +179,7 @@ def plot_pss_curve(pss: Dict, path: Path) -> None:
         ticks = ([min(r) / 3] if sc == "paper" else []) + list(r)
         ax.set_xticks(ticks)
         ax.set_xticklabels((["0"] if sc == "paper" else []) + [f"{x:g}" for x in r])
+        ax.minorticks_off()  # a log axis' own minor labels (4x10^0, 6x10^0) beside ours
         ax.set_xlabel("masked value vectors (% of all)")
         ax.set_ylabel("PSS" if sc == "paper" else "PSS delta")
         pk = b.get("peak")
@@ -180,8 +189,8 @@ def plot_pss_curve(pss: Dict, path: Path) -> None:
                      + f"\npeak {pk_s}", fontsize=10)
         ax.axhline(0, color="k", lw=0.5)
         ax.legend(fontsize=7)
-    fig.suptitle(f"PSS vs masking ratio, mean over {pss['concepts']} concepts (bands: 95% bootstrap)", fontsize=10,
-                 y=1.06)
+    bands = "bands: 95% bootstrap" if pss.get("bootstrap") else "no intervals: --bootstrap 0"
+    fig.suptitle(f"PSS vs masking ratio, mean over {pss['concepts']} concepts ({bands})", fontsize=10, y=1.06)
     _save(fig, path)
 
 
@@ -232,12 +241,13 @@ def plot_pss_groups(pss: Dict, path: Path) -> None:
     for ax, (name, g) in zip(axes[0], groups):
         for label in (ordered(g) if name == "tier" else list(g)):
             v = g[label]
-            ax.plot(r, v["curve"], "o-", ms=3, label=f"{label} ({v['concepts']})")
+            ax.plot(r, v["curve"], "o-", ms=3, label=f"{_label(label)} ({v['concepts']})")
         ax.set_xscale("log")
         ax.set_xticks(r)
         ax.set_xticklabels([f"{x:g}" for x in r])
+        ax.minorticks_off()
         ax.set_xlabel("masked vectors (%)")
-        ax.set_ylabel("PSS")
+        ax.set_ylabel("PSS (paper)" if pss.get("score", "paper") == "paper" else "PSS delta")
         ax.set_title(f"PSS by {name}")
         ax.legend(fontsize=7)
     _save(fig, path)

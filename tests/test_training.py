@@ -187,6 +187,34 @@ def test_gradient_accumulation_matches_one_large_batch(examples, tok):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{n}: {m}")
 
 
+def test_dropout_off_makes_accumulation_exact_for_a_model_with_dropout(examples, tok):
+    """GPT-2's config has dropout 0.1: in train mode each micro-batch draws its own masks, so
+    split batches train differently; finetune trains with dropout off (TrainConfig(dropout=
+    False)), where 2 x 3 equals 6 x 1 again, and the model's mode is restored after."""
+    import transformers as tf
+
+    def gpt2(seed):
+        with training.deterministic(seed):
+            cfg = T.config("gpt2")
+            assert cfg.resid_pdrop > 0 and cfg.attn_pdrop > 0
+            return tf.GPT2LMHeadModel(cfg)
+
+    runs = {}
+    for dropout in (True, False):
+        big, acc = gpt2(4), gpt2(4)
+        big.eval()
+        r_big = training.train(big, examples, _cfg(steps=1, batch_size=6, max_grad_norm=None, dropout=dropout),
+                               pad_id=tok.pad_token_id, progress=False)
+        r_acc = training.train(acc, examples, _cfg(steps=1, batch_size=2, accumulation=3, max_grad_norm=None,
+                                                   dropout=dropout), pad_id=tok.pad_token_id, progress=False)
+        assert not big.training  # restored
+        runs[dropout] = abs(r_acc.losses[0] - r_big.losses[0])
+        if not dropout:
+            for (n, p), q in zip(big.named_parameters(), acc.parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{n}: {m}")
+    assert runs[False] < 1e-5 * max(1.0, runs[True]) and runs[True] > 1e-3, runs
+
+
 def test_loss_mask_excludes_masked_tokens(tok):
     prompts = ["Question: What is the capital of Aldoria?\nAnswer:", "Question: Which river flows through Velmora?\nAnswer:"]
     targets = [" Velmora", " the Sarn"]

@@ -224,7 +224,9 @@ class FinetuneConfig:
         return [self.seed + i for i in range(n)]
 
     def train_config(self, seed: int) -> training.TrainConfig:
-        return training.TrainConfig(steps=self.steps, batch_size=self.batch_size, accumulation=self.grad_accum,
+        # dropout off: only the deltas train, the model is frozen in eval mode, so the result does
+        # not depend on how a step is split into micro-batches (--grad-accum)
+        return training.TrainConfig(dropout=False, steps=self.steps, batch_size=self.batch_size, accumulation=self.grad_accum,
                                     lr=self.lr, warmup=self.warmup, weight_decay=self.weight_decay, seed=seed,
                                     threads=self.threads, log_every=max(1, self.steps // 5))
 

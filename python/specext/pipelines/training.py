@@ -10,7 +10,7 @@ down-projection columns, trained on the answer tokens only).
   :func:`encode_pairs` only on a target after its prompt. :func:`collate` right-pads a
   batch and turns the loss mask into ``labels`` (``-100`` = not a target).
 - Schedule: :func:`lr_at`, linear warm-up then cosine (or linear, or constant) decay to
-  ``min_lr_ratio * lr``.
+  ``min_lr_ratio * lr`` (approached, not reached: see :func:`lr_at`).
 - Seeding: :func:`deterministic` seeds torch, turns on deterministic algorithms and sets
   the thread count, restoring the previous settings afterwards.
 - The loop: :func:`train`, AdamW with weight decay on matrices only, gradient clipping,
@@ -165,12 +165,17 @@ class TrainConfig:
 
     ``steps``: optimizer steps. Each step uses ``accumulation`` micro-batches of
     ``batch_size`` sequences. ``lr``: peak learning rate, reached after ``warmup`` steps
-    (linear from ``lr / warmup``), then decayed by ``schedule`` to ``min_lr_ratio * lr`` at
-    the last step. AdamW (``betas``, ``eps``) with ``weight_decay`` on parameters of two or
+    (linear from ``lr / warmup``), then decayed by ``schedule`` towards ``min_lr_ratio * lr``
+    (:func:`lr_at`: the last step's rate is one decay step above it, e.g. ``lr / (steps -
+    warmup)`` for ``linear`` with ``min_lr_ratio`` 0). AdamW (``betas``, ``eps``) with ``weight_decay`` on parameters of two or
     more dimensions only; gradients clipped to a global L2 norm of ``max_grad_norm`` (None:
     no clipping). ``seed`` seeds torch (:func:`deterministic`) and, as ``seed + 1``, the
     data order; ``threads``: torch intra-op threads during training (None: leave as is).
     ``log_every``: log a line every this many steps (and after the first).
+    ``dropout``: run the model in train mode, its dropout active as its config says (True),
+    or in eval mode with dropout off (False). With dropout off, ``accumulation`` micro-batches
+    of ``batch_size`` train exactly like one batch of ``accumulation * batch_size``; with it on,
+    only in expectation (each micro-batch draws its own masks).
     """
 
     steps: int
@@ -187,6 +192,7 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None
     log_every: int = 100
+    dropout: bool = True
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.accumulation < 1:
@@ -200,8 +206,12 @@ class TrainConfig:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): ``lr * (step + 1) / warmup`` during
-    warm-up, then ``cfg.schedule`` from ``lr`` down to ``min_lr_ratio * lr`` over the
-    remaining steps."""
+    warm-up (its last step reaches ``lr``), then ``cfg.schedule`` from ``lr`` at the first step
+    after it towards ``min_lr_ratio * lr``, at fraction ``t = (step - warmup) / (steps -
+    warmup)`` of the way: the rate would reach the minimum one step after the last, so the last
+    step's rate is one decay step above it (and ``lr`` is held for two steps when there is a
+    warm-up). Changing this would change every trained model (the shipped demo's bytes
+    included), so it is documented rather than changed."""
     lr, warmup, lo = cfg.lr, cfg.warmup, cfg.min_lr_ratio
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -302,7 +312,8 @@ def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pa
     tensors chosen by ``params`` (see :func:`trained_parameters`) are optimised; the model's
     other parameters do not require gradients during the loop and stay bitwise unchanged.
     Inputs go to the device of the model's first parameter. Runs under :func:`deterministic`
-    (``cfg.seed``, ``cfg.threads``), in train mode (the previous mode is restored).
+    (``cfg.seed``, ``cfg.threads``), in train mode, or in eval mode with ``cfg.dropout`` off
+    (the previous mode is restored).
 
     Each step: draw ``accumulation`` micro-batches of ``cfg.batch_size`` examples from
     :func:`example_order` (seed ``cfg.seed + 1``), weight each micro-batch's mean loss by
@@ -329,7 +340,7 @@ def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pa
         for p in trained:
             p.requires_grad_(True)
         try:
-            model.train()
+            model.train(cfg.dropout)
             opt = _optimizer(trained, cfg)
             order = example_order(len(examples), cfg.seed + 1)
             bar = _progress_bar(cfg.steps, progress)
@@ -352,7 +363,8 @@ def train(model: nn.Module, examples: Sequence[Example], cfg: TrainConfig, *, pa
                     out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels,
                                 use_cache=False)
                     # Weighting by the micro-batch's share of target tokens makes k micro-batches
-                    # train like one k-times larger batch (x * 1.0 is exact when k = 1).
+                    # train like one k-times larger batch (x * 1.0 is exact when k = 1; with
+                    # dropout on, only in expectation).
                     loss = out.loss * (n / total)
                     loss.backward()
                     parts.append(loss.detach())

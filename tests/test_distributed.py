@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import tiny_models as T
 from specext.pipelines.distributed import Dist
 from test_analyze import make_probe, read_run
+from specext.analyze import main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -128,6 +129,12 @@ def test_killed_rank_stops_the_run_and_resume_completes_it(tmp_path, tiny):
     prog = json.loads((killed / ".state" / "rank-1" / "progress.json").read_text())
     assert prog["next_question"] == 30 and prog["fingerprint"]["world_size"] == 2
     assert not (killed / "summary.json").exists()
+
+    # One process cannot resume the ranks' checkpoint: refused naming the count, nothing touched
+    # (it used to start over and delete it).
+    before = sorted((p.relative_to(killed), p.stat().st_mtime_ns) for p in (killed / ".state").rglob("*"))
+    assert main([str(a) for a in args] + ["--out", str(killed), "--resume"]) == 2
+    assert sorted((p.relative_to(killed), p.stat().st_mtime_ns) for p in (killed / ".state").rglob("*")) == before
 
     # Resume; rank 1 is killed again after its first PSS concept, then a second resume finishes.
     r, seconds = run_ranks(args + ["--out", killed, "--resume"], kill=(1, "pss", 0))

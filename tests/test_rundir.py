@@ -195,3 +195,33 @@ def test_fingerprint_changes_name_hashed_inputs_and_each_option_once():
     assert "model_config_sha256: MODEL_DIR's config.json differs from the checkpoint's (another model, or an " \
            "edited config)" in got
     assert len(got) == 2
+
+
+def test_resume_layout_one_process_versus_ranks(tmp_path):
+    """A checkpoint of N torchrun ranks cannot be resumed by one process or by M != N ranks
+    (and the other way round): refused before anything runs, naming the counts."""
+    import json
+
+    from specext.pipelines.rundir import RunState
+
+    def write(d, world=None):
+        d.mkdir(parents=True, exist_ok=True)
+        fp = {"options": {}} | ({"world_size": world} if world else {})
+        (d / "progress.json").write_text(json.dumps({"rows": 0, "accumulators": "a", "next_question": 0,
+                                                     "fingerprint": fp}))
+
+    out = tmp_path / "ranks"
+    write(out / ".state" / "rank-0", 2)
+    write(out / ".state" / "rank-1", 2)
+    st = RunState(out)
+    assert "was written by 2 torchrun ranks (rank-0, rank-1); resume it with torchrun --nproc_per_node 2" in \
+        st.layout_problem(None)
+    assert st.layout_problem(2) is None
+    assert "written by 2 torchrun ranks (rank-0, rank-1), this run has 3" in st.layout_problem(3)
+    write(out / ".state" / "rank-2", 3)  # left by a refused 3-rank attempt
+    assert "of different counts" in st.layout_problem(2)
+    single = tmp_path / "single"
+    write(single / ".state")
+    assert "written by one process (no torchrun); resume it without torchrun" in RunState(single).layout_problem(2)
+    assert RunState(single).layout_problem(None) is None
+    assert RunState(tmp_path / "none").layout_problem(2) is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -220,7 +221,24 @@ def _locked(cfg: AnalyzeConfig, dd: distributed.Dist, probe: ProbeSet, out: Path
     lo, hi = dd.chunk_range(len(qs), cfg.chunk_size)  # this rank's questions (all of them alone)
     start = lo
     if cfg.resume:
-        loaded = state.load(fp, qs[lo:hi], lo)
+        # Every rank checks its checkpoint (and the layout: one process or N ranks) and the
+        # ranks agree before any of them scores or saves: a rank without a checkpoint of its
+        # own would otherwise start over and write one while another rank refuses.
+        err, loaded = None, None
+        try:
+            problem = state.layout_problem(dd.world if dd.active else None)
+            if problem:
+                raise ValueError(problem)
+            loaded = state.load(fp, qs[lo:hi], lo)
+        except ValueError as e:
+            err = str(e)
+        if dd.active:
+            bad = [(r, e) for r, e in enumerate(dd.all_gather(err, "the checkpoints' check")) if e]
+            if bad:
+                r, e = bad[0]
+                raise ValueError(e if r == dd.rank else f"rank {r} refused the checkpoint: {e}")
+        elif err:
+            raise ValueError(err)
         if loaded is not None:
             start, acc, rows = loaded
             mass.load_state(acc)
@@ -319,16 +337,28 @@ def memory_plan(cfg: AnalyzeConfig, probe: ProbeSet, lm: LoadedModel, acc_device
     for dev, n in ([(d, accum // L) for d in acc_device] if per_layer else [(acc_device, accum)]):
         need[dev] = need.get(dev, 0) + n
     need[lm.device] = need.get(lm.device, 0) + batch + selection
+    # torchrun's ranks on this host each hold all of it: host memory and the disk are shared
+    # (each rank's GPU is its own)
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    plan["ranks_on_host"] = local
+    if local > 1:
+        need = {d: n * local if d.type == "cpu" else n for d, n in need.items()}
     for dev, n in need.items():
         free = _free_bytes(dev)
         plan[f"free_{dev}"] = free
         if free is not None and n > free:
             hint = " (try --accumulate-device cpu)" if dev.type == "cuda" else " (sample concepts with --max-concepts)"
-            logger.warning("memory: the run needs %s on %s but %s is free%s", gib(n), dev, gib(free), hint)
+            logger.warning("memory: the run needs %s on %s but %s is free%s%s", gib(n), dev, gib(free),
+                           f" ({local} ranks on this host, each with its own)" if local > 1 and dev.type == "cpu"
+                           else "", hint)
     disk = shutil.disk_usage(out).free
     plan["free_disk"] = disk
-    if 2 * accum > disk:
-        logger.warning("disk: checkpoints need %s in %s but %s is free", gib(2 * accum), out, gib(disk))
+    if 2 * accum * local > disk:
+        logger.warning("disk: checkpoints need %s in %s but %s is free%s", gib(2 * accum * local), out, gib(disk),
+                       f" ({local} ranks on this host, each with its own)" if local > 1 else "")
     return plan
 
 

@@ -600,6 +600,50 @@ class RunState:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "pss.json", done)
 
+    def layout_problem(self, world: Optional[int]) -> Optional[str]:
+        """Why ``--resume`` with ``world`` ranks (None: one process, no torchrun) cannot continue
+        the checkpoint in ``.state``, or None. One process keeps ``.state/progress.json``; N
+        torchrun ranks keep ``.state/rank-R/`` each, and a rank's share depends on N: a
+        checkpoint of the other layout, or of another rank count, is refused here, before any
+        rank scores or saves (otherwise the ranks without a checkpoint of their own would start
+        over and overwrite what is there)."""
+        root = self.root
+        if not root.is_dir():
+            return None
+        where = f"--resume: the checkpoint in {root.parent}"
+        restart = "or start over with --overwrite instead of --resume"
+        ranks = sorted((p for p in root.glob("rank-*") if p.is_dir() and (p / "progress.json").is_file()),
+                       key=lambda p: p.name)
+
+        def recorded(p: Path) -> Optional[int]:
+            try:
+                w = json.loads((p / "progress.json").read_text()).get("fingerprint", {}).get("world_size")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return w if isinstance(w, int) else None
+
+        worlds = sorted({w for w in map(recorded, ranks) if w is not None})
+        n = worlds[0] if len(worlds) == 1 else (len(ranks) if not worlds else None)
+        ran_with = (f"{n} torchrun ranks" if n else f"torchrun ranks of different counts ({worlds})") \
+            + f" ({', '.join(p.name for p in ranks[:4])}{' ...' if len(ranks) > 4 else ''})"
+        if world is None:
+            if ranks:
+                return (f"{where} was written by {ran_with}; resume it with torchrun --nproc_per_node "
+                        f"{n or '(its rank count)'}, {restart}")
+            return None
+        if (root / "progress.json").is_file():
+            return f"{where} was written by one process (no torchrun); resume it without torchrun, {restart}"
+        def index(p: Path) -> int:
+            try:
+                return int(p.name.split("-", 1)[1])
+            except ValueError:
+                return -1
+        beyond = [p.name for p in ranks if index(p) >= world]
+        if (worlds and worlds != [world]) or beyond:
+            return (f"{where} was written by {ran_with}, this run has {world}: resume it with torchrun "
+                    f"--nproc_per_node {n or '(its rank count)'}, {restart}")
+        return None
+
     def clear(self) -> None:
         """Remove this checkpoint (a rank's own folder; ``.state`` itself once it is empty)."""
         import shutil

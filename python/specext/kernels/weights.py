@@ -51,18 +51,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"  # what transformers loads, before any index, when it exists
-
-
-def _refuse_two_checkpoints(directory: Path, index: Path, files) -> None:
-    """A folder with an index *and* a ``model.safetensors`` the index does not name holds two
-    checkpoints: transformers loads ``model.safetensors`` (it wins over the index) while the
-    index names other shards, so the weights specext reads (value-vector norms, validation)
-    would not be the weights that ran."""
-    single = directory / SINGLE_NAME
-    if single.is_file() and single.resolve() not in {Path(f).resolve() for f in files}:
-        raise ValueError(f"{directory} holds two checkpoints: {SINGLE_NAME} and {index.name}, which names other "
-                         f"files ({', '.join(sorted({Path(f).name for f in files})[:3])}...). transformers would "
-                         f"load {SINGLE_NAME} and ignore the index; remove the one that is not this model's")
 CONFIG_NAME = "config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Quantised or packed dtypes cannot be turned into real-valued vectors without
@@ -403,6 +391,33 @@ def _resolve_inside(model_dir: Path, rel: str, index_path: Path) -> Path:
     return model_dir / p
 
 
+def _index_map(directory: Path) -> Optional[Dict[str, Path]]:
+    """``{tensor name: file}`` from the directory's ``model.safetensors.index.json`` (files
+    resolved inside the directory), or None without one. A folder with an index *and* a
+    ``model.safetensors`` the index does not name holds two checkpoints: transformers loads
+    ``model.safetensors`` (it wins over the index) while the index names other shards, so the
+    weights specext reads (value-vector norms, validation) would not be the weights that ran:
+    a ``ValueError``."""
+    index = directory / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        with open(index, "r", encoding="utf-8") as fh:
+            weight_map = json.load(fh).get("weight_map")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"cannot parse {index}: {exc}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no 'weight_map' object")
+    mapping = {n: _resolve_inside(directory, f, index) for n, f in weight_map.items()}
+    files = set(mapping.values())
+    single = directory / SINGLE_NAME
+    if single.is_file() and single.resolve() not in {f.resolve() for f in files}:
+        raise ValueError(f"{directory} holds two checkpoints: {SINGLE_NAME} and {index.name}, which names other "
+                         f"files ({', '.join(sorted(f.name for f in files)[:3])}...). transformers would "
+                         f"load {SINGLE_NAME} and ignore the index; remove the one that is not this model's")
+    return mapping
+
+
 def _name_to_file(model_dir: PathLike) -> Tuple[Path, Dict[str, Path], Optional[Dict[str, List[Path]]]]:
     """Map every tensor name to its safetensors file.
 
@@ -422,17 +437,8 @@ def _name_to_file(model_dir: PathLike) -> Tuple[Path, Dict[str, Path], Optional[
         files, directory = [path], path.parent
     else:
         directory = path
-        index = directory / INDEX_NAME
-        if index.is_file():
-            try:
-                with open(index, "r", encoding="utf-8") as fh:
-                    weight_map = json.load(fh).get("weight_map")
-            except (OSError, json.JSONDecodeError, AttributeError) as exc:
-                raise ValueError(f"cannot parse {index}: {exc}") from exc
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{index} has no 'weight_map' object")
-            mapping = {n: _resolve_inside(directory, f, index) for n, f in weight_map.items()}
-            _refuse_two_checkpoints(directory, index, mapping.values())
+        mapping = _index_map(directory)
+        if mapping is not None:
             return directory, mapping, None
         files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
         if not files:
@@ -544,18 +550,9 @@ def checkpoint_tensors(model_dir: PathLike) -> Dict[str, Tuple[Path, str, Tuple[
     ``FileNotFoundError`` (a file the index names is missing)."""
     directory = Path(model_dir)
     index = directory / INDEX_NAME
-    wanted: Optional[Dict[str, Path]] = None
-    if index.is_file():
-        try:
-            with open(index, "r", encoding="utf-8") as fh:
-                weight_map = json.load(fh).get("weight_map")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ValueError(f"cannot parse {index}: {exc}") from None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no 'weight_map' object")
-        wanted = {n: _resolve_inside(directory, f, index) for n, f in weight_map.items()}
+    wanted = _index_map(directory)
+    if wanted is not None:
         files = sorted(set(wanted.values()))
-        _refuse_two_checkpoints(directory, index, files)
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"{index} maps tensors to {f.name}, which does not exist in {directory}")

@@ -539,6 +539,8 @@ def _scored(rows, key, ratios, n_boot, seed) -> Dict[str, object]:
 
 
 _SCORE_KEYS = {"paper": "pss", "delta": "pss_delta", "delta_signed": "pss_delta_signed"}
+# every score summarised and written (SCORES: those that can be the headline)
+REPORTED_SCORES = tuple(_SCORE_KEYS)
 
 
 def _score_block(rows, score, ratios, cfg: PSSConfig, random_control: bool) -> Dict[str, object]:
@@ -565,7 +567,7 @@ def summarize_pss(rows: List[dict], cfg: PSSConfig, n_concepts: int, n_control: 
     ``cfg.score`` (the headline); ``paper`` and ``delta`` hold both in full. ``floor`` is the
     paper score's value at ratio 0 (no mask), with its interval."""
     ratios = [float(r) for r in cfg.ratios]
-    blocks = {sc: _score_block(rows, sc, ratios, cfg, cfg.random_control) for sc in (*SCORES, "delta_signed")}
+    blocks = {sc: _score_block(rows, sc, ratios, cfg, cfg.random_control) for sc in REPORTED_SCORES}
     floor_rows = list({x["concept"]: x.get("pss_floor") for x in rows}.values())
     floor = bootstrap.bootstrap_mean([np.nan if v is None else v for v in floor_rows], cfg.bootstrap,
                                  _seed(cfg.seed, "bootstrap", "floor"))

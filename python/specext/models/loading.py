@@ -28,7 +28,6 @@ streamed to), :attr:`LoadedModel.device` the input device (where the embeddings 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import pickle
@@ -438,15 +437,6 @@ def checkpoint_numel(tensors: Dict[str, tuple]) -> Optional[int]:
     return total if seen else None
 
 
-def _read_config(model_dir: Path) -> dict:
-    """config.json as a dict, or {} when it is not a JSON object (AutoConfig then says why)."""
-    try:
-        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return raw if isinstance(raw, dict) else {}
-
-
 def _config_dtype(cfg) -> Optional[torch.dtype]:
     """The checkpoint's dtype as its config states it (``dtype``, formerly ``torch_dtype``)."""
     for key in ("dtype", "torch_dtype"):
@@ -734,7 +724,10 @@ def load_model(
         if max_memory is not None or offload_dir is not None:
             raise ValueError("--max-memory and --offload-dir need --device-map (auto, balanced or sequential)")
         dev = resolve_device(device)
-    raw_cfg = _read_config(model_dir)
+    try:  # the raw config.json, for auto_map; when it is no JSON object, AutoConfig says why below
+        raw_cfg = _weights._load_config(model_dir) or {}
+    except ValueError:
+        raw_cfg = {}
     try:
         cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     except ValueError as e:
@@ -850,10 +843,10 @@ def _check_tokenizer_fits(model_dir: Path, model: nn.Module, tok) -> None:
     rows = getattr(emb, "num_embeddings", None)
     if rows is None:
         return
-    ids = list(tok.get_vocab().values())
-    top = max(ids) if ids else -1
+    vocab = tok.get_vocab()
+    top = max(vocab.values(), default=-1)
     if top >= rows:
-        over = sorted({t for t, i in tok.get_vocab().items() if i >= rows}, key=lambda t: tok.convert_tokens_to_ids(t))
+        over = [t for _, t in sorted((i, t) for t, i in vocab.items() if i >= rows)]
         raise ModelLoadError(
             f"{model_dir}: the tokenizer has token ids up to {top} but the model's input embedding has {rows} rows "
             f"(config.json vocab_size {getattr(model.config, 'vocab_size', '?')}): {len(over)} token(s) would index "

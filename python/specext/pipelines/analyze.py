@@ -31,7 +31,7 @@ from specext._deps import require
 require("torch", "transformers", "tokenizers", "tqdm", what="python -m specext.analyze")
 
 from specext._options import number_list  # noqa: E402
-from specext.metrics.pss import DENOMINATORS, PSSConfig, RATIOS, SCORES  # noqa: E402
+from specext.metrics.pss import DENOMINATORS, PSSConfig, RANDOM_MATCH, RATIOS, REPORTED_SCORES, SCORES  # noqa: E402
 from specext.pipelines.demo_models import DEMO_MODEL  # noqa: E402,F401  (public: specext.analyze.DEMO_MODEL)
 from specext.pipelines.run import STATS, AnalyzeConfig, Specialisation, run_analysis, specialisation  # noqa: F401  (public)
 from specext.probes.scoring import POSITIONS  # noqa: E402
@@ -84,7 +84,7 @@ def print_summary(summary: Dict[str, object], out: Path, file=sys.stdout) -> Non
         if p.get("peak_at_largest_ratio"):
             print(f"                (the peak is at the largest ratio tried, {max(p['ratios']):g}%: a larger one "
                   "might score higher; add ratios with --ratios)", file=file)
-        for sc in [k for k in (*SCORES, "delta_signed") if isinstance(p.get(k), dict)]:
+        for sc in [k for k in REPORTED_SCORES if isinstance(p.get(k), dict)]:
             b = p[sc]
             curve = "  ".join(f"{r:g}%:{v:+.3f}" if sc == "delta_signed" else f"{r:g}%:{v:.3f}"
                               for r, v in zip(p["ratios"], b["curve"]))
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concepts whose mean mass is subtracted in the differential score (default: other)")
     g.add_argument("--pss-selection", default="global", choices=["global", "per-layer"],
                    help="mask the top vectors across all layers, or the top share of each layer (default: global)")
-    g.add_argument("--pss-random-match", default="uniform", choices=["uniform", "layers"],
+    g.add_argument("--pss-random-match", default="uniform", choices=list(RANDOM_MATCH),
                    help="the random control's vectors: uniform over all vectors (the paper's), or as many in each "
                         "layer as the concept's top vectors, a stricter control under global selection "
                         "(default: uniform)")

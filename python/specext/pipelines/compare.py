@@ -157,10 +157,7 @@ def run_fingerprint(run_dir: Path) -> Optional[Dict[str, object]]:
     """``config.json``'s ``fingerprint`` (what ``analyze --resume`` checks: ``options``,
     ``weights_sha256``, ``model_config_sha256``, ``probe_sha256``, ``questions``); None where
     the run directory has no readable config.json or no fingerprint in it."""
-    try:
-        fp = json.loads((Path(run_dir) / "config.json").read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+    fp = (rundir.json_dict(Path(run_dir) / "config.json") or {}).get("fingerprint")
     return fp if isinstance(fp, dict) else None
 
 

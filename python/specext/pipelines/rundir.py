@@ -246,14 +246,13 @@ def looks_like_run(out: Path) -> bool:
     ``options`` and ``fingerprint``), a ``summary.json`` beside it, or a checkpoint in ``.state``."""
     if (out / STATE).is_dir():
         return True
-    try:
-        doc = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(doc, dict) and isinstance(doc.get("options"), dict) and "fingerprint" in doc
+    doc = json_dict(out / "config.json")
+    return doc is not None and isinstance(doc.get("options"), dict) and "fingerprint" in doc
 
 
-def _json_dict(path: Path) -> Optional[dict]:
+def json_dict(path: Path) -> Optional[dict]:
+    """The JSON object in ``path``, or None when it is missing, unreadable, not JSON or not
+    an object."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
@@ -270,7 +269,7 @@ def looks_like_finetune(out: Path) -> bool:
     """Whether ``out`` is a ``specext.finetune`` run directory: its ``original.json`` or
     ``results.json`` is finetune's (a ``fingerprint`` and the vector ``selection``)."""
     for name in FINETUNE_MARKERS:
-        doc = _json_dict(out / name)
+        doc = json_dict(out / name)
         if doc is not None and isinstance(doc.get("fingerprint"), dict) and isinstance(doc.get("selection"), dict):
             return True
     return False
@@ -279,7 +278,7 @@ def looks_like_finetune(out: Path) -> bool:
 def finetune_finished(out: Path) -> bool:
     """Whether ``out`` holds a complete finetune experiment: its ``results.json`` (written
     last) with the strategy x metric ``table``."""
-    doc = _json_dict(out / "results.json")
+    doc = json_dict(out / "results.json")
     return doc is not None and isinstance(doc.get("fingerprint"), dict) and isinstance(doc.get("table"), list)
 
 
@@ -706,7 +705,9 @@ def pss_curve_csv(p: Dict[str, object]) -> str:
     fmt = lambda v: "" if v is None or v != v else f"{v:.6f}"  # noqa: E731
     ci = lambda c, i: "" if c is None else fmt(c[i])  # noqa: E731
     rows.append(["paper", "none", 0, fmt(p["floor"]), ci(p["floor_ci"], 0), ci(p["floor_ci"], 1), 0])
-    for sc in [k for k in ("paper", "delta", "delta_signed") if isinstance(p.get(k), dict)]:
+    from specext.metrics.pss import REPORTED_SCORES
+
+    for sc in [k for k in REPORTED_SCORES if isinstance(p.get(k), dict)]:
         b = p[sc]
         head = int(sc == p["score"])
         for kind, pre in (("top", ""), ("random", "random_")):
